@@ -1,0 +1,39 @@
+"""Exception types that name the file, column or parameter at fault."""
+
+from __future__ import annotations
+
+
+class AnomalyJobError(Exception):
+    """Base class for every error this product raises on bad input or state."""
+
+
+class ParameterError(AnomalyJobError, ValueError):
+    """A parameter value is invalid; the message names the parameter."""
+
+
+class BatchFileError(AnomalyJobError):
+    """A Parquet file cannot be used; the message names the file and, where known, the column."""
+
+    def __init__(self, path: object, reason: str, column: str | None = None, code: str = "unreadable"):
+        self.path = str(path)
+        self.column = column
+        self.reason = reason
+        self.code = code
+        where = f"{self.path}" + (f", column '{column}'" if column else "")
+        super().__init__(f"{where}: {reason}")
+
+
+class SchemaError(BatchFileError):
+    """A file's columns do not match the model bundle's features."""
+
+
+class TrainingDataError(AnomalyJobError):
+    """Training data is missing, unlabelled or too small."""
+
+
+class BundleError(AnomalyJobError):
+    """A model bundle is missing, incomplete or has been tampered with."""
+
+
+class NoBatchesError(AnomalyJobError):
+    """There is nothing to score for the requested date or paths."""

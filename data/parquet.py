@@ -1,0 +1,187 @@
+"""Parquet input: finding files, checking their schema against the model's features, streaming reads."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.errors import BatchFileError, SchemaError, TrainingDataError
+
+DEFAULT_CHUNK_ROWS = 131_072
+
+
+def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:
+    """Return the .parquet files named by a file, a folder (searched recursively) or a glob, sorted."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if p.endswith(".parquet"))
+    return [p.resolve() for p in files]
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """Open a Parquet file, turning any low-level failure into an error that names the file."""
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError as exc:
+        raise BatchFileError(path, "file not found", code="missing") from exc
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise BatchFileError(path, f"not a readable Parquet file ({exc})", code="unreadable") from exc
+
+
+def is_numeric_type(dtype: pa.DataType) -> bool:
+    """Return True for integer, floating-point and boolean Arrow types, which cast to float64 losslessly enough."""
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+
+
+@dataclass(frozen=True)
+class BatchSchema:
+    """What a batch file holds, once checked against the model's features."""
+
+    path: Path
+    columns: list[str]
+    passthrough_columns: list[str]
+    num_rows: int
+    num_row_groups: int
+
+
+def check_batch_schema(path: Path, feature_names: Sequence[str]) -> BatchSchema:
+    """Check that ``path`` is readable Parquet holding every feature as a numeric column."""
+    parquet = open_parquet(path)
+    schema = parquet.schema_arrow
+    names = list(schema.names)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SchemaError(path, "column name appears more than once", column=duplicates[0], code="duplicate_column")
+    for feature in feature_names:
+        if feature not in names:
+            raise SchemaError(path, "feature column is missing", column=feature, code="missing_column")
+        dtype = schema.field(feature).type
+        if not is_numeric_type(dtype):
+            raise SchemaError(path, f"feature column has type {dtype}, expected a number", column=feature, code="non_numeric_column")
+    num_rows = parquet.metadata.num_rows
+    if num_rows == 0:
+        raise BatchFileError(path, "file has no rows", code="empty")
+    features = set(feature_names)
+    return BatchSchema(
+        path=path,
+        columns=names,
+        passthrough_columns=[n for n in names if n not in features],
+        num_rows=num_rows,
+        num_row_groups=parquet.metadata.num_row_groups,
+    )
+
+
+def iter_record_batches(path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pa.RecordBatch]:
+    """Stream ``path`` as record batches of at most ``chunk_rows`` rows, never the whole file at once."""
+    parquet = open_parquet(path)
+    try:
+        yield from parquet.iter_batches(batch_size=chunk_rows, use_threads=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise BatchFileError(path, f"file is corrupt or truncated ({exc})", code="corrupt") from exc
+
+
+def feature_matrix(batch: pa.RecordBatch | pa.Table, feature_names: Sequence[str], dtype: type = np.float32) -> np.ndarray:
+    """Return the features of ``batch`` as one C-ordered 2-D array; nulls become NaN."""
+    matrix = np.empty((batch.num_rows, len(feature_names)), dtype=dtype)
+    for j, name in enumerate(feature_names):
+        column = batch.column(name)
+        if column.null_count:
+            column = column.cast(pa.float64()).fill_null(np.nan)
+        matrix[:, j] = column.to_numpy(zero_copy_only=False)
+    return matrix
+
+
+def file_fingerprint(paths: Sequence[Path]) -> str:
+    """Return a SHA-256 over the names and bytes of ``paths``, identifying exactly this data."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    """Return the SHA-256 of one file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class TrainingRows:
+    """Training rows read into memory: features, which rows are normal, and where they came from."""
+
+    features: np.ndarray
+    is_normal: np.ndarray
+    feature_names: list[str]
+    files: list[Path]
+    fingerprint: str
+
+
+def read_training_rows(
+    source: str | os.PathLike[str],
+    label_column: str,
+    normal_label: str,
+    all_rows_normal: bool = False,
+    feature_columns: Sequence[str] | None = None,
+    exclude_columns: Sequence[str] = ("row_id",),
+) -> TrainingRows:
+    """Read labelled training Parquet from a file, folder or glob; features default to every numeric non-label column."""
+    files = resolve_parquet_files(source)
+    if not files:
+        raise TrainingDataError(f"training_data={os.fspath(source)!r}: no .parquet files found there")
+    first_schema = open_parquet(files[0]).schema_arrow
+    if feature_columns:
+        names = list(feature_columns)
+    else:
+        skip = {label_column, *exclude_columns}
+        names = [f.name for f in first_schema if f.name not in skip and is_numeric_type(f.type)]
+    if not names:
+        raise TrainingDataError(f"{files[0]}: no numeric feature columns found")
+    blocks: list[np.ndarray] = []
+    normal_flags: list[np.ndarray] = []
+    for path in files:
+        schema = check_batch_schema(path, names)
+        has_label = label_column in schema.columns
+        if not has_label and not all_rows_normal:
+            raise TrainingDataError(
+                f"{path}: label column '{label_column}' is missing; name the right column with label_column, "
+                "or set all_rows_normal if every row is normal"
+            )
+        columns = names + ([label_column] if has_label else [])
+        table = pq.read_table(path, columns=columns)
+        matrix = feature_matrix(table, names, dtype=np.float64)
+        bad = ~np.isfinite(matrix)
+        if bad.any():
+            column = names[int(np.argmax(bad.any(axis=0)))]
+            raise TrainingDataError(f"{path}, column '{column}': {int(bad.any(axis=1).sum())} rows hold NaN, null or infinite values")
+        blocks.append(matrix)
+        if has_label:
+            labels = table.column(label_column).cast(pa.string()).to_numpy(zero_copy_only=False)
+            normal_flags.append(labels == str(normal_label))
+        else:
+            normal_flags.append(np.ones(len(matrix), dtype=bool))
+    return TrainingRows(
+        features=np.concatenate(blocks),
+        is_normal=np.concatenate(normal_flags),
+        feature_names=names,
+        files=files,
+        fingerprint=file_fingerprint(files),
+    )

@@ -1,0 +1,1 @@
+"""Prefect flows: retraining, nightly scoring and the demo, plus the ``anomaly`` command line."""

@@ -1,0 +1,143 @@
+"""The ``anomaly`` command: run the demo, retraining or scoring flow and end with one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from data.workspace import WORKSPACE_ENV, default_workspace
+
+PRESETS = ("default", "seed")
+
+# Prefect's embedded server migrates its database on first start; on two slow cores that can exceed the 20 s default.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Nothing outside the machine is reachable from a typical batch host; telemetry would only log failures.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date such as 2026-11-28") from None
+
+
+def _add_workspace(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", default=default_workspace(), help=f"root folder of all runtime files (default: ${WORKSPACE_ENV} or ./workspace; now %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="anomaly", description="Autoencoder anomaly detection as Prefect flows. Each command ends with one JSON line summarising the run.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,retrain,score}")
+
+    demo = commands.add_parser("demo", help="write the tutorial's dataset, retrain and score one night", description="Write the tutorial's dataset into the workspace, retrain on its training split and score its test split as one night's batches.")
+    _add_workspace(demo)
+    demo.add_argument("--preset", choices=PRESETS, default="default", help="model recipe (default: %(default)s; 'seed' is the tutorial's)")
+    demo.add_argument("--run-date", type=_date, default=None, help="date the test split is filed and scored under (default: today, UTC)")
+    demo.add_argument("--batches", type=int, default=4, help="number of files the test split is cut into (default: %(default)s)")
+
+    retrain = commands.add_parser("retrain", help="retrain the autoencoder and fix the threshold", description="Retrain on normal-labelled rows; fix the threshold at a percentile of held-out normal rows' reconstruction error; save and promote a model version.")
+    _add_workspace(retrain)
+    retrain.add_argument("--training-data", default=None, help="training Parquet file, folder or glob (default: <workspace>/training)")
+    retrain.add_argument("--preset", choices=PRESETS, default="default", help="model recipe (default: %(default)s)")
+    retrain.add_argument("--percentile", type=float, default=98.0, help="threshold percentile of held-out normal errors (default: %(default)s)")
+    retrain.add_argument("--label-column", default="label", help="label column of the training data (default: %(default)s)")
+    retrain.add_argument("--normal-label", default="0", help="label value of normal rows, compared as text (default: %(default)s)")
+    retrain.add_argument("--all-rows-normal", action="store_true", help="the training data has no label column and every row is normal")
+    retrain.add_argument("--holdout-fraction", type=float, default=0.2, help="share of normal rows held out to fix the threshold (default: %(default)s)")
+    retrain.add_argument("--epochs", type=int, default=None, help="override the preset's maximum epochs")
+    retrain.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    retrain.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
+    retrain.add_argument("--seed", type=int, default=None, help="override the preset's random seed")
+    retrain.add_argument("--no-promote", dest="promote", action="store_false", help="save the model version without making it current")
+
+    score = commands.add_parser("score", help="score the batches of a date", description="Score incoming/<date>/*.parquet (or explicit paths) with the current model; write flagged rows, scores and reports.")
+    _add_workspace(score)
+    score.add_argument("--run-date", type=_date, default=None, help="date to score, YYYY-MM-DD (default: today in --timezone)")
+    score.add_argument("--timezone", default=None, help="IANA time zone deciding 'today' (default: $ANOMALY_TIMEZONE or UTC)")
+    score.add_argument("paths", nargs="*", help="explicit Parquet files, folders or globs to score instead of incoming/<date>/")
+    score.add_argument("--force", action="store_true", help="score batches again even if the current model already scored them")
+    score.add_argument("--no-scores", dest="write_scores", action="store_false", help="do not write every row's score (outputs/scores/)")
+    score.add_argument("--model-version", default=None, help="model version to use (default: models/current.json)")
+    score.add_argument("--chunk-rows", type=int, default=131_072, help="rows read and scored at a time (default: %(default)s)")
+    score.add_argument("--max-bad-row-share", type=float, default=0.1, help="share of rows with missing/infinite features above which a batch fails (default: %(default)s)")
+    return parser
+
+
+def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    if command == "demo":
+        from flows.demo import demo_flow
+
+        return demo_flow(workspace=args.workspace, preset=args.preset, run_date=args.run_date, n_batches=args.batches)
+    if command == "retrain":
+        from flows.retrain import retrain_flow
+
+        return retrain_flow(
+            workspace=args.workspace,
+            training_data=args.training_data,
+            preset=args.preset,
+            percentile=args.percentile,
+            label_column=args.label_column,
+            normal_label=args.normal_label,
+            all_rows_normal=args.all_rows_normal,
+            holdout_fraction=args.holdout_fraction,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            promote=args.promote,
+        )
+    from flows.score import DEFAULT_TIMEZONE, score_flow
+
+    return score_flow(
+        workspace=args.workspace,
+        run_date=args.run_date,
+        batch_paths=args.paths,
+        force=args.force,
+        write_scores=args.write_scores,
+        model_version=args.model_version,
+        timezone=args.timezone or DEFAULT_TIMEZONE,
+        chunk_rows=args.chunk_rows,
+        max_bad_row_share=args.max_bad_row_share,
+    )
+
+
+SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
+    "retrain": ("model_version", "promoted", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
+    "score": ("date", "model_version", "threshold", "rows_scored", "rows_flagged", "rows_quarantined", "flag_rate", "expected_flag_rate", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "flagged_dir", "scores_dir", "report", "failed"),
+}
+SUMMARY_KEYS["demo"] = SUMMARY_KEYS["score"] + ("percentile", "model_dir", "training_report")
+
+
+def main(argv: Sequence[str] | None = None, run: Callable[[str, argparse.Namespace], dict[str, Any]] = _run) -> int:
+    """Parse ``argv``, run the flow, print one JSON summary line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    from data.errors import AnomalyJobError
+
+    status, code = "completed", 0
+    try:
+        outcome = run(args.command, args)
+    except AnomalyJobError as exc:
+        outcome = getattr(exc, "outcome", {})
+        status, code = "failed", 1
+        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a parameter Prefect refused, or an unexpected failure
+        from prefect.exceptions import ParameterTypeError
+
+        if not isinstance(exc, ParameterTypeError):
+            raise
+        outcome, status, code = {}, "failed", 2
+        print(f"error: {exc}", file=sys.stderr)
+    summary = {"command": args.command, "status": status, **{k: outcome[k] for k in SUMMARY_KEYS[args.command] if k in outcome}}
+    print(json.dumps(summary, default=str), flush=True)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

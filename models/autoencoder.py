@@ -1,0 +1,147 @@
+"""The Keras autoencoder: build it from a config, train it on normal rows, compute reconstruction errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.config import AutoencoderConfig
+from models.runtime import keras, tf
+
+SCALING_LAYER = "scaling"
+OUTPUT_LAYER = "reconstruction"
+DEFAULT_INFERENCE_ROWS = 65_536
+
+
+def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) -> keras.Model:
+    """Build an uncompiled autoencoder whose first layer standardises with statistics of ``training_features``."""
+    keras.utils.set_random_seed(config.seed)
+    n_features = training_features.shape[1]
+    inputs = keras.Input(shape=(n_features,), name="features")
+    hidden = inputs
+    if config.scale_inputs:
+        mean = training_features.mean(axis=0)
+        # A constant feature has zero variance; dividing by 1 leaves it centred instead of infinite.
+        variance = np.where(training_features.var(axis=0) > 0, training_features.var(axis=0), 1.0)
+        hidden = keras.layers.Normalization(mean=mean.tolist(), variance=variance.tolist(), name=SCALING_LAYER)(hidden)
+    for i, units in enumerate(config.encoder_units):
+        hidden = keras.layers.Dense(units, activation=config.activation, name=f"encoder_{i}")(hidden)
+    for i, units in enumerate(config.decoder_units):
+        hidden = keras.layers.Dense(units, activation=config.activation, name=f"decoder_{i}")(hidden)
+    outputs = keras.layers.Dense(n_features, activation=config.output_activation, name=OUTPUT_LAYER)(hidden)
+    return keras.Model(inputs, outputs, name="autoencoder")
+
+
+def scaled_targets(model: keras.Model, features: np.ndarray) -> np.ndarray:
+    """Return what the model learns to reproduce: the features after its scaling layer (or as they are)."""
+    features = np.asarray(features, dtype=np.float32)
+    if SCALING_LAYER not in {layer.name for layer in model.layers}:
+        return features
+    scaling = model.get_layer(SCALING_LAYER)
+    return np.asarray(scaling(features), dtype=np.float32)
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch losses and how training ended."""
+
+    loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    epochs_run: int = 0
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def train_autoencoder(
+    model: keras.Model,
+    features: np.ndarray,
+    config: AutoencoderConfig,
+    on_epoch_end: EpochCallback | None = None,
+) -> TrainingHistory:
+    """Train ``model`` to reproduce ``features`` (normal rows only); early stopping uses a seeded share of them."""
+    keras.utils.set_random_seed(config.seed)
+    optimizer = keras.optimizers.get({"class_name": config.optimizer, "config": {"learning_rate": config.learning_rate}})
+    model.compile(optimizer=optimizer, loss=config.loss)
+    x = np.asarray(features, dtype=np.float32)
+    y = scaled_targets(model, x)
+    validation = None
+    if config.validation_fraction > 0:
+        order = np.random.default_rng(config.seed).permutation(len(x))
+        n_val = max(1, int(round(len(x) * config.validation_fraction)))
+        val_idx, fit_idx = order[:n_val], order[n_val:]
+        validation = (x[val_idx], y[val_idx])
+        x, y = x[fit_idx], y[fit_idx]
+    callbacks: list[keras.callbacks.Callback] = []
+    early_stopping = None
+    if config.early_stopping_patience and validation is not None:
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
+        )
+        callbacks.append(early_stopping)
+    if on_epoch_end is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch_end(epoch, dict(logs or {}))))
+    fitted = model.fit(
+        x,
+        y,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        validation_data=validation,
+        shuffle=True,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    loss = [float(v) for v in fitted.history.get("loss", [])]
+    val_loss = [float(v) for v in fitted.history.get("val_loss", [])]
+    best = int(np.argmin(val_loss)) + 1 if val_loss else len(loss)
+    return TrainingHistory(
+        loss=loss,
+        val_loss=val_loss,
+        epochs_run=len(loss),
+        best_epoch=best,
+        stopped_early=bool(early_stopping is not None and early_stopping.stopped_epoch > 0),
+    )
+
+
+class ErrorScorer:
+    """Per-row reconstruction error of a model, as one compiled forward pass over large chunks."""
+
+    def __init__(self, model: keras.Model, loss: str, chunk_rows: int = DEFAULT_INFERENCE_ROWS):
+        self.chunk_rows = chunk_rows
+        n_features = model.inputs[0].shape[-1]
+        scaling = model.get_layer(SCALING_LAYER) if SCALING_LAYER in {layer.name for layer in model.layers} else None
+        reduce = tf.square if loss == "mse" else tf.abs
+
+        @tf.function(input_signature=[tf.TensorSpec([None, n_features], tf.float32)], reduce_retracing=True)
+        def errors(x: tf.Tensor) -> tf.Tensor:
+            target = scaling(x) if scaling is not None else x
+            return tf.reduce_mean(reduce(model(x, training=False) - target), axis=1)
+
+        self._errors = errors
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        """Return the reconstruction error of each row of ``features`` as float64."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        out = np.empty(len(features), dtype=np.float64)
+        for start in range(0, len(features), self.chunk_rows):
+            stop = min(start + self.chunk_rows, len(features))
+            out[start:stop] = self._errors(features[start:stop]).numpy()
+        return out
+
+
+def reconstruction_errors(model: keras.Model, features: np.ndarray, loss: str) -> np.ndarray:
+    """Return the per-row reconstruction error of ``features`` (mean squared or absolute, as ``loss``)."""
+    return ErrorScorer(model, loss)(features)
+
+
+def cpu_threads() -> int:
+    """Return how many CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

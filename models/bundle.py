@@ -1,0 +1,186 @@
+"""The model bundle: a version folder with model.keras and bundle.json, saved, checked, loaded and promoted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data.atomic import publish_dir, write_json_atomic
+from data.errors import BundleError
+from data.parquet import content_hash
+from data.workspace import check_path_part
+from models.autoencoder import ErrorScorer
+from models.runtime import keras
+
+BUNDLE_FORMAT = 1
+MODEL_FILE = "model.keras"
+BUNDLE_FILE = "bundle.json"
+CURRENT_FILE = "current.json"
+STAGING_SUFFIX = ".partial"
+
+
+def new_version(now: dt.datetime | None = None) -> str:
+    """Return a sortable version name from the UTC time, e.g. ``20261128T113700Z``."""
+    now = now or dt.datetime.now(dt.UTC)
+    return now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def staging_dir(models_dir: Path, version: str) -> Path:
+    """Return (and create, empty) the folder a version is built in before it is published."""
+    path = models_dir / f"{check_path_part(version, 'model_version')}{STAGING_SUFFIX}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def library_versions() -> dict[str, str]:
+    """Return the versions of the libraries a bundle depends on."""
+    import numpy
+    import pandas
+    import pyarrow
+    import sklearn
+    import tensorflow
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tensorflow.__version__,
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+        "pyarrow": pyarrow.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def publish_bundle(staging: Path) -> Path:
+    """Rename a complete staging folder to its version folder; a crash before this leaves only ``*.partial``."""
+    if not staging.name.endswith(STAGING_SUFFIX):
+        raise BundleError(f"{staging}: not a staging folder")
+    read_bundle_json(staging)
+    return publish_dir(staging, staging.with_name(staging.name.removesuffix(STAGING_SUFFIX)))
+
+
+def read_bundle_json(version_dir: Path) -> dict[str, Any]:
+    """Read and check bundle.json of a version folder, refusing one that is missing, edited or inconsistent."""
+    path = version_dir / BUNDLE_FILE
+    try:
+        bundle = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: missing; is {version_dir.name!r} a model version? Retrain or pick another version") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc}); the bundle is damaged, retrain or roll back") from exc
+    required = ("format_version", "model_version", "features", "threshold", "model_sha256", "config")
+    missing = [key for key in required if key not in bundle]
+    if missing:
+        raise BundleError(f"{path}: missing keys {missing}; the bundle is damaged, retrain or roll back")
+    if bundle["format_version"] != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: format_version {bundle['format_version']} is not {BUNDLE_FORMAT}")
+    return bundle
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """A checked model and the facts scoring needs from bundle.json."""
+
+    path: Path
+    model: keras.Model
+    metadata: dict[str, Any]
+
+    @functools.cached_property
+    def scorer(self) -> ErrorScorer:
+        """The compiled error function of this model, built once per loaded bundle."""
+        return ErrorScorer(self.model, self.loss)
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata["model_version"])
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f["name"] for f in self.metadata["features"]]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"]["value"])
+
+    @property
+    def percentile(self) -> float:
+        return float(self.metadata["threshold"]["percentile"])
+
+    @property
+    def loss(self) -> str:
+        return str(self.metadata["config"]["loss"])
+
+    @property
+    def label_column(self) -> str:
+        return str(self.metadata.get("label_column", "label"))
+
+    @property
+    def normal_label(self) -> str:
+        return str(self.metadata.get("normal_label", "0"))
+
+
+def load_bundle(version_dir: str | os.PathLike[str]) -> LoadedBundle:
+    """Load a version folder after checking its checksum and feature list; the model loads in Keras' safe mode."""
+    version_dir = Path(version_dir).resolve()
+    metadata = read_bundle_json(version_dir)
+    model_path = version_dir / str(metadata.get("model_file", MODEL_FILE))
+    if not model_path.is_file():
+        raise BundleError(f"{model_path}: model file missing; retrain or roll back")
+    actual = content_hash(model_path)
+    if actual != metadata["model_sha256"]:
+        raise BundleError(f"{model_path}: checksum {actual[:12]}… does not match bundle.json ({metadata['model_sha256'][:12]}…); refusing to load an altered model")
+    return _load_checked(str(model_path), actual, json.dumps(metadata, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_checked(model_path: str, checksum: str, metadata_json: str) -> LoadedBundle:
+    # Cached by checksum so that one process loads each model once however many batches it scores.
+    metadata = json.loads(metadata_json)
+    try:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a damaged archive
+        raise BundleError(f"{model_path}: Keras could not load the model safely ({exc})") from exc
+    n_inputs = model.inputs[0].shape[-1]
+    if n_inputs != len(metadata["features"]):
+        raise BundleError(f"{model_path}: the model takes {n_inputs} features but bundle.json lists {len(metadata['features'])}")
+    return LoadedBundle(path=Path(model_path).parent, model=model, metadata=metadata)
+
+
+def promote(models_dir: Path, version: str) -> Path:
+    """Point models/current.json at ``version`` by an atomic rewrite; the version must load first."""
+    version_dir = models_dir / check_path_part(version, "model_version")
+    read_bundle_json(version_dir)
+    previous = current_version(models_dir, required=False)
+    return write_json_atomic(
+        models_dir / CURRENT_FILE,
+        {"model_version": version, "previous_version": previous, "promoted_at": dt.datetime.now(dt.UTC).isoformat()},
+    )
+
+
+def current_version(models_dir: Path, required: bool = True) -> str | None:
+    """Return the version models/current.json names, or raise if there is none and ``required``."""
+    path = models_dir / CURRENT_FILE
+    try:
+        version = json.loads(path.read_text(encoding="utf-8"))["model_version"]
+    except FileNotFoundError:
+        if required:
+            raise BundleError(f"{path}: no current model; run the retraining flow first (anomaly retrain)") from None
+        return None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path}: damaged ({exc}); promote a version again with anomaly promote VERSION") from exc
+    return check_path_part(str(version), "model_version")
+
+
+def discard_staging(staging: str | os.PathLike[str]) -> None:
+    """Remove an unpublished staging folder after a failed retraining run."""
+    path = Path(staging)
+    if path.name.endswith(STAGING_SUFFIX):
+        shutil.rmtree(path, ignore_errors=True)

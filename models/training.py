@@ -1,0 +1,227 @@
+"""Retraining steps as plain functions over paths: split, train, errors on held-out rows, threshold, bundle, report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.atomic import write_json_atomic
+from data.errors import TrainingDataError
+from data.parquet import content_hash, read_training_rows
+from models.autoencoder import build_autoencoder, reconstruction_errors, train_autoencoder
+from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, library_versions, publish_bundle
+from models.config import AutoencoderConfig
+from models.reports import (
+    anomaly_class_metrics,
+    classification_table,
+    plot_error_histogram,
+    plot_loss_curves,
+    render_markdown,
+    summarize_errors,
+    write_report_files,
+)
+from models.runtime import keras
+from models.threshold import calibration_stats, check_percentile, fix_threshold, min_holdout_rows
+
+WORK_DIR = "_work"
+REPORT_DIR = "report"
+MIN_TRAINING_ROWS = 100
+
+log = logging.getLogger(__name__)
+
+
+def split_training_data(
+    source: str,
+    staging: Path,
+    label_column: str,
+    normal_label: str,
+    all_rows_normal: bool,
+    holdout_fraction: float,
+    percentile: float,
+    seed: int,
+    feature_columns: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Keep normal rows, hold out a seeded share for the threshold, and write both splits as Parquet in ``staging``."""
+    check_percentile(percentile)
+    rows = read_training_rows(source, label_column, normal_label, all_rows_normal, feature_columns)
+    normal = rows.features[rows.is_normal]
+    anomalies = rows.features[~rows.is_normal]
+    n_holdout = int(round(len(normal) * holdout_fraction))
+    needed_holdout = min_holdout_rows(percentile)
+    needed_total = max(int(np.ceil(needed_holdout / holdout_fraction)), needed_holdout + MIN_TRAINING_ROWS)
+    if len(normal) == 0:
+        raise TrainingDataError(f"training_data={source!r}: no rows have {label_column}={normal_label!r}; check label_column and normal_label")
+    if n_holdout < needed_holdout or len(normal) - n_holdout < MIN_TRAINING_ROWS:
+        raise TrainingDataError(
+            f"training_data={source!r}: {len(normal)} normal rows; a stable {percentile:g}th percentile with "
+            f"holdout_fraction={holdout_fraction:g} needs at least {needed_total}"
+        )
+    order = np.random.default_rng(seed).permutation(len(normal))
+    holdout_idx, train_idx = order[:n_holdout], order[n_holdout:]
+    work = staging / WORK_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    names = rows.feature_names
+    train_path = work / "train.parquet"
+    holdout_path = work / "holdout.parquet"
+    pq.write_table(_matrix_table(normal[train_idx], names), train_path)
+    holdout = np.concatenate([normal[holdout_idx], anomalies])
+    is_anomaly = np.concatenate([np.zeros(n_holdout, dtype=bool), np.ones(len(anomalies), dtype=bool)])
+    pq.write_table(_matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly)}), holdout_path)
+    return {
+        "train_path": os.fspath(train_path),
+        "holdout_path": os.fspath(holdout_path),
+        "feature_names": names,
+        "rows_total": int(len(rows.features)),
+        "rows_train": int(len(train_idx)),
+        "rows_holdout_normal": int(n_holdout),
+        "rows_holdout_anomalies": int(len(anomalies)),
+        "source_files": [os.fspath(f) for f in rows.files],
+        "fingerprint": rows.fingerprint,
+    }
+
+
+def _matrix_table(matrix: np.ndarray, names: Sequence[str], extra: dict[str, pa.Array] | None = None) -> pa.Table:
+    columns = {name: pa.array(matrix[:, j]) for j, name in enumerate(names)}
+    return pa.table({**columns, **(extra or {})})
+
+
+def _read_matrix(path: str | Path, names: Sequence[str]) -> np.ndarray:
+    table = pq.read_table(path, columns=list(names))
+    return np.column_stack([table.column(n).to_numpy() for n in names])
+
+
+def train_model(train_path: str, feature_names: Sequence[str], config: AutoencoderConfig, staging: Path, progress: Any = None) -> dict[str, Any]:
+    """Build the autoencoder from ``config``, train it on the training split and save it as ``staging/model.keras``."""
+    features = _read_matrix(train_path, feature_names)
+    started = time.perf_counter()
+    model = build_autoencoder(config, features)
+    history = train_autoencoder(model, features, config, on_epoch_end=progress)
+    fit_seconds = time.perf_counter() - started
+    if not np.isfinite(history.loss[-1]):
+        raise TrainingDataError(f"training diverged (loss {history.loss[-1]}); lower learning_rate or check the features for extreme values")
+    model.save(staging / MODEL_FILE)
+    return {
+        "loss": history.loss,
+        "val_loss": history.val_loss,
+        "epochs_run": history.epochs_run,
+        "best_epoch": history.best_epoch,
+        "stopped_early": history.stopped_early,
+        "fit_seconds": round(fit_seconds, 3),
+    }
+
+
+def compute_holdout_errors(staging: Path, holdout_path: str, feature_names: Sequence[str], loss: str) -> str:
+    """Score the held-out rows with the staged model and write their errors beside them; return that path."""
+    model = keras.saving.load_model(staging / MODEL_FILE, compile=False, safe_mode=True)
+    errors = reconstruction_errors(model, _read_matrix(holdout_path, feature_names), loss)
+    labelled = pq.read_table(holdout_path, columns=["labelled_anomaly"]).column("labelled_anomaly")
+    out = staging / WORK_DIR / "holdout-errors.parquet"
+    pq.write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": labelled}), out)
+    return os.fspath(out)
+
+
+def fix_threshold_from_errors(errors_path: str, percentile: float) -> dict[str, Any]:
+    """Fix the threshold at ``percentile`` of the held-out normal rows' errors; return it with calibration statistics."""
+    table = pq.read_table(errors_path)
+    errors = table.column("reconstruction_error").to_numpy()
+    normal = ~table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    holdout_normal = errors[normal]
+    threshold = fix_threshold(holdout_normal, percentile)
+    return {"value": threshold, "percentile": float(percentile), "rows": int(len(holdout_normal)), "calibration": calibration_stats(holdout_normal)}
+
+
+def write_bundle(staging: Path, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], config: AutoencoderConfig, preset: str, label_column: str, normal_label: str) -> Path:
+    """Write bundle.json beside the staged model, with the model's checksum and everything scoring needs."""
+    model_path = staging / MODEL_FILE
+    payload = {
+        "format_version": BUNDLE_FORMAT,
+        "model_version": version,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "model_file": MODEL_FILE,
+        "model_sha256": content_hash(model_path),
+        "features": [{"name": n, "dtype": "float64"} for n in split["feature_names"]],
+        "label_column": label_column,
+        "normal_label": normal_label,
+        "threshold": {k: threshold[k] for k in ("value", "percentile", "rows")} | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value"},
+        "calibration": threshold["calibration"],
+        "preset": preset,
+        "config": config.model_dump(),
+        "seed": config.seed,
+        "training": {
+            "source_files": split["source_files"],
+            "fingerprint_sha256": split["fingerprint"],
+            "rows_total": split["rows_total"],
+            "rows_train": split["rows_train"],
+            "rows_holdout_normal": split["rows_holdout_normal"],
+            "rows_holdout_anomalies": split["rows_holdout_anomalies"],
+            "epochs_run": history["epochs_run"],
+            "best_epoch": history["best_epoch"],
+            "fit_seconds": history["fit_seconds"],
+        },
+        "library_versions": library_versions(),
+    }
+    return write_json_atomic(staging / BUNDLE_FILE, payload)
+
+
+def write_training_report(staging: Path, version: str, errors_path: str, history: dict[str, Any], threshold: dict[str, Any], split: dict[str, Any], preset: str) -> dict[str, Any]:
+    """Write the training report (loss curves, held-out error histogram, JSON, Markdown) into ``staging/report``."""
+    report_dir = staging / REPORT_DIR
+    table = pq.read_table(errors_path)
+    errors = table.column("reconstruction_error").to_numpy()
+    labelled = table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    has_anomalies = bool(labelled.any())
+    evaluation = summarize_errors(errors, threshold["value"], threshold["percentile"], labelled if has_anomalies else None)
+    normal_summary = summarize_errors(errors[~labelled], threshold["value"], threshold["percentile"], None)
+    loss_png = plot_loss_curves(history["loss"], history["val_loss"], report_dir / "loss-curves.png", f"Training loss, model {version}")
+    hist_png = plot_error_histogram(normal_summary, report_dir / "holdout-error-histogram.png", f"Held-out normal rows, model {version}")
+    report = {
+        "kind": "training",
+        "model_version": version,
+        "preset": preset,
+        "training": {k: split[k] for k in ("rows_total", "rows_train", "rows_holdout_normal", "rows_holdout_anomalies", "fingerprint")},
+        "history": history,
+        "threshold": threshold,
+        "holdout_normal": {k: normal_summary[k] for k in ("rows_scored", "rows_flagged", "flag_rate", "expected_flag_rate")},
+        "holdout_evaluation": evaluation,
+        "anomaly_class": anomaly_class_metrics(evaluation),
+        "images": {"loss_curves": loss_png.name, "holdout_error_histogram": hist_png.name},
+    }
+    sections: dict[str, Any] = {
+        "Training": {
+            "preset": preset,
+            "training rows (normal)": split["rows_train"],
+            "held-out normal rows": split["rows_holdout_normal"],
+            "held-out labelled anomalies": split["rows_holdout_anomalies"],
+            "epochs run": history["epochs_run"],
+            "best epoch": history["best_epoch"],
+            "fit seconds": history["fit_seconds"],
+        },
+        "Threshold": {
+            "value": threshold["value"],
+            "percentile": threshold["percentile"],
+            "held-out normal rows flagged": normal_summary["rows_flagged"],
+            "flag rate": normal_summary["flag_rate"],
+            "expected flag rate": normal_summary["expected_flag_rate"],
+        },
+    }
+    if evaluation["labels"]:
+        sections["Held-out rows, per class"] = classification_table(evaluation["labels"])
+    markdown = render_markdown(f"Training report: model {version}", sections, [os.fspath(loss_png), os.fspath(hist_png)])
+    write_report_files(report, markdown, report_dir, "training-report")
+    return {"report": report, "markdown": markdown}
+
+
+def publish_version(staging: Path) -> Path:
+    """Drop the staging folder's working files and rename it to its version folder."""
+    shutil.rmtree(staging / WORK_DIR, ignore_errors=True)
+    return publish_bundle(staging)

@@ -1,0 +1,1 @@
+"""Prefect tasks shared by the flows: thin wrappers, each around one plain function of models/ or data/."""

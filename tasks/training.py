@@ -1,0 +1,77 @@
+"""Tasks of the retraining flow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from models import bundle, training
+from models.config import AutoencoderConfig
+from tasks.common import retry_on_os_error
+
+
+@task(name="split-training-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_os_error)
+def split_training_data(source: str, staging: str, label_column: str, normal_label: str, all_rows_normal: bool, holdout_fraction: float, percentile: float, seed: int) -> dict[str, Any]:
+    """Keep normal rows and hold out a seeded share of them for the threshold."""
+    split = training.split_training_data(source, Path(staging), label_column, normal_label, all_rows_normal, holdout_fraction, percentile, seed)
+    get_run_logger().info("Training rows: %d normal for training, %d normal held out, %d labelled anomalies held out", split["rows_train"], split["rows_holdout_normal"], split["rows_holdout_anomalies"])
+    return split
+
+
+@task(name="build-and-train-autoencoder", cache_policy=NO_CACHE)
+def train_autoencoder(train_path: str, feature_names: list[str], config: dict[str, Any], staging: str) -> dict[str, Any]:
+    """Build the autoencoder from its config and train it, logging every epoch."""
+    logger = get_run_logger()
+    settings = AutoencoderConfig.model_validate(config)
+
+    def log_epoch(epoch: int, logs: dict[str, float]) -> None:
+        val = f", val_loss {logs['val_loss']:.5f}" if "val_loss" in logs else ""
+        logger.info("Epoch %d/%d: loss %.5f%s", epoch + 1, settings.epochs, logs.get("loss", float("nan")), val)
+
+    history = training.train_model(train_path, feature_names, settings, Path(staging), progress=log_epoch)
+    logger.info("Trained %d epochs in %.1f s (best epoch %d)", history["epochs_run"], history["fit_seconds"], history["best_epoch"])
+    return history
+
+
+@task(name="compute-reconstruction-errors", cache_policy=NO_CACHE)
+def compute_reconstruction_errors(staging: str, holdout_path: str, feature_names: list[str], loss: str) -> str:
+    """Score held-out rows with the freshly trained model; return the path of their errors."""
+    return training.compute_holdout_errors(Path(staging), holdout_path, feature_names, loss)
+
+
+@task(name="fix-threshold", cache_policy=NO_CACHE)
+def fix_threshold(errors_path: str, percentile: float) -> dict[str, Any]:
+    """Fix the threshold at the percentile of held-out normal errors."""
+    threshold = training.fix_threshold_from_errors(errors_path, percentile)
+    get_run_logger().info("Threshold %.6g at the %gth percentile of %d held-out normal rows", threshold["value"], percentile, threshold["rows"])
+    return threshold
+
+
+@task(name="save-model-bundle", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_os_error)
+def save_model_bundle(staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], config: dict[str, Any], preset: str, label_column: str, normal_label: str) -> str:
+    """Write bundle.json beside the model."""
+    settings = AutoencoderConfig.model_validate(config)
+    return str(training.write_bundle(Path(staging), version, split, history, threshold, settings, preset, label_column, normal_label))
+
+
+@task(name="write-training-report", cache_policy=NO_CACHE)
+def write_training_report(staging: str, version: str, errors_path: str, history: dict[str, Any], threshold: dict[str, Any], split: dict[str, Any], preset: str) -> dict[str, Any]:
+    """Write the training report into the staged version."""
+    return training.write_training_report(Path(staging), version, errors_path, history, threshold, split, preset)
+
+
+@task(name="publish-model-version", cache_policy=NO_CACHE)
+def publish_model_version(staging: str) -> str:
+    """Rename the complete staging folder to its version folder."""
+    return str(training.publish_version(Path(staging)))
+
+
+@task(name="promote-model", cache_policy=NO_CACHE)
+def promote_model(models_dir: str, version: str) -> str:
+    """Make a version the one scoring uses."""
+    path = bundle.promote(Path(models_dir), version)
+    get_run_logger().info("Model %s is now current", version)
+    return str(path)

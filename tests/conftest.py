@@ -1,0 +1,70 @@
+"""Shared fixtures: small synthetic data with fixed seeds and a model trained once per session."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+N_FEATURES = 6
+FEATURES = [f"f{j}" for j in range(N_FEATURES)]
+RUN_DATE = dt.date(2026, 11, 27)
+FAST_OVERRIDES = {"epochs": 8, "batch_size": 256, "encoder_units": [16, 5], "decoder_units": [16], "early_stopping_patience": None}
+
+
+def make_rows(n: int, seed: int, anomaly_share: float = 0.0, start_id: int = 0) -> pa.Table:
+    """Gaussian normal rows plus shifted anomalies, with row_id, f0..f5 and label."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, N_FEATURES))
+    labels = (rng.random(n) < anomaly_share).astype(np.int64)
+    x[labels == 1] += rng.choice([-4.0, 4.0], size=(int(labels.sum()), N_FEATURES))
+    columns = {"row_id": pa.array(np.arange(start_id, start_id + n), type=pa.int64())}
+    columns.update({name: pa.array(x[:, j]) for j, name in enumerate(FEATURES)})
+    columns["label"] = pa.array(labels)
+    return pa.table(columns)
+
+
+def write_rows(table: pa.Table, path: Path, row_group_size: int | None = None) -> Path:
+    """Write a table as Parquet, creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace holding a small promoted model trained with the plain functions (no Prefect)."""
+    from models import bundle, training
+    from models.config import resolve_preset
+
+    root = tmp_path_factory.mktemp("trained-ws")
+    write_rows(make_rows(5000, seed=1, anomaly_share=0.02), root / "training" / "train.parquet")
+    config = resolve_preset("default", **FAST_OVERRIDES)
+    version = "20260101T000000Z"
+    staging = bundle.staging_dir(root / "models", version)
+    split = training.split_training_data(str(root / "training"), staging, "label", "0", False, 0.2, 98.0, config.seed)
+    history = training.train_model(split["train_path"], split["feature_names"], config, staging)
+    errors = training.compute_holdout_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
+    threshold = training.fix_threshold_from_errors(errors, 98.0)
+    training.write_bundle(staging, version, split, history, threshold, config, "default", "label", "0")
+    training.publish_version(staging)
+    bundle.promote(root / "models", version)
+    return root
+
+
+@pytest.fixture()
+def workspace_copy(trained_workspace: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained workspace that a test may change."""
+    import shutil
+
+    target = tmp_path / "ws"
+    shutil.copytree(trained_workspace, target)
+    return target

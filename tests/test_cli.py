@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from data.errors import ParameterError
+from flows.cli import build_parser, main
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("demo", ["--workspace", "--preset", "--run-date", "--batches"]),
+        ("retrain", ["--training-data", "--preset", "--percentile", "--label-column", "--normal-label", "--all-rows-normal", "--holdout-fraction", "--epochs", "--batch-size", "--learning-rate", "--seed", "--no-promote"]),
+        ("score", ["--run-date", "--timezone", "--force", "--no-scores", "--model-version", "--chunk-rows", "--max-bad-row-share"]),
+    ],
+)
+def test_help_documents_every_option(command, options, capsys):
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for option in options:
+        assert option in text
+
+
+def test_main_ends_with_one_json_summary_line(capsys):
+    def fake_run(command, args):
+        assert (command, args.percentile, args.preset) == ("retrain", 97.5, "seed")
+        return {"model_version": "v1", "threshold": 0.5, "percentile": 97.5, "validation_rows": 10, "training_rows": 40, "model_dir": "/m/v1", "unrelated": 1}
+
+    assert main(["retrain", "--preset", "seed", "--percentile", "97.5"], run=fake_run) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary == {"command": "retrain", "status": "completed", "model_version": "v1", "threshold": 0.5, "percentile": 97.5, "validation_rows": 10, "training_rows": 40, "model_dir": "/m/v1"}
+
+
+def test_main_prints_one_error_line_and_still_a_json_line(capsys):
+    def failing_run(command, args):
+        raise ParameterError("percentile=150.0 must be strictly between 0 and 100")
+
+    assert main(["retrain", "--percentile", "150"], run=failing_run) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: percentile=150.0 must be strictly between 0 and 100"
+    assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "failed"
+
+
+def test_unknown_preset_and_bad_date_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["retrain", "--preset", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--run-date", "28/11/2026"])
+    assert "not an ISO date" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_scoring_without_a_model_fails_with_one_clear_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "score", "--workspace", str(tmp_path), "--run-date", "2026-11-27"],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PREFECT_HOME": str(tmp_path / "prefect")},
+    )
+    assert done.returncode == 1
+    assert f"error: {tmp_path}/models/current.json: no current model; run the retraining flow first" in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "failed"

@@ -1,0 +1,155 @@
+"""The flows end to end under Prefect's test harness, on small data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from data.demo import make_tutorial_data, rows_table
+from data.workspace import Workspace
+from tests.conftest import RUN_DATE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def retrained(harness, tmp_path_factory):
+    """Retrain once on 32 Gaussian features; return the workspace, the run's result and rows left for scoring."""
+    from flows.retrain import retrain_flow
+
+    root = tmp_path_factory.mktemp("flow-ws")
+    features, labels = make_tutorial_data(n_samples=16_000, random_state=3)
+    ids = np.arange(len(labels))
+    train = slice(0, 10_000)
+    ws = Workspace.at(root)
+    ws.training_dir.mkdir(parents=True)
+    pq.write_table(rows_table(features[train], labels[train], ids[train]), ws.training_dir / "t.parquet")
+    result = retrain_flow(workspace=str(root), epochs=6, seed=7)
+    return root, result, (features[10_000:], labels[10_000:], ids[10_000:])
+
+
+def _night(root, rows, n_files=3):
+    features, labels, ids = rows
+    normal = labels == 0
+    folder = Workspace.at(root).incoming_for(RUN_DATE)
+    for i, part in enumerate(np.array_split(np.flatnonzero(normal), n_files)):
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows_table(features[part], labels[part], ids[part]), folder / f"part-{i}.parquet", row_group_size=500)
+    return int(normal.sum())
+
+
+def test_retraining_writes_a_promoted_bundle_and_its_report(retrained):
+    root, result, _ = retrained
+    ws = Workspace.at(root)
+    version_dir = ws.version_dir(result["model_version"])
+    assert json.loads((ws.models_dir / "current.json").read_text())["model_version"] == result["model_version"]
+    bundle = json.loads((version_dir / "bundle.json").read_text())
+    assert bundle["threshold"]["value"] == result["threshold"] and bundle["threshold"]["percentile"] == 98.0
+    assert bundle["threshold"]["rows"] == result["validation_rows"] > 0
+    assert bundle["preset"] == "default" and bundle["config"]["epochs"] == 6 and bundle["seed"] == 7
+    for name in ("training-report.json", "training-report.md", "loss-curves.png", "holdout-error-histogram.png", "holdout-evaluation.json"):
+        assert (version_dir / "report" / name).stat().st_size > 0, name
+    report = json.loads((version_dir / "report" / "training-report.json").read_text())
+    assert report["holdout_normal"]["flag_rate"] == pytest.approx(0.02, abs=0.005)
+    assert report["history"]["epochs_run"] == 6
+    assert not (version_dir / "_work").exists()
+
+
+def test_scoring_a_night_writes_outputs_reports_and_skips_on_rerun(retrained, tmp_path):
+    from flows.score import score_flow
+
+    base, result, rows = retrained
+    root = tmp_path / "ws"
+    shutil.copytree(base, root)
+    n_rows = _night(root, rows)
+    outcome = score_flow(workspace=str(root), run_date=RUN_DATE)
+    ws = Workspace.at(root)
+
+    assert outcome["rows_scored"] == n_rows and outcome["batches_scored"] == 3
+    assert outcome["flag_rate"] == pytest.approx(0.02, abs=0.01)
+    flagged = pd.read_parquet(ws.outputs_dir / "flagged")
+    assert len(flagged) == outcome["rows_flagged"]
+    assert {"row_id", "f00", "label", "reconstruction_error", "threshold", "is_anomaly", "model_version", "batch", "scored_at", "date"} <= set(flagged.columns)
+    assert flagged["is_anomaly"].all() and (flagged["reconstruction_error"] > flagged["threshold"]).all()
+    count, versions = duckdb.sql(f"select count(*), count(distinct model_version) from read_parquet('{ws.outputs_dir}/flagged/**/*.parquet', hive_partitioning=true)").fetchall()[0]
+    assert (count, versions) == (outcome["rows_flagged"], 1)
+    assert duckdb.sql(f"select count(*) from '{ws.outputs_dir}/scores/**/*.parquet'").fetchall()[0][0] == n_rows
+
+    run_report = json.loads((ws.output_partition("reports", RUN_DATE) / "run-report.json").read_text())
+    assert run_report["rows_scored"] == n_rows and run_report["batches_scored"] == 3
+    assert run_report["labels"]["classification_report"]["normal"]["support"] == n_rows
+    assert (ws.output_partition("reports", RUN_DATE) / "run-report-error-histogram.png").stat().st_size > 0
+    assert len(list((ws.output_partition("reports", RUN_DATE) / "batches").glob("*.json"))) == 3
+
+    again = score_flow(workspace=str(root), run_date=RUN_DATE)
+    assert (again["batches_scored"], again["batches_skipped"], again["rows_scored"]) == (0, 3, n_rows)
+    forced = score_flow(workspace=str(root), run_date=RUN_DATE, force=True)
+    assert forced["batches_scored"] == 3
+    assert len(pd.read_parquet(ws.outputs_dir / "scores")) == n_rows
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert f"scoring-report-{RUN_DATE.isoformat()}" in keys
+    assert f"training-report-{result['model_version']}".lower() in keys
+
+
+def test_a_bad_file_fails_the_run_but_not_the_other_batches(retrained, tmp_path):
+    from flows.score import BatchesFailedError, score_flow
+
+    base, _, rows = retrained
+    root = tmp_path / "ws"
+    shutil.copytree(base, root)
+    n_rows = _night(root, rows, n_files=2)
+    ws = Workspace.at(root)
+    bad = ws.incoming_for(RUN_DATE) / "broken.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(BatchesFailedError, match=r"1 of 3 batch\(es\) failed.*broken.parquet: not a readable Parquet file") as caught:
+        score_flow(workspace=str(root), run_date=RUN_DATE)
+    assert caught.value.outcome["rows_scored"] == n_rows
+    assert not (ws.output_partition("flagged", RUN_DATE) / "broken.parquet").exists()
+    assert not (ws.state_dir / "scored" / f"date={RUN_DATE}" / "broken.json").exists()
+    assert len(list((ws.state_dir / "scored" / f"date={RUN_DATE}").glob("*.json"))) == 2
+    run_report = json.loads((ws.output_partition("reports", RUN_DATE) / "run-report.json").read_text())
+    assert run_report["failed_batches"][0]["batch"] == "broken"
+
+
+def test_scoring_with_no_batches_names_the_folder(retrained):
+    from data.errors import NoBatchesError
+    from flows.score import score_flow
+
+    root, _, _ = retrained
+    with pytest.raises(NoBatchesError, match="incoming/2030-01-01: no .parquet batches"):
+        score_flow(workspace=str(root), run_date="2030-01-01")
+
+
+def test_retraining_refuses_too_few_normal_rows_and_keeps_the_current_model(retrained, tmp_path):
+    from data.errors import TrainingDataError
+    from flows.retrain import retrain_flow
+
+    base, result, rows = retrained
+    root = tmp_path / "ws"
+    shutil.copytree(base, root)
+    features, labels, ids = rows
+    small = root / "small.parquet"
+    pq.write_table(rows_table(features[:300], labels[:300], ids[:300]), small)
+    with pytest.raises(TrainingDataError, match=r"small.parquet'?: \d+ normal rows; a stable 98th percentile .* needs at least 2500"):
+        retrain_flow(workspace=str(root), training_data=str(small))
+    ws = Workspace.at(root)
+    assert json.loads((ws.models_dir / "current.json").read_text())["model_version"] == result["model_version"]
+    assert not list(ws.models_dir.glob("*.partial"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -134,14 +134,13 @@ class ErrorScorer:
         return out
 
 
+_SCORERS: weakref.WeakKeyDictionary[keras.Model, dict[str, ErrorScorer]] = weakref.WeakKeyDictionary()
+
+
 def reconstruction_errors(model: keras.Model, features: np.ndarray, loss: str) -> np.ndarray:
     """Return the per-row reconstruction error of ``features`` (mean squared or absolute, as ``loss``)."""
-    return ErrorScorer(model, loss)(features)
-
-
-def cpu_threads() -> int:
-    """Return how many CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    # One compiled function per model: tracing again on every call would cost more than small inputs do.
+    scorers = _SCORERS.setdefault(model, {})
+    if loss not in scorers:
+        scorers[loss] = ErrorScorer(model, loss)
+    return scorers[loss](features)

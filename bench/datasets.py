@@ -1,0 +1,65 @@
+"""Benchmark data: the tutorial's dataset, other generated datasets, and large float64 batches written in streaming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.demo import make_tutorial_data, rows_table
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One labelled dataset for the quality benchmark."""
+
+    name: str
+    n_samples: int
+    n_features: int
+    class_sep: float
+    anomaly_share: float
+    random_state: int
+
+
+TUTORIAL = DatasetSpec("tutorial", 100_000, 32, 0.5, 0.005, 0)
+OTHERS = (
+    DatasetSpec("sep1.0-f16-seed1", 60_000, 16, 1.0, 0.01, 1),
+    DatasetSpec("sep0.8-f48-seed2", 60_000, 48, 0.8, 0.01, 2),
+    DatasetSpec("sep0.5-f24-seed3", 60_000, 24, 0.5, 0.02, 3),
+)
+
+
+def make_dataset(spec: DatasetSpec, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Return features and labels of ``spec`` (``scale`` < 1 shrinks it for quick runs)."""
+    return make_tutorial_data(
+        n_samples=max(20_000, int(spec.n_samples * scale)),
+        n_features=spec.n_features,
+        class_sep=spec.class_sep,
+        weights=(1 - spec.anomaly_share, spec.anomaly_share),
+        random_state=spec.random_state,
+    )
+
+
+def write_training_file(features: np.ndarray, labels: np.ndarray, path: Path) -> Path:
+    """Write labelled rows as a training Parquet file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(rows_table(features, labels, np.arange(len(labels))), path)
+    return path
+
+
+def write_large_batch(path: Path, n_rows: int, n_features: int = 32, row_group_rows: int = 262_144, seed: int = 0) -> Path:
+    """Write ``n_rows`` of Gaussian float64 features plus ``row_id`` in row groups, never holding the whole file."""
+    rng = np.random.default_rng(seed)
+    names = [f"f{j:02d}" for j in range(n_features)]
+    schema = pa.schema([pa.field("row_id", pa.int64())] + [pa.field(n, pa.float64()) for n in names])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, n_rows, row_group_rows):
+            n = min(row_group_rows, n_rows - start)
+            block = rng.normal(size=(n, n_features))
+            arrays = [pa.array(np.arange(start, start + n, dtype=np.int64))] + [pa.array(block[:, j]) for j in range(n_features)]
+            writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+    return path

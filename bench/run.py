@@ -1,0 +1,274 @@
+"""The benchmark suite: quality against the Gaussian limit, training time, scoring throughput and memory, as ratios.
+
+Run ``make bench`` (or ``python -m bench.run [--quick]``). Writes bench/results/latest.json and latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from bench.datasets import OTHERS, TUTORIAL, DatasetSpec, make_dataset, write_large_batch, write_training_file
+from data.parquet import feature_matrix
+from data.workspace import Workspace
+from models import training
+from models.autoencoder import reconstruction_errors
+from models.bundle import load_bundle, promote, staging_dir
+from models.config import resolve_preset
+from models.runtime import cpu_threads, keras, tf
+from models.scoring import batch_outputs, score_batch_file
+
+RESULTS = Path(__file__).parent / "results"
+PERCENTILE = 98.0
+
+
+def detection_metrics(errors: np.ndarray, threshold: float, labels: np.ndarray) -> dict[str, float]:
+    """Recall, precision, F1, ROC-AUC and PR-AUC of the anomaly class at a fixed threshold."""
+    from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    flagged = errors > threshold
+    return {
+        "recall": float(recall_score(labels, flagged)),
+        "precision": float(precision_score(labels, flagged, zero_division=0)),
+        "f1": float(f1_score(labels, flagged)),
+        "roc_auc": float(roc_auc_score(labels, errors)),
+        "pr_auc": float(average_precision_score(labels, errors)),
+    }
+
+
+def retrain(preset: str, training_file: Path, staging: Path, **overrides: Any) -> tuple[dict[str, Any], float, keras.Model, dict[str, Any]]:
+    """Run the product's retraining steps; return the split, fit+threshold seconds, the model and the threshold."""
+    config = resolve_preset(preset, **overrides)
+    split = training.split_training_data(str(training_file), staging, "label", "0", False, 0.2, PERCENTILE, config.seed)
+    started = time.perf_counter()
+    history = training.train_model(split["train_path"], split["feature_names"], config, staging)
+    errors_path = training.compute_holdout_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
+    threshold = training.fix_threshold_from_errors(errors_path, PERCENTILE)
+    seconds = time.perf_counter() - started
+    model = keras.saving.load_model(staging / "model.keras", compile=False, safe_mode=True)
+    split["history"] = history
+    split["errors_path"] = errors_path
+    split["config"] = config
+    return split, seconds, model, threshold
+
+
+def gaussian_limit(split: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
+    """The optimal detector for this data: Mahalanobis distance to the normal class, threshold fixed the same way."""
+    names = split["feature_names"]
+    train = feature_matrix(pq.read_table(split["train_path"]), names, np.float64)
+    holdout_table = pq.read_table(split["holdout_path"])
+    holdout = feature_matrix(holdout_table, names, np.float64)[~holdout_table.column("labelled_anomaly").to_numpy(zero_copy_only=False)]
+    mean = train.mean(axis=0)
+    precision = np.linalg.inv(np.cov(train, rowvar=False))
+
+    def distance(x: np.ndarray) -> np.ndarray:
+        centred = x - mean
+        return np.einsum("ij,jk,ik->i", centred, precision, centred)
+
+    return detection_metrics(distance(x_test), float(np.percentile(distance(holdout), PERCENTILE)), y_test)
+
+
+def quality_and_training(spec: DatasetSpec, work: Path, scale: float, with_seed: bool, log) -> dict[str, Any]:
+    """Default preset, seed preset (optional) and the Gaussian limit on one dataset; fit times side by side."""
+    from sklearn.model_selection import train_test_split
+
+    features, labels = make_dataset(spec, scale)
+    x_train, x_test, y_train, y_test = train_test_split(features, labels, test_size=0.2, random_state=42)
+    training_file = write_training_file(x_train, y_train, work / spec.name / "train.parquet")
+    result: dict[str, Any] = {"dataset": spec.name, "rows": len(labels), "features": spec.n_features, "test_anomalies": int(y_test.sum())}
+
+    split, seconds, model, threshold = retrain("default", training_file, staging_dir(work / spec.name / "models", "default"))
+    result["default"] = {**detection_metrics(reconstruction_errors(model, x_test, "mse"), threshold["value"], y_test), "fit_and_threshold_seconds": seconds, "epochs_run": split["history"]["epochs_run"]}
+    log(f"{spec.name}: default recall {result['default']['recall']:.3f} roc_auc {result['default']['roc_auc']:.3f} in {seconds:.1f} s")
+    result["limit"] = gaussian_limit(split, x_test, y_test)
+    log(f"{spec.name}: limit recall {result['limit']['recall']:.3f} roc_auc {result['limit']['roc_auc']:.3f}")
+    result["default_recall_share_of_limit"] = result["default"]["recall"] / result["limit"]["recall"]
+    result["default_roc_auc_gap_to_limit"] = result["limit"]["roc_auc"] - result["default"]["roc_auc"]
+    result["_default_run"] = (split, model, threshold)
+    if with_seed:
+        seed_split, seed_seconds, seed_model, seed_threshold = retrain("seed", training_file, staging_dir(work / spec.name / "models", "seed"))
+        result["seed"] = {**detection_metrics(reconstruction_errors(seed_model, x_test, "mae"), seed_threshold["value"], y_test), "fit_and_threshold_seconds": seed_seconds, "epochs_run": seed_split["history"]["epochs_run"]}
+        result["training_time_ratio_default_to_tutorial"] = seconds / seed_seconds
+        log(f"{spec.name}: seed recall {result['seed']['recall']:.3f} in {seed_seconds:.1f} s; time ratio {result['training_time_ratio_default_to_tutorial']:.2f}")
+    return result
+
+
+def publish_for_scoring(run: tuple[dict[str, Any], keras.Model, dict[str, Any]], staging: Path, workspace: Workspace) -> None:
+    """Turn the tutorial's default-preset staging folder into the workspace's current bundle."""
+    split, _, threshold = run
+    version = "20000101T000000Z"
+    training.write_bundle(staging, version, split, split["history"], threshold, split["config"], "default", "label", "0")
+    target = workspace.models_dir / f"{version}.partial"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, target)
+    training.publish_version(target)
+    promote(workspace.models_dir, version)
+
+
+def throughput(workspace: Workspace, n_rows: int, log) -> dict[str, Any]:
+    """Rows per second of the scoring path, the read+forward floor and the tutorial's predict+mae path."""
+    bundle = load_bundle(workspace.version_dir("20000101T000000Z"))
+    names = bundle.feature_names
+    source = write_large_batch(workspace.root / "bench" / f"batch-{n_rows}.parquet", n_rows)
+    warmup = write_large_batch(workspace.root / "bench" / "warmup.parquet", 50_000)
+    when = dt.datetime.now(dt.UTC)
+    score_batch_file(bundle, warmup, "warmup", batch_outputs(workspace, dt.date(2000, 1, 1), "warmup", True), when)
+
+    forward = tf.function(lambda x: bundle.model(x, training=False), input_signature=[tf.TensorSpec([None, len(names)], tf.float32)])
+
+    def floor() -> None:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=262_144, columns=names):
+            forward(feature_matrix(batch, names))
+
+    def product() -> None:
+        score_batch_file(bundle, source, "big", batch_outputs(workspace, dt.date(2000, 1, 1), "big", True), when)
+
+    def tutorial(path: Path) -> None:
+        x = pq.read_table(path, columns=names).to_pandas().to_numpy()
+        prediction = bundle.model.predict(x, verbose=0)
+        keras.losses.mean_absolute_error(x, prediction).numpy()
+
+    timings: dict[str, float] = {}
+    floor()  # trace the floor's function once, as the product's was traced by the warm-up
+    for name, fn in (("floor", floor), ("product", product), ("floor", floor), ("product", product)):
+        started = time.perf_counter()
+        fn()
+        timings[name] = min(timings.get(name, float("inf")), time.perf_counter() - started)
+    # predict() at its default batch size of 32 is slow enough that a slice of the batch gives its rate.
+    tutorial_rows = min(n_rows, 400_000)
+    tutorial_source = source if tutorial_rows == n_rows else write_large_batch(workspace.root / "bench" / f"batch-{tutorial_rows}.parquet", tutorial_rows)
+    started = time.perf_counter()
+    tutorial(tutorial_source)
+    timings["tutorial"] = time.perf_counter() - started
+    rates = {
+        "product_rows_per_s": n_rows / timings["product"],
+        "floor_rows_per_s": n_rows / timings["floor"],
+        "tutorial_rows_per_s": tutorial_rows / timings["tutorial"],
+    }
+    log(f"throughput on {n_rows} rows: product {rates['product_rows_per_s']:.0f}/s, floor {rates['floor_rows_per_s']:.0f}/s, tutorial {rates['tutorial_rows_per_s']:.0f}/s")
+    return {
+        "rows": n_rows,
+        "tutorial_rows": tutorial_rows,
+        **rates,
+        "product_to_floor": rates["product_rows_per_s"] / rates["floor_rows_per_s"],
+        "product_to_tutorial": rates["product_rows_per_s"] / rates["tutorial_rows_per_s"],
+        "seconds": timings,
+    }
+
+
+def prefect_startup(log) -> dict[str, float]:
+    """Seconds a trivial flow takes in a fresh process with Prefect's embedded server, against importing Prefect only."""
+    code_flow = "from prefect import flow\n@flow\ndef noop():\n    return 1\nnoop()\n"
+    env = {**os.environ, "PREFECT_HOME": tempfile.mkdtemp(prefix="bench-prefect-"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    timings = {}
+    for name, code in (("import_only", "import prefect"), ("trivial_flow_first", code_flow), ("trivial_flow_again", code_flow)):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        timings[name] = time.perf_counter() - started
+    log(f"prefect start-up: trivial flow {timings['trivial_flow_again']:.1f} s against import {timings['import_only']:.1f} s")
+    return {**timings, "startup_overhead_s": timings["trivial_flow_again"] - timings["import_only"]}
+
+
+def memory(workspace: Workspace, sizes: tuple[int, int], log) -> dict[str, Any]:
+    """Peak resident memory of scoring a small and a 10x larger file, each in a fresh process."""
+    out: dict[str, Any] = {}
+    for n_rows in sizes:
+        path = write_large_batch(workspace.root / "bench" / f"memory-{n_rows}.parquet", n_rows)
+        done = subprocess.run([sys.executable, "-m", "bench.memory_probe", os.fspath(workspace.root), os.fspath(path)], check=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        out[str(n_rows)] = json.loads(done.stdout.strip().splitlines()[-1])
+        path.unlink()
+        log(f"memory, {n_rows} rows: peak {out[str(n_rows)]['peak_rss_mb']:.0f} MB")
+    small, large = (out[str(n)]["peak_rss_mb"] for n in sizes)
+    out["peak_difference_mb"] = large - small
+    return out
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """Render the results as Markdown tables with the bars they are held to."""
+    lines = ["| dataset | system | recall | precision | F1 | ROC-AUC | PR-AUC | fit+threshold s |", "|---|---|---|---|---|---|---|---|"]
+    for row in results["quality"]:
+        for system in ("default", "seed", "limit"):
+            if system in row:
+                m = row[system]
+                seconds = f"{m['fit_and_threshold_seconds']:.1f}" if "fit_and_threshold_seconds" in m else "-"
+                lines.append(f"| {row['dataset']} | {system} | {m['recall']:.3f} | {m['precision']:.3f} | {m['f1']:.3f} | {m['roc_auc']:.3f} | {m['pr_auc']:.3f} | {seconds} |")
+    lines += ["", "| figure | value | bar |", "|---|---|---|"]
+    for row in results["quality"]:
+        bar = ">= 0.95" if row["dataset"] == "tutorial" else ">= 0.90"
+        lines.append(f"| {row['dataset']}: default recall / limit recall | {row['default_recall_share_of_limit']:.3f} | {bar} |")
+        lines.append(f"| {row['dataset']}: limit ROC-AUC - default ROC-AUC | {row['default_roc_auc_gap_to_limit']:.3f} | <= 0.02 |")
+        if "training_time_ratio_default_to_tutorial" in row:
+            lines.append(f"| {row['dataset']}: default fit+threshold time / tutorial recipe's | {row['training_time_ratio_default_to_tutorial']:.3f} | <= 0.3 |")
+    if "throughput" in results:
+        t = results["throughput"]
+        lines.append(f"| scoring throughput, {t['rows']:,} rows (rows/s) | {t['product_rows_per_s']:,.0f} | - |")
+        lines.append(f"| scoring / floor (pyarrow read + compiled forward pass) | {t['product_to_floor']:.3f} | >= 0.6 |")
+        lines.append(f"| scoring / tutorial path (predict + mae) | {t['product_to_tutorial']:.1f} | >= 20 |")
+    if "prefect" in results:
+        lines.append(f"| Prefect start-up, trivial flow with embedded server (s) | {results['prefect']['trivial_flow_again']:.1f} | reported apart |")
+    if "memory" in results:
+        m = results["memory"]
+        sizes = [k for k in m if k.isdigit()]
+        lines.append(f"| peak RSS scoring {int(sizes[0]):,} / {int(sizes[1]):,} rows (MB; {m[sizes[0]]['rss_before_scoring_mb']:.0f} before scoring) | {m[sizes[0]]['peak_rss_mb']:.0f} / {m[sizes[1]]['peak_rss_mb']:.0f} | - |")
+        lines.append(f"| peak RSS difference (MB) | {m['peak_difference_mb']:.0f} | <= 250 |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite and write bench/results/latest.{json,md}."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (figures are not comparable to a full run)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "throughput", "prefect", "memory"], help="sections to leave out")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
+
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "started_at": dt.datetime.now(dt.UTC).isoformat(),
+        "machine": {"cpus": cpu_threads(), "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__},
+        "quality": [],
+    }
+    scale = 0.25 if args.quick else 1.0
+    with tempfile.TemporaryDirectory(prefix="anomaly-bench-") as tmp:
+        work = Path(tmp)
+        workspace = Workspace.at(work / "workspace")
+        specs = [TUTORIAL] + ([] if "others" in args.skip else list(OTHERS))
+        for spec in specs:
+            row = quality_and_training(spec, work, scale, with_seed=spec is TUTORIAL and "quality" not in args.skip, log=log)
+            default_run = row.pop("_default_run")
+            if spec is TUTORIAL:
+                publish_for_scoring(default_run, work / spec.name / "models" / "default.partial", workspace)
+            results["quality"].append(row)
+        if "throughput" not in args.skip:
+            results["throughput"] = throughput(workspace, 200_000 if args.quick else 2_000_000, log)
+        if "prefect" not in args.skip:
+            results["prefect"] = prefect_startup(log)
+        if "memory" not in args.skip:
+            results["memory"] = memory(workspace, (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000), log)
+    results["seconds"] = time.perf_counter() - started
+    RESULTS.mkdir(exist_ok=True)
+    table = render_table(results)
+    stem = "quick" if args.quick else "latest"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (RESULTS / f"{stem}.md").write_text(f"Benchmark ({results['mode']}, {results['started_at'][:19]}Z, {results['machine']['cpus']} CPUs, {results['seconds']:.0f} s)\n\n{table}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

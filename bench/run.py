@@ -64,6 +64,22 @@ def retrain(preset: str, training_file: Path, staging: Path, **overrides: Any) -
     return split, seconds, model, threshold
 
 
+def tutorial_recipe_seconds(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> float:
+    """Seconds of the tutorial's code as published: fit (20 epochs, batch 64, validation on the test rows), predict, percentile."""
+    keras.utils.set_random_seed(0)
+    started = time.perf_counter()
+    x_normal = x_train[y_train == 0]
+    inputs = keras.Input(shape=(x_train.shape[1],))
+    encoder = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(4, activation="relu")])(inputs)
+    decoder = keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(x_train.shape[1], activation="sigmoid")])(encoder)
+    autoencoder = keras.Model(inputs=inputs, outputs=decoder)
+    autoencoder.compile(optimizer="adam", loss="mae")
+    autoencoder.fit(x_normal, x_normal, epochs=20, batch_size=64, validation_data=(x_test, x_test), shuffle=True, verbose=0)
+    prediction = autoencoder.predict(x_test, verbose=0)
+    np.percentile(keras.losses.mean_absolute_error(x_test, prediction).numpy(), 98)
+    return time.perf_counter() - started
+
+
 def gaussian_limit(split: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
     """The optimal detector for this data: Mahalanobis distance to the normal class, threshold fixed the same way."""
     names = split["feature_names"]
@@ -100,8 +116,10 @@ def quality_and_training(spec: DatasetSpec, work: Path, scale: float, with_seed:
     if with_seed:
         seed_split, seed_seconds, seed_model, seed_threshold = retrain("seed", training_file, staging_dir(work / spec.name / "models", "seed"))
         result["seed"] = {**detection_metrics(reconstruction_errors(seed_model, x_test, "mae"), seed_threshold["value"], y_test), "fit_and_threshold_seconds": seed_seconds, "epochs_run": seed_split["history"]["epochs_run"]}
-        result["training_time_ratio_default_to_tutorial"] = seconds / seed_seconds
-        log(f"{spec.name}: seed recall {result['seed']['recall']:.3f} in {seed_seconds:.1f} s; time ratio {result['training_time_ratio_default_to_tutorial']:.2f}")
+        log(f"{spec.name}: seed preset recall {result['seed']['recall']:.3f} in {seed_seconds:.1f} s")
+        result["tutorial_recipe_seconds"] = tutorial_recipe_seconds(x_train, y_train, x_test)
+        result["training_time_ratio_default_to_tutorial"] = seconds / result["tutorial_recipe_seconds"]
+        log(f"{spec.name}: tutorial recipe as published {result['tutorial_recipe_seconds']:.1f} s; default / tutorial = {result['training_time_ratio_default_to_tutorial']:.2f}")
     return result
 
 
@@ -186,7 +204,9 @@ def memory(workspace: Workspace, sizes: tuple[int, int], log) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n_rows in sizes:
         path = write_large_batch(workspace.root / "bench" / f"memory-{n_rows}.parquet", n_rows)
-        done = subprocess.run([sys.executable, "-m", "bench.memory_probe", os.fspath(workspace.root), os.fspath(path)], check=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        done = subprocess.run([sys.executable, "-m", "bench.memory_probe", os.fspath(workspace.root), os.fspath(path)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        if done.returncode:
+            raise RuntimeError(f"memory probe on {path} failed:\n{done.stderr[-3000:]}")
         out[str(n_rows)] = json.loads(done.stdout.strip().splitlines()[-1])
         path.unlink()
         log(f"memory, {n_rows} rows: peak {out[str(n_rows)]['peak_rss_mb']:.0f} MB")
@@ -210,7 +230,7 @@ def render_table(results: dict[str, Any]) -> str:
         lines.append(f"| {row['dataset']}: default recall / limit recall | {row['default_recall_share_of_limit']:.3f} | {bar} |")
         lines.append(f"| {row['dataset']}: limit ROC-AUC - default ROC-AUC | {row['default_roc_auc_gap_to_limit']:.3f} | <= 0.02 |")
         if "training_time_ratio_default_to_tutorial" in row:
-            lines.append(f"| {row['dataset']}: default fit+threshold time / tutorial recipe's | {row['training_time_ratio_default_to_tutorial']:.3f} | <= 0.3 |")
+            lines.append(f"| {row['dataset']}: default fit+threshold {row['default']['fit_and_threshold_seconds']:.1f} s / tutorial recipe as published {row['tutorial_recipe_seconds']:.1f} s | {row['training_time_ratio_default_to_tutorial']:.3f} | <= 0.3 |")
     if "throughput" in results:
         t = results["throughput"]
         lines.append(f"| scoring throughput, {t['rows']:,} rows (rows/s) | {t['product_rows_per_s']:,.0f} | - |")

@@ -67,3 +67,13 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files a killed writer left in ``folder``; call only while holding that folder's lock."""
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

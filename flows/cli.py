@@ -34,7 +34,7 @@ def _add_workspace(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="anomaly", description="Autoencoder anomaly detection as Prefect flows. Each command ends with one JSON line summarising the run.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,retrain,score}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,retrain,score,models,promote}")
 
     demo = commands.add_parser("demo", help="write the tutorial's dataset, retrain and score one night", description="Write the tutorial's dataset into the workspace, retrain on its training split and score its test split as one night's batches.")
     _add_workspace(demo)
@@ -67,10 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model-version", default=None, help="model version to use (default: models/current.json)")
     score.add_argument("--chunk-rows", type=int, default=131_072, help="rows read and scored at a time (default: %(default)s)")
     score.add_argument("--max-bad-row-share", type=float, default=0.1, help="share of rows with missing/infinite features above which a batch fails (default: %(default)s)")
+
+    models = commands.add_parser("models", help="list model versions, the current one and their promotion decisions", description="List every model version in the workspace with its threshold, whether it is current, and its promotion gate's decision.")
+    _add_workspace(models)
+
+    promote = commands.add_parser("promote", help="make a model version current (roll back or forward)", description="Point models/current.json at VERSION after checking that its bundle loads. Use it to roll back to an earlier version.")
+    _add_workspace(promote)
+    promote.add_argument("version", help="model version folder name, e.g. 20261128T112156Z (see: anomaly models)")
     return parser
 
 
+def _run_model_command(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    from data.workspace import Workspace
+    from models.bundle import current_version, list_versions, load_bundle, promote
+
+    workspace = Workspace.at(args.workspace)
+    models_dir = workspace.models_dir
+    if command == "models":
+        return {"versions": list_versions(models_dir), "current": current_version(models_dir, required=False)}
+    load_bundle(workspace.version_dir(args.version))
+    previous = current_version(models_dir, required=False)
+    promote(models_dir, args.version)
+    return {"model_version": args.version, "previous_version": previous}
+
+
 def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    if command in ("models", "promote"):
+        return _run_model_command(command, args)
     if command == "demo":
         from flows.demo import demo_flow
 
@@ -109,8 +132,10 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
-    "retrain": ("model_version", "promoted", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
-    "score": ("date", "model_version", "threshold", "rows_scored", "rows_flagged", "rows_quarantined", "flag_rate", "expected_flag_rate", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "flagged_dir", "scores_dir", "report", "failed"),
+    "retrain": ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
+    "models": ("current", "versions"),
+    "promote": ("model_version", "previous_version"),
+    "score": ("date", "model_version", "threshold", "rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "flag_rate", "expected_flag_rate", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "flagged_dir", "scores_dir", "report", "failed"),
 }
 SUMMARY_KEYS["demo"] = SUMMARY_KEYS["score"] + ("percentile", "model_dir", "training_report")
 

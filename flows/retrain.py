@@ -9,15 +9,18 @@ from typing import Annotated, Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from data.locks import retraining_lock
 from data.workspace import Workspace, default_workspace
 from models.bundle import discard_staging, new_version, staging_dir
 from models.config import resolve_preset
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.training import (
+    check_promotion_gate,
     compute_reconstruction_errors,
     fix_threshold,
     promote_model,
     publish_model_version,
+    remove_stale_staging,
     save_model_bundle,
     split_training_data,
     train_autoencoder,
@@ -29,19 +32,19 @@ PresetName = Literal["default", "seed"]
 
 @flow(name="retrain-autoencoder", flow_run_name="retrain-{preset}-p{percentile}", timeout_seconds=6 * 3600)
 def retrain_flow(
-    workspace: str = default_workspace(),
-    training_data: str | None = None,
-    preset: PresetName = "default",
-    percentile: Annotated[float, Field(gt=0, lt=100)] = 98.0,
-    label_column: str = "label",
-    normal_label: str = "0",
-    all_rows_normal: bool = False,
-    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
-    epochs: Annotated[int, Field(ge=1, le=10_000)] | None = None,
-    batch_size: Annotated[int, Field(ge=1)] | None = None,
-    learning_rate: Annotated[float, Field(gt=0, le=1)] | None = None,
-    seed: int | None = None,
-    promote: bool = True,
+    workspace: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Workspace"})] = default_workspace(),
+    training_data: Annotated[str | None, Field(json_schema_extra={"title": "Training data"})] = None,
+    preset: Annotated[PresetName, Field(json_schema_extra={"title": "Preset"})] = "default",
+    percentile: Annotated[float, Field(gt=0, lt=100, json_schema_extra={"title": "Threshold percentile"})] = 98.0,
+    label_column: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Label column"})] = "label",
+    normal_label: Annotated[str, Field(json_schema_extra={"title": "Normal label value"})] = "0",
+    all_rows_normal: Annotated[bool, Field(json_schema_extra={"title": "All rows are normal"})] = False,
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1, json_schema_extra={"title": "Hold-out fraction"})] = 0.2,
+    epochs: Annotated[Annotated[int, Field(ge=1, le=10_000)] | None, Field(json_schema_extra={"title": "Epochs"})] = None,
+    batch_size: Annotated[Annotated[int, Field(ge=1)] | None, Field(json_schema_extra={"title": "Batch size"})] = None,
+    learning_rate: Annotated[Annotated[float, Field(gt=0, le=1)] | None, Field(json_schema_extra={"title": "Learning rate"})] = None,
+    seed: Annotated[Annotated[int, Field(ge=0, le=4_294_967_295)] | None, Field(json_schema_extra={"title": "Random seed"})] = None,
+    promote: Annotated[bool, Field(json_schema_extra={"title": "Promote the new model"})] = True,
 ) -> dict[str, Any]:
     """Retrain the autoencoder on normal-labelled rows and fix the anomaly threshold on held-out normal rows.
 
@@ -64,40 +67,51 @@ def retrain_flow(
     ws = Workspace.at(workspace)
     config = resolve_preset(preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     source = training_data or os.fspath(ws.training_dir)
-    version = new_version()
-    staging = os.fspath(staging_dir(ws.models_dir, version))
-    logger.info("Retraining model %s with preset %r from %s", version, preset, source)
+    models_dir = os.fspath(ws.models_dir)
 
-    try:
-        # Step 1: normal rows only, with a seeded share held out for the threshold.
-        split = split_training_data(source, staging, label_column, normal_label, all_rows_normal, holdout_fraction, percentile, config.seed)
-        # Step 2: build and train the autoencoder; its scaling is learnt from training rows and saved inside it.
-        history = train_autoencoder(split["train_path"], split["feature_names"], config.model_dump(), staging)
-        # Step 3: the threshold is the percentile of errors on held-out normal rows.
-        errors_path = compute_reconstruction_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
-        threshold = fix_threshold(errors_path, percentile)
-        # Step 4: bundle, reports, publish, promote.
-        save_model_bundle(staging, version, split, history, threshold, config.model_dump(), preset, label_column, normal_label)
-        training_report = write_training_report(staging, version, errors_path, history, threshold, split, preset)
-        holdout_summary = training_report["report"]["holdout_evaluation"]
-        write_evaluation_report(holdout_summary, os.fspath(Path(staging) / "report"), "holdout-evaluation", f"Held-out evaluation, model {version}", {"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
-        version_dir = publish_model_version(staging)
-        if promote:
-            promote_model(os.fspath(ws.models_dir), version)
-    except BaseException:
-        discard_staging(staging)
-        raise
+    # One retraining at a time per workspace: versions, staging folders and current.json are shared.
+    with retraining_lock(ws):
+        remove_stale_staging(models_dir)
+        version = new_version()
+        staging = os.fspath(staging_dir(ws.models_dir, version))
+        logger.info("Retraining model %s with preset %r from %s", version, preset, source)
+        try:
+            # Step 1: normal rows only, with a seeded share held out for the threshold.
+            split = split_training_data(source, staging, label_column, normal_label, all_rows_normal, holdout_fraction, percentile, config.seed)
+            # Step 2: build and train the autoencoder; its scaling is learnt from training rows and saved inside it.
+            history = train_autoencoder(split["train_path"], split["feature_names"], config.model_dump(), staging)
+            # Step 3: the threshold is the percentile of errors on held-out normal rows.
+            errors_path = compute_reconstruction_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
+            threshold = fix_threshold(errors_path, percentile)
+            # Step 4: bundle and reports, then the promotion gate, all inside the staging folder.
+            save_model_bundle(staging, version, split, history, threshold, config.model_dump(), preset, label_column, normal_label)
+            training_report = write_training_report(staging, version, errors_path, history, threshold, split, preset)
+            holdout_summary = training_report["report"]["holdout_evaluation"]
+            write_evaluation_report(holdout_summary, os.fspath(Path(staging) / "report"), "holdout-evaluation", f"Held-out evaluation, model {version}", {"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
+            gate = check_promotion_gate(staging, errors_path, threshold, models_dir, split["feature_names"])
+            # Step 5: publish the version (a rename), then promote it if asked and the gate allows.
+            version_dir = publish_model_version(staging)
+        except BaseException:
+            discard_staging(staging)
+            raise
+        promoted = promote and gate["passed"]
+        if promoted:
+            promote_model(models_dir, version)
+        elif promote:
+            logger.warning("Model %s is saved but NOT promoted; the current model keeps scoring. Reasons: %s", version, "; ".join(gate["reasons"]))
+
     report_dir = Path(version_dir) / "report"
     publish_report_artifacts(
         f"training-report-{version}",
         training_report["markdown"],
-        [{"metric": k, "value": v} for k, v in _training_table(training_report["report"]).items()],
+        [{"metric": k, "value": v} for k, v in _training_table(training_report["report"]).items()] + [{"metric": "promotion gate", "value": "passed" if gate["passed"] else "; ".join(gate["reasons"])}],
         f"Training report of model {version}",
     )
     anomaly = training_report["report"]["anomaly_class"]
     return {
         "model_version": version,
-        "promoted": promote,
+        "promoted": promoted,
+        "promotion_refused": gate["reasons"],
         "preset": preset,
         "threshold": threshold["value"],
         "percentile": percentile,

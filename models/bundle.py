@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ BUNDLE_FORMAT = 1
 MODEL_FILE = "model.keras"
 BUNDLE_FILE = "bundle.json"
 CURRENT_FILE = "current.json"
+PROMOTION_FILE = "promotion.json"
 STAGING_SUFFIX = ".partial"
 
 
@@ -76,13 +78,56 @@ def read_bundle_json(version_dir: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: missing; is {version_dir.name!r} a model version? Retrain or pick another version") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc}); the bundle is damaged, retrain or roll back") from exc
-    required = ("format_version", "model_version", "features", "threshold", "model_sha256", "config")
+    required = ("format_version", "model_version", "features", "threshold", "model_sha256", "config", "bundle_sha256")
     missing = [key for key in required if key not in bundle]
     if missing:
         raise BundleError(f"{path}: missing keys {missing}; the bundle is damaged, retrain or roll back")
     if bundle["format_version"] != BUNDLE_FORMAT:
         raise BundleError(f"{path}: format_version {bundle['format_version']} is not {BUNDLE_FORMAT}")
+    if bundle["bundle_sha256"] != bundle_digest(bundle):
+        raise BundleError(f"{path}: contents do not match the checksum written at training (edited by hand?); retrain or roll back")
+    if bundle["model_version"] != version_dir.name.removesuffix(STAGING_SUFFIX):
+        raise BundleError(f"{path}: names version {bundle['model_version']!r} but lies in folder {version_dir.name!r}")
     return bundle
+
+
+def bundle_digest(bundle: dict[str, Any]) -> str:
+    """Return the SHA-256 of a bundle's canonical JSON, leaving out the digest itself."""
+    body = {k: v for k, v in bundle.items() if k != "bundle_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def remove_stale_staging(models_dir: Path) -> list[Path]:
+    """Delete ``*.partial`` folders of retraining runs that died; call only while holding the retraining lock."""
+    stale = sorted(models_dir.glob(f"*{STAGING_SUFFIX}")) if models_dir.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def list_versions(models_dir: Path) -> list[dict[str, Any]]:
+    """Return every published version, oldest first, with its threshold and promotion decision."""
+    current = current_version(models_dir, required=False)
+    versions = []
+    for path in sorted(p for p in models_dir.glob("*") if p.is_dir() and not p.name.endswith(STAGING_SUFFIX) and not p.name.startswith(".")):
+        try:
+            meta = read_bundle_json(path)
+        except BundleError as exc:
+            versions.append({"model_version": path.name, "usable": False, "problem": str(exc)})
+            continue
+        gate_path = path / PROMOTION_FILE
+        gate = json.loads(gate_path.read_text(encoding="utf-8")) if gate_path.is_file() else None
+        versions.append({
+            "model_version": path.name,
+            "usable": True,
+            "current": path.name == current,
+            "created_at": meta.get("created_at"),
+            "preset": meta.get("preset"),
+            "threshold": meta["threshold"]["value"],
+            "percentile": meta["threshold"]["percentile"],
+            "promotion_gate": gate,
+        })
+    return versions
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.atomic import atomic_path
+from data.atomic import atomic_path, write_json_atomic
 from data.errors import BatchFileError, SchemaError
 from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches
 from data.workspace import Workspace, check_path_part
@@ -25,6 +25,7 @@ ADDED_COLUMNS = ("reconstruction_error", "threshold", "is_anomaly", "model_versi
 SCORE_COLUMNS = ("reconstruction_error", "is_anomaly", "model_version", "batch")
 QUARANTINE_COLUMNS = ("reason_code", "reason_column", "batch", "model_version", "quarantined_at")
 SCHEMA_VERSION = "1"
+OUTPUT_KINDS = ("flagged", "scores", "quarantine")
 
 
 @dataclass
@@ -333,3 +334,24 @@ def summarize_run(
             summary["labels"] = exact["labels"]
             summary["error_quantiles"] = exact["error_quantiles"]
     return summary
+
+
+def describe_failure(error: BaseException, source: str) -> dict[str, Any]:
+    """Return a JSON-able account of why a batch failed: code, column and message."""
+    try:
+        rows: int | None = pq.ParquetFile(source).metadata.num_rows
+    except Exception:  # unreadable files are exactly the ones that end up here
+        rows = None
+    return {
+        "source": source,
+        "rows_in_file": rows,
+        "code": getattr(error, "code", type(error).__name__),
+        "column": getattr(error, "column", None),
+        "error": str(error),
+    }
+
+
+def record_rejected_file(workspace: Workspace, run_date: dt.date, batch: str, rejection: dict[str, Any]) -> Path:
+    """Write ``quarantine/date=<date>/rejected/<batch>.json`` saying why the whole file was not scored."""
+    path = workspace.output_partition("quarantine", run_date) / "rejected" / f"{check_path_part(batch, 'batch')}.json"
+    return write_json_atomic(path, {"batch": batch, **rejection, "rejected_at": dt.datetime.now(dt.UTC).isoformat()})

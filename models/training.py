@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 
 from data.atomic import write_json_atomic
 from data.errors import TrainingDataError
-from data.parquet import content_hash, read_training_rows
+from data.parquet import content_hash, feature_matrix, read_training_rows
 from models.autoencoder import build_autoencoder, reconstruction_errors, train_autoencoder
-from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, library_versions, publish_bundle
+from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import AutoencoderConfig
 from models.reports import (
     anomaly_class_metrics,
@@ -95,14 +95,15 @@ def _matrix_table(matrix: np.ndarray, names: Sequence[str], extra: dict[str, pa.
     return pa.table({**columns, **(extra or {})})
 
 
-def _read_matrix(path: str | Path, names: Sequence[str]) -> np.ndarray:
-    table = pq.read_table(path, columns=list(names))
-    return np.column_stack([table.column(n).to_numpy() for n in names])
+def read_matrix(source: str | Path | pa.Table, names: Sequence[str]) -> np.ndarray:
+    """Return the named float columns of a Parquet file (or table) as one 2-D float64 array."""
+    table = source if isinstance(source, pa.Table) else pq.read_table(source, columns=list(names))
+    return feature_matrix(table, names, dtype=np.float64)
 
 
 def train_model(train_path: str, feature_names: Sequence[str], config: AutoencoderConfig, staging: Path, progress: Any = None) -> dict[str, Any]:
     """Build the autoencoder from ``config``, train it on the training split and save it as ``staging/model.keras``."""
-    features = _read_matrix(train_path, feature_names)
+    features = read_matrix(train_path, feature_names)
     started = time.perf_counter()
     model = build_autoencoder(config, features)
     history = train_autoencoder(model, features, config, on_epoch_end=progress)
@@ -123,7 +124,7 @@ def train_model(train_path: str, feature_names: Sequence[str], config: Autoencod
 def compute_holdout_errors(staging: Path, holdout_path: str, feature_names: Sequence[str], loss: str) -> str:
     """Score the held-out rows with the staged model and write their errors beside them; return that path."""
     model = keras.saving.load_model(staging / MODEL_FILE, compile=False, safe_mode=True)
-    errors = reconstruction_errors(model, _read_matrix(holdout_path, feature_names), loss)
+    errors = reconstruction_errors(model, read_matrix(holdout_path, feature_names), loss)
     labelled = pq.read_table(holdout_path, columns=["labelled_anomaly"]).column("labelled_anomaly")
     out = staging / WORK_DIR / "holdout-errors.parquet"
     pq.write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": labelled}), out)
@@ -170,6 +171,7 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
         },
         "library_versions": library_versions(),
     }
+    payload["bundle_sha256"] = bundle_digest(payload)
     return write_json_atomic(staging / BUNDLE_FILE, payload)
 
 

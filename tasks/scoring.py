@@ -9,7 +9,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from data import batches
+from data import atomic, batches
 from data.workspace import Workspace
 from models import bundle, scoring
 from tasks.common import retry_on_os_error
@@ -59,3 +59,19 @@ def record_scored_batch(workspace_root: str, run_date: dt.date, batch: dict[str,
 def summarize_run(workspace_root: str, run_date: dt.date, batch_names: list[str], model_version: str) -> dict[str, Any]:
     """Combine the batch reports of the date into the run's summary."""
     return scoring.summarize_run(workspace_root, run_date, batch_names, model_version)
+
+
+@task(name="remove-stale-temporaries", cache_policy=NO_CACHE)
+def remove_stale_temporaries(workspace_root: str, run_date: dt.date) -> list[str]:
+    """Delete temporary files a killed run left in the date's output partitions."""
+    workspace = Workspace.at(workspace_root)
+    removed = [p for kind in scoring.OUTPUT_KINDS for p in atomic.remove_stale_temporaries(workspace.output_partition(kind, run_date))]
+    if removed:
+        get_run_logger().warning("Removed %d temporary file(s) left by a run that died: %s", len(removed), [p.name for p in removed])
+    return [str(p) for p in removed]
+
+
+@task(name="record-rejected-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_os_error)
+def record_rejected_batch(workspace_root: str, run_date: dt.date, batch: dict[str, str], rejection: dict[str, Any]) -> str:
+    """Record why a whole file was rejected, beside the date's quarantined rows."""
+    return str(scoring.record_rejected_file(Workspace.at(workspace_root), run_date, batch["name"], rejection))

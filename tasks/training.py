@@ -8,7 +8,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models import bundle, training
+from models import bundle, promotion, training
 from models.config import AutoencoderConfig
 from tasks.common import retry_on_os_error
 
@@ -75,3 +75,24 @@ def promote_model(models_dir: str, version: str) -> str:
     path = bundle.promote(Path(models_dir), version)
     get_run_logger().info("Model %s is now current", version)
     return str(path)
+
+
+@task(name="check-promotion-gate", cache_policy=NO_CACHE)
+def check_promotion_gate(staging: str, errors_path: str, threshold: dict[str, Any], models_dir: str, feature_names: list[str]) -> dict[str, Any]:
+    """Decide whether the new model may replace the current one."""
+    decision = promotion.check_promotion(Path(staging), errors_path, threshold, Path(models_dir), feature_names)
+    logger = get_run_logger()
+    if decision["passed"]:
+        logger.info("Promotion gate passed: %s", decision["checks"])
+    else:
+        logger.warning("Promotion gate refused the new model: %s", "; ".join(decision["reasons"]))
+    return decision
+
+
+@task(name="remove-stale-staging", cache_policy=NO_CACHE)
+def remove_stale_staging(models_dir: str) -> list[str]:
+    """Delete the staging folders of retraining runs that died."""
+    removed = bundle.remove_stale_staging(Path(models_dir))
+    if removed:
+        get_run_logger().warning("Removed %d staging folder(s) left by a retraining run that died: %s", len(removed), [p.name for p in removed])
+    return [str(p) for p in removed]

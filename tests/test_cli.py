@@ -66,3 +66,26 @@ def test_scoring_without_a_model_fails_with_one_clear_line(tmp_path):
     assert done.returncode == 1
     assert f"error: {tmp_path}/models/current.json: no current model; run the retraining flow first" in done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "failed"
+
+
+def test_models_and_promote_roll_back_without_prefect(workspace_copy, capsys):
+    from tests.test_bundle import copy_version
+
+    models = workspace_copy / "models"
+    first = json.loads((models / "current.json").read_text())["model_version"]
+    copy_version(models, first, "20270101T000000Z")
+    assert main(["promote", "20270101T000000Z", "--workspace", str(workspace_copy)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"command": "promote", "status": "completed", "model_version": "20270101T000000Z", "previous_version": first}
+    assert main(["promote", first, "--workspace", str(workspace_copy)]) == 0
+    capsys.readouterr()
+    assert main(["models", "--workspace", str(workspace_copy)]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert listed["current"] == first
+    assert {v["model_version"] for v in listed["versions"]} == {first, "20270101T000000Z"}
+
+
+def test_promoting_a_missing_version_fails_with_one_line(workspace_copy, capsys):
+    assert main(["promote", "20990101T000000Z", "--workspace", str(workspace_copy)]) == 1
+    assert "20990101T000000Z/bundle.json: missing" in capsys.readouterr().err
+    assert main(["promote", "../../etc", "--workspace", str(workspace_copy)]) == 1
+    assert "not a plain name" in capsys.readouterr().err

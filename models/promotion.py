@@ -1,0 +1,84 @@
+"""The promotion gate: a retrained model becomes current only if its threshold holds up and it is not worse."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from data.atomic import write_json_atomic
+from data.errors import BundleError
+from models.autoencoder import reconstruction_errors
+from models.bundle import PROMOTION_FILE, current_version, load_bundle
+from models.training import read_matrix
+
+MIN_ANOMALIES_FOR_RECALL_CHECK = 20
+RECALL_TOLERANCE = 0.05
+
+
+def flag_rate_tolerance(expected: float, rows: int) -> float:
+    """Allowed distance between an observed and the expected flag rate: half the rate, or 4 binomial sigmas if wider."""
+    return max(0.5 * expected, 4.0 * math.sqrt(expected * (1.0 - expected) / max(rows, 1)))
+
+
+def cross_checked_flag_rates(holdout_normal_errors: np.ndarray, percentile: float) -> list[float]:
+    """Fix the threshold on one half of the held-out normal rows and measure the flag rate on the other, both ways."""
+    half = len(holdout_normal_errors) // 2
+    first, second = holdout_normal_errors[:half], holdout_normal_errors[half:]
+    return [float(np.mean(other > np.percentile(fit, percentile))) for fit, other in ((first, second), (second, first))]
+
+
+def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], models_dir: Path, feature_names: list[str]) -> dict[str, Any]:
+    """Decide whether the staged model may become current; the decision and its reasons are returned."""
+    table = pq.read_table(errors_path)
+    errors = table.column("reconstruction_error").to_numpy()
+    labelled = table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    normal_errors = errors[~labelled]
+    percentile = threshold["percentile"]
+    expected = 1.0 - percentile / 100.0
+    reasons: list[str] = []
+    checks: dict[str, Any] = {}
+
+    finite = bool(math.isfinite(threshold["value"]) and np.isfinite(errors).all())
+    checks["finite_threshold_and_errors"] = finite
+    if not finite:
+        reasons.append("the threshold or some held-out reconstruction errors are not finite")
+
+    rates = cross_checked_flag_rates(normal_errors, percentile) if finite else []
+    tolerance = flag_rate_tolerance(expected, len(normal_errors) // 2)
+    checks["flag_rate_cross_check"] = {"rates": rates, "expected": expected, "tolerance": tolerance}
+    if any(abs(rate - expected) > tolerance for rate in rates):
+        reasons.append(f"flag rate on unseen held-out normal rows was {rates}, not within {tolerance:.4f} of {expected:.4f}: the threshold does not generalise")
+
+    anomalies = int(labelled.sum())
+    new_recall = float(np.mean(errors[labelled] > threshold["value"])) if anomalies else None
+    checks["holdout_anomalies"] = anomalies
+    checks["new_recall"] = new_recall
+    current = current_version(models_dir, required=False)
+    checks["current_version"] = current
+    if finite and current and anomalies >= MIN_ANOMALIES_FOR_RECALL_CHECK:
+        try:
+            incumbent = load_bundle(models_dir / current)
+        except BundleError as exc:
+            checks["current_recall"] = None
+            checks["current_recall_skipped"] = f"current model does not load: {exc}"
+        else:
+            if incumbent.feature_names != feature_names:
+                checks["current_recall"] = None
+                checks["current_recall_skipped"] = "current model uses other features"
+            else:
+                holdout = pq.read_table(Path(errors_path).with_name("holdout.parquet"))
+                anomaly_rows = read_matrix(holdout, feature_names)[labelled]
+                current_errors = reconstruction_errors(incumbent.model, anomaly_rows, incumbent.loss)
+                current_recall = float(np.mean(current_errors > incumbent.threshold))
+                allowed = max(RECALL_TOLERANCE, 2.0 * math.sqrt(max(current_recall * (1 - current_recall), 1e-12) / anomalies))
+                checks["current_recall"] = current_recall
+                checks["recall_tolerance"] = allowed
+                if new_recall is not None and new_recall < current_recall - allowed:
+                    reasons.append(f"recall on {anomalies} held-out labelled anomalies is {new_recall:.3f}, clearly below the current model's {current_recall:.3f}")
+    decision = {"passed": not reasons, "reasons": reasons, "checks": checks}
+    write_json_atomic(staging / PROMOTION_FILE, decision)
+    return decision

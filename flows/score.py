@@ -139,6 +139,6 @@ def score_flow(
         "failed": failed,
     }
     if failed:
-        names = ", ".join(f"{f['source']} ({f['error']})" for f in failed)
+        names = "; ".join(f["error"] for f in failed)
         raise BatchesFailedError(f"{len(failed)} of {len(found)} batch(es) failed and were not marked scored: {names}", outcome)
     return outcome

@@ -352,6 +352,7 @@ def describe_failure(error: BaseException, source: str) -> dict[str, Any]:
 
 
 def record_rejected_file(workspace: Workspace, run_date: dt.date, batch: str, rejection: dict[str, Any]) -> Path:
-    """Write ``quarantine/date=<date>/rejected/<batch>.json`` saying why the whole file was not scored."""
-    path = workspace.output_partition("quarantine", run_date) / "rejected" / f"{check_path_part(batch, 'batch')}.json"
+    """Write ``outputs/rejected/date=<date>/<batch>.json`` saying why the whole file was not scored."""
+    # Beside, not inside, the quarantine partition: that one must stay a pure Parquet dataset for its readers.
+    path = workspace.output_partition("rejected", run_date) / f"{check_path_part(batch, 'batch')}.json"
     return write_json_atomic(path, {"batch": batch, **rejection, "rejected_at": dt.datetime.now(dt.UTC).isoformat()})

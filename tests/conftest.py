@@ -68,3 +68,12 @@ def workspace_copy(trained_workspace: Path, tmp_path: Path) -> Path:
     target = tmp_path / "ws"
     shutil.copytree(trained_workspace, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """One Prefect test server for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -19,14 +19,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def retrained(harness, tmp_path_factory):
     """Retrain once on 32 Gaussian features; return the workspace, the run's result and rows left for scoring."""
     from flows.retrain import retrain_flow

@@ -31,9 +31,16 @@ def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:
     return [p.resolve() for p in files]
 
 
-def open_parquet(path: Path) -> pq.ParquetFile:
+STREAM_BUFFER_BYTES = 4 << 20
+
+
+def open_parquet(path: Path, streaming: bool = False) -> pq.ParquetFile:
     """Open a Parquet file, turning any low-level failure into an error that names the file."""
     try:
+        if streaming:
+            # Pre-buffering keeps every row group read so far in memory until the file is closed;
+            # buffered column reads keep memory flat however large the file is.
+            return pq.ParquetFile(path, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES)
         return pq.ParquetFile(path)
     except FileNotFoundError as exc:
         raise BatchFileError(path, "file not found", code="missing") from exc
@@ -86,7 +93,7 @@ def check_batch_schema(path: Path, feature_names: Sequence[str]) -> BatchSchema:
 
 def iter_record_batches(path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pa.RecordBatch]:
     """Stream ``path`` as record batches of at most ``chunk_rows`` rows, never the whole file at once."""
-    parquet = open_parquet(path)
+    parquet = open_parquet(path, streaming=True)
     try:
         yield from parquet.iter_batches(batch_size=chunk_rows, use_threads=True)
     except (pa.ArrowException, OSError) as exc:

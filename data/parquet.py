@@ -91,11 +91,17 @@ def check_batch_schema(path: Path, feature_names: Sequence[str]) -> BatchSchema:
     )
 
 
-def iter_record_batches(path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pa.RecordBatch]:
-    """Stream ``path`` as record batches of at most ``chunk_rows`` rows, never the whole file at once."""
+def iter_record_batches(path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, row_groups: Sequence[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream ``path`` (or some of its row groups) as record batches of at most ``chunk_rows`` rows.
+
+    Batches never span two row groups, so a row group is cut into the same chunks whether the file
+    is read whole or one slice of row groups at a time.
+    """
     parquet = open_parquet(path, streaming=True)
+    groups = range(parquet.metadata.num_row_groups) if row_groups is None else row_groups
     try:
-        yield from parquet.iter_batches(batch_size=chunk_rows, use_threads=True)
+        for group in groups:
+            yield from parquet.iter_batches(batch_size=chunk_rows, row_groups=[group], use_threads=True)
     except (pa.ArrowException, OSError) as exc:
         raise BatchFileError(path, f"file is corrupt or truncated ({exc})", code="corrupt") from exc
 
@@ -129,6 +135,23 @@ def content_hash(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def plan_row_group_units(path: Path, rows_per_unit: int) -> list[list[int]]:
+    """Split a file's row groups into consecutive units of about ``rows_per_unit`` rows (at least one group each)."""
+    metadata = open_parquet(path).metadata
+    units: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for group in range(metadata.num_row_groups):
+        current.append(group)
+        rows += metadata.row_group(group).num_rows
+        if rows >= rows_per_unit:
+            units.append(current)
+            current, rows = [], 0
+    if current or not units:
+        units.append(current)
+    return units
 
 
 @dataclass

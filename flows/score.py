@@ -7,7 +7,11 @@ import os
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.states import State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect_dask import DaskTaskRunner
 from pydantic import Field
 
 from data.errors import AnomalyJobError
@@ -18,16 +22,21 @@ from models.scoring import batch_report_dir, describe_failure
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.scoring import (
     already_scored,
+    discard_units,
     find_batches,
+    merge_units,
+    plan_units,
     record_rejected_batch,
     record_scored_batch,
     remove_stale_temporaries,
     resolve_model_version,
     score_batch,
+    score_unit,
     summarize_run,
 )
 
 DEFAULT_TIMEZONE = os.environ.get("ANOMALY_TIMEZONE", "UTC")
+DEFAULT_DASK_ADDRESS = os.environ.get("ANOMALY_DASK_ADDRESS") or None
 
 
 class BatchesFailedError(AnomalyJobError):
@@ -36,6 +45,67 @@ class BatchesFailedError(AnomalyJobError):
     def __init__(self, message: str, outcome: dict[str, Any]):
         super().__init__(message)
         self.outcome = outcome
+
+
+def task_runner(dask_address: str | None, dask_workers: int, threads_per_worker: int) -> TaskRunner:
+    """Return the task runner for a run: an existing Dask cluster, a local one, or one task at a time in this process."""
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    if dask_workers:
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": dask_workers,
+                "threads_per_worker": threads_per_worker,
+                "processes": True,
+                "dashboard_address": None,
+                # Read by models.runtime before TensorFlow starts, so workers do not fight over the cores.
+                "env": {"ANOMALY_TF_THREADS": str(threads_per_worker)},
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def _score_whole_files(runner: TaskRunner, root: str, date: dt.date, todo: list[dict[str, str]], version: str, write_scores: bool, chunk_rows: int, max_bad_row_share: float, scored_at: dt.datetime) -> list[State]:
+    futures = [runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": b, "model_version": version, "write_scores": write_scores, "chunk_rows": chunk_rows, "max_bad_row_share": max_bad_row_share, "scored_at": scored_at}) for b in todo]
+    return [_settled(f) for f in futures]
+
+
+def _score_in_units(runner: TaskRunner, root: str, date: dt.date, todo: list[dict[str, str]], version: str, write_scores: bool, chunk_rows: int, max_bad_row_share: float, rows_per_unit: int, scored_at: dt.datetime) -> list[State]:
+    logger = get_run_logger()
+    unit_futures: list[list[PrefectFuture] | PrefectFuture | State] = []
+    for batch in todo:
+        plan = plan_units(batch, rows_per_unit, return_state=True)
+        if plan.is_failed():
+            unit_futures.append(plan)
+            continue
+        units = plan.result()
+        logger.info("Batch %s: %d unit(s) of row groups", batch["name"], len(units))
+        if len(units) == 1:
+            # A file small enough for one unit is scored straight into its outputs, with nothing to join.
+            unit_futures.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "write_scores": write_scores, "chunk_rows": chunk_rows, "max_bad_row_share": max_bad_row_share, "scored_at": scored_at}))
+            continue
+        unit_futures.append([
+            runner.submit(score_unit, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit": i, "row_groups": groups, "chunk_rows": chunk_rows, "scored_at": scored_at})
+            for i, groups in enumerate(units)
+        ])
+    merges: list[PrefectFuture | State] = []
+    for batch, futures in zip(todo, unit_futures, strict=True):
+        if not isinstance(futures, list):
+            merges.append(futures)
+            continue
+        states = [_settled(f) for f in futures]
+        failure = next((s for s in states if s.is_failed()), None)
+        if failure is not None:
+            discard_units(root, date, batch)
+            merges.append(failure)
+            continue
+        merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit_results": [s.result() for s in states], "write_scores": write_scores, "max_bad_row_share": max_bad_row_share}))
+    return [m if isinstance(m, State) else _settled(m) for m in merges]
+
+
+def _settled(future: PrefectFuture) -> State:
+    future.wait()
+    return future.state
 
 
 def _run_name() -> str:
@@ -54,6 +124,10 @@ def score_flow(
     timezone: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Time zone"})] = DEFAULT_TIMEZONE,
     chunk_rows: Annotated[int, Field(ge=1024, le=10_000_000, json_schema_extra={"title": "Rows per chunk"})] = 131_072,
     max_bad_row_share: Annotated[float, Field(ge=0, le=1, json_schema_extra={"title": "Maximum share of bad rows"})] = 0.1,
+    dask_address: Annotated[str | None, Field(json_schema_extra={"title": "Dask scheduler address"})] = DEFAULT_DASK_ADDRESS,
+    dask_workers: Annotated[int, Field(ge=0, le=1024, json_schema_extra={"title": "Local Dask workers"})] = 0,
+    dask_threads_per_worker: Annotated[int, Field(ge=1, le=256, json_schema_extra={"title": "Threads per Dask worker"})] = 1,
+    rows_per_unit: Annotated[int, Field(ge=10_000, json_schema_extra={"title": "Rows per Dask work unit"})] = 1_000_000,
 ) -> dict[str, Any]:
     """Score the Parquet batches of one date with the current model; write flagged rows, scores and reports.
 
@@ -67,6 +141,10 @@ def score_flow(
         timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris.
         chunk_rows: Rows read and scored at a time; bounds memory whatever the file size.
         max_bad_row_share: Share of rows with missing or infinite features above which a batch fails instead of being scored.
+        dask_address: Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) to score on. Empty means ANOMALY_DASK_ADDRESS, or no Dask.
+        dask_workers: Start a local Dask cluster with this many worker processes for the run; 0 scores in this process.
+        dask_threads_per_worker: Threads of each local Dask worker (TensorFlow in each worker is limited to them).
+        rows_per_unit: On Dask, files are split into units of whole row groups of about this many rows, so no worker holds a whole large file.
     """
     logger = get_run_logger()
     date = resolve_run_date(run_date, timezone)
@@ -84,15 +162,22 @@ def score_flow(
     # what this one scored; one bad file does not stop the others.
     scored, skipped, failed = [], [], []
     report_dir = os.fspath(batch_report_dir(ws, date))
+    distributed = bool(dask_address or dask_workers)
     with scoring_lock(ws, date):
         remove_stale_temporaries(root, date)
-        for i, batch in enumerate(found, start=1):
+        todo = []
+        for batch in found:
             if not force and already_scored(root, date, batch, version):
-                logger.info("[%d/%d] %s already scored by model %s; skipped (force=True to redo)", i, len(found), batch["name"], version)
+                logger.info("%s already scored by model %s; skipped (force=True to redo)", batch["name"], version)
                 skipped.append(batch["name"])
-                continue
-            logger.info("[%d/%d] scoring %s", i, len(found), batch["path"])
-            state = score_batch(root, date, batch, version, write_scores, chunk_rows, max_bad_row_share, scored_at, return_state=True)
+            else:
+                todo.append(batch)
+        with task_runner(dask_address, dask_workers, dask_threads_per_worker) as runner:
+            if distributed:
+                states = _score_in_units(runner, root, date, todo, version, write_scores, chunk_rows, max_bad_row_share, rows_per_unit, scored_at)
+            else:
+                states = _score_whole_files(runner, root, date, todo, version, write_scores, chunk_rows, max_bad_row_share, scored_at)
+        for batch, state in zip(todo, states, strict=True):
             if state.is_failed():
                 rejection = describe_failure(state.result(raise_on_failure=False), batch["path"])
                 logger.error("Batch %s failed and is not marked scored: %s", batch["name"], rejection["error"])

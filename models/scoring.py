@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 
 from data.atomic import atomic_path, write_json_atomic
 from data.errors import BatchFileError, SchemaError
-from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches
+from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, open_parquet, plan_row_group_units
 from data.workspace import Workspace, check_path_part
 from models.bundle import LoadedBundle, load_bundle, read_bundle_json
 from models.reports import combine_summaries, summarize_errors
@@ -86,10 +87,16 @@ def score_batch_file(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_bad_row_share: float = 0.1,
     id_columns: Sequence[str] | None = None,
+    row_groups: Sequence[int] | None = None,
 ) -> BatchResult:
-    """Score ``source`` against ``bundle`` in bounded memory; outputs appear only once the whole file succeeded."""
+    """Score ``source`` (or only ``row_groups`` of it) in bounded memory; outputs appear only once all of it succeeded.
+
+    Scoring some row groups is one unit of a file split across workers: the bad-row share is then
+    left to :func:`merge_batch_parts`, which sees the whole file, and no summary is computed.
+    """
     features = bundle.feature_names
     schema = check_batch_schema(source, features)
+    whole_file = row_groups is None
     clash = sorted(set(schema.columns) & set(ADDED_COLUMNS))
     if clash:
         raise SchemaError(source, "input already has a column the output adds; rename it", column=clash[0], code="reserved_column")
@@ -137,8 +144,10 @@ def score_batch_file(
         metadata=metadata,
     )
 
-    errors = np.empty(schema.num_rows, dtype=np.float64)
-    truth = np.zeros(schema.num_rows, dtype=bool) if label else None
+    metadata_rows = pq.ParquetFile(source).metadata
+    n_rows = schema.num_rows if whole_file else sum(metadata_rows.row_group(g).num_rows for g in row_groups)
+    errors = np.empty(n_rows, dtype=np.float64)
+    truth = np.zeros(n_rows, dtype=bool) if label else None
     label_usable = label is not None
     rows_read = rows_scored = rows_flagged = rows_quarantined = 0
     with contextlib.ExitStack() as stack:
@@ -150,7 +159,7 @@ def score_batch_file(
             scores_writer = stack.enter_context(pq.ParquetWriter(scores_tmp, scores_schema))
         quarantine_writer: pq.ParquetWriter | None = None
 
-        for record_batch in iter_record_batches(source, chunk_rows):
+        for record_batch in iter_record_batches(source, chunk_rows, row_groups):
             n = record_batch.num_rows
             rows_read += n
             matrix = feature_matrix(record_batch, features)
@@ -175,7 +184,7 @@ def score_batch_file(
                 if label_column.null_count:
                     label_usable = False
                 else:
-                    truth[rows_scored : rows_scored + n] = label_column.cast(pa.string()).to_numpy(zero_copy_only=False) != bundle.normal_label
+                    truth[rows_scored : rows_scored + n] = labelled_anomalies(label_column, bundle.normal_label)
             is_anomaly = chunk_errors > threshold
             error_array = pa.array(chunk_errors, type=pa.float64())
             flag_array = pa.array(is_anomaly, type=pa.bool_())
@@ -208,21 +217,18 @@ def score_batch_file(
             rows_scored += n
             rows_flagged += n_flagged
 
-        if rows_read and rows_quarantined / rows_read > max_bad_row_share:
-            raise BatchFileError(
-                source,
-                f"{rows_quarantined} of {rows_read} rows have missing or infinite feature values, more than "
-                f"max_bad_row_share={max_bad_row_share:g}; fix the file or raise the parameter",
-                code="too_many_bad_rows",
-            )
+        if whole_file:
+            check_bad_row_share(source, rows_read, rows_quarantined, max_bad_row_share)
     if rows_quarantined == 0:
         # A rerun that finds no bad rows must not leave an earlier run's quarantine file behind.
         outputs.quarantine.unlink(missing_ok=True)
 
-    errors = errors[:rows_scored]
-    summary = summarize_errors(errors, threshold, bundle.percentile, truth[:rows_scored] if (truth is not None and label_usable) else None)
-    summary["rows_read"] = rows_read
-    summary["rows_quarantined"] = rows_quarantined
+    summary: dict[str, Any] = {}
+    if whole_file:
+        truth_scored = truth[:rows_scored] if (truth is not None and label_usable) else None
+        summary = summarize_errors(errors[:rows_scored], threshold, bundle.percentile, truth_scored)
+        summary["rows_read"] = rows_read
+        summary["rows_quarantined"] = rows_quarantined
     return BatchResult(
         batch=batch,
         source=str(source),
@@ -234,6 +240,79 @@ def score_batch_file(
             "flagged": str(outputs.flagged),
             "scores": str(outputs.scores) if outputs.scores is not None else None,
             "quarantine": str(outputs.quarantine) if rows_quarantined else None,
+        },
+        summary=summary,
+    )
+
+
+def labelled_anomalies(labels: pa.Array | pa.ChunkedArray, normal_label: str) -> np.ndarray:
+    """Return True where the label is not the normal value (labels compared as text)."""
+    return labels.cast(pa.string()).to_numpy(zero_copy_only=False) != normal_label
+
+
+def check_bad_row_share(source: Path, rows_read: int, rows_quarantined: int, max_bad_row_share: float) -> None:
+    """Fail the whole file when more than ``max_bad_row_share`` of its rows could not be scored."""
+    if rows_read and rows_quarantined / rows_read > max_bad_row_share:
+        raise BatchFileError(
+            source,
+            f"{rows_quarantined} of {rows_read} rows have missing or infinite feature values, more than "
+            f"max_bad_row_share={max_bad_row_share:g}; fix the file or raise the parameter",
+            code="too_many_bad_rows",
+        )
+
+
+def _concatenate(parts: Sequence[Path], target: Path) -> None:
+    """Copy the row groups of ``parts``, in order, into one file written atomically at ``target``."""
+    schema = pq.read_schema(parts[0])
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for part in parts:
+            for batch in open_parquet(part, streaming=True).iter_batches(batch_size=DEFAULT_CHUNK_ROWS):
+                writer.write_batch(batch)
+
+
+def merge_batch_parts(
+    bundle: LoadedBundle,
+    source: Path,
+    batch: str,
+    unit_results: Sequence[dict[str, Any]],
+    outputs: BatchOutputs,
+    max_bad_row_share: float,
+) -> BatchResult:
+    """Join the units of one file, in row-group order, into the batch's outputs and summarise the whole file."""
+    rows_read = sum(r["rows_read"] for r in unit_results)
+    rows_quarantined = sum(r["rows_quarantined"] for r in unit_results)
+    check_bad_row_share(source, rows_read, rows_quarantined, max_bad_row_share)
+    score_parts = [Path(r["outputs"]["scores"]) for r in unit_results]
+    label = bundle.label_column if bundle.label_column in pq.read_schema(score_parts[0]).names else None
+    columns = ["reconstruction_error"] + ([label] if label else [])
+    scored = pa.concat_tables([pq.read_table(p, columns=columns) for p in score_parts])
+    truth = None
+    if label and scored.column(label).null_count == 0:
+        truth = labelled_anomalies(scored.column(label), bundle.normal_label)
+    summary = summarize_errors(scored.column("reconstruction_error").to_numpy(), bundle.threshold, bundle.percentile, truth)
+    summary["rows_read"] = rows_read
+    summary["rows_quarantined"] = rows_quarantined
+    del scored
+
+    _concatenate([Path(r["outputs"]["flagged"]) for r in unit_results], outputs.flagged)
+    if outputs.scores is not None:
+        _concatenate(score_parts, outputs.scores)
+    quarantine_parts = [Path(r["outputs"]["quarantine"]) for r in unit_results if r["outputs"]["quarantine"]]
+    if quarantine_parts:
+        _concatenate(quarantine_parts, outputs.quarantine)
+    else:
+        outputs.quarantine.unlink(missing_ok=True)
+    return BatchResult(
+        batch=batch,
+        source=str(source),
+        rows_read=rows_read,
+        rows_scored=summary["rows_scored"],
+        rows_flagged=summary["rows_flagged"],
+        rows_quarantined=rows_quarantined,
+        outputs={
+            "flagged": str(outputs.flagged),
+            "scores": str(outputs.scores) if outputs.scores is not None else None,
+            "quarantine": str(outputs.quarantine) if quarantine_parts else None,
         },
         summary=summary,
     )
@@ -306,6 +385,61 @@ def score_batch(
     return result.to_dict()
 
 
+def parts_dir(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
+    """Return the private folder holding the per-unit outputs of one file split across workers."""
+    return workspace.state_dir / "parts" / f"date={run_date.isoformat()}" / check_path_part(batch, "batch")
+
+
+def plan_units(source: str, rows_per_unit: int) -> list[list[int]]:
+    """Return the row-group units one file is scored in (a single unit for a small file)."""
+    return plan_row_group_units(Path(source), rows_per_unit)
+
+
+def score_unit(
+    workspace_root: str,
+    run_date: dt.date,
+    batch: str,
+    source: str,
+    model_version: str,
+    unit: int,
+    row_groups: Sequence[int],
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    scored_at: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Score some row groups of a file into private part files; the worker loads the model once per process."""
+    workspace = Workspace.at(workspace_root)
+    bundle = load_bundle(workspace.version_dir(model_version))
+    folder = parts_dir(workspace, run_date, batch) / f"unit-{unit:05d}"
+    outputs = BatchOutputs(flagged=folder / "flagged.parquet", scores=folder / "scores.parquet", quarantine=folder / "quarantine.parquet")
+    result = score_batch_file(bundle, Path(source), batch, outputs, scored_at or dt.datetime.now(dt.UTC), chunk_rows=chunk_rows, row_groups=row_groups)
+    return result.to_dict()
+
+
+def merge_units(
+    workspace_root: str,
+    run_date: dt.date,
+    batch: str,
+    source: str,
+    model_version: str,
+    unit_results: Sequence[dict[str, Any]],
+    write_scores: bool = True,
+    max_bad_row_share: float = 0.1,
+) -> dict[str, Any]:
+    """Join a file's scored units into its outputs, then drop the part files."""
+    workspace = Workspace.at(workspace_root)
+    bundle = load_bundle(workspace.version_dir(model_version))
+    try:
+        result = merge_batch_parts(bundle, Path(source), batch, unit_results, batch_outputs(workspace, run_date, batch, write_scores), max_bad_row_share)
+    finally:
+        discard_units(workspace_root, run_date, batch)
+    return result.to_dict()
+
+
+def discard_units(workspace_root: str, run_date: dt.date, batch: str) -> None:
+    """Remove the part files of one file's units (after a merge, or after a unit failed)."""
+    shutil.rmtree(parts_dir(Workspace.at(workspace_root), run_date, batch), ignore_errors=True)
+
+
 def summarize_run(
     workspace_root: str,
     run_date: dt.date,
@@ -329,7 +463,7 @@ def summarize_run(
         if len(tables) == len(score_files):
             table = pa.concat_tables(tables)
             errors = table.column("reconstruction_error").to_numpy()
-            truth = table.column(label_column).cast(pa.string()).to_numpy(zero_copy_only=False) != str(bundle_meta.get("normal_label", "0"))
+            truth = labelled_anomalies(table.column(label_column), str(bundle_meta.get("normal_label", "0")))
             exact = summarize_errors(errors, threshold, percentile, truth)
             summary["labels"] = exact["labels"]
             summary["error_quantiles"] = exact["error_quantiles"]

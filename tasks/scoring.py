@@ -75,3 +75,31 @@ def remove_stale_temporaries(workspace_root: str, run_date: dt.date) -> list[str
 def record_rejected_batch(workspace_root: str, run_date: dt.date, batch: dict[str, str], rejection: dict[str, Any]) -> str:
     """Record why a whole file was rejected, beside the date's quarantined rows."""
     return str(scoring.record_rejected_file(Workspace.at(workspace_root), run_date, batch["name"], rejection))
+
+
+@task(name="plan-units", cache_policy=NO_CACHE)
+def plan_units(batch: dict[str, str], rows_per_unit: int) -> list[list[int]]:
+    """Split a file into row-group units so that no worker holds a whole large file."""
+    return scoring.plan_units(batch["path"], rows_per_unit)
+
+
+@task(name="score-unit", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_os_error)
+def score_unit(workspace_root: str, run_date: dt.date, batch: dict[str, str], model_version: str, unit: int, row_groups: list[int], chunk_rows: int, scored_at: dt.datetime) -> dict[str, Any]:
+    """Score some row groups of one file into part files."""
+    result = scoring.score_unit(workspace_root, run_date, batch["name"], batch["path"], model_version, unit, row_groups, chunk_rows, scored_at)
+    get_run_logger().info("Batch %s, unit %d (row groups %d-%d): %d rows scored", batch["name"], unit, row_groups[0], row_groups[-1], result["rows_scored"])
+    return result
+
+
+@task(name="merge-units", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_os_error)
+def merge_units(workspace_root: str, run_date: dt.date, batch: dict[str, str], model_version: str, unit_results: list[dict[str, Any]], write_scores: bool, max_bad_row_share: float) -> dict[str, Any]:
+    """Join a file's units into its flagged rows, scores and quarantine."""
+    result = scoring.merge_units(workspace_root, run_date, batch["name"], batch["path"], model_version, unit_results, write_scores, max_bad_row_share)
+    get_run_logger().info("Batch %s: %d units joined, %d rows scored, %d flagged", batch["name"], len(unit_results), result["rows_scored"], result["rows_flagged"])
+    return result
+
+
+@task(name="discard-units", cache_policy=NO_CACHE)
+def discard_units(workspace_root: str, run_date: dt.date, batch: dict[str, str]) -> None:
+    """Remove the part files of a file whose units failed."""
+    scoring.discard_units(workspace_root, run_date, batch["name"])

@@ -17,10 +17,10 @@ from tasks.demo import write_demo_data
 
 @flow(name="anomaly-demo", flow_run_name="demo-{preset}")
 def demo_flow(
-    workspace: str = default_workspace(),
-    preset: PresetName = "default",
-    run_date: dt.date | None = None,
-    n_batches: Annotated[int, Field(ge=1, le=100)] = 4,
+    workspace: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Workspace"})] = default_workspace(),
+    preset: Annotated[PresetName, Field(json_schema_extra={"title": "Preset"})] = "default",
+    run_date: Annotated[dt.date | None, Field(json_schema_extra={"title": "Run date"})] = None,
+    n_batches: Annotated[int, Field(ge=1, le=100, json_schema_extra={"title": "Number of batch files"})] = 4,
 ) -> dict[str, Any]:
     """Run the whole product on the tutorial's dataset: write it, retrain, score one night.
 

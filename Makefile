@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export ANOMALY_WORKSPACE ?= $(CURDIR)/workspace
 
-.PHONY: install demo test test-fast lint lock clean
+.PHONY: install demo test test-fast lint lock clean serve stop status
 
 install: $(STAMP)
 
@@ -24,6 +24,15 @@ test: install  ## Every test, slow ones included.
 
 test-fast: install  ## Unit tests only.
 	$(BIN)/python -m pytest -m "not slow"
+
+serve: install  ## Local Prefect server (127.0.0.1, port ANOMALY_PREFECT_PORT or 4200), work pool, deployments and worker, in the background.
+	VENV="$(VENV)" scripts/stack.sh serve
+
+stop: install  ## Stop exactly the processes `make serve` started.
+	VENV="$(VENV)" scripts/stack.sh stop
+
+status: install  ## Whether the server and the worker run, and the deployments the API holds.
+	VENV="$(VENV)" scripts/stack.sh status
 
 lint: install
 	$(BIN)/ruff check .

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export ANOMALY_WORKSPACE ?= $(CURDIR)/workspace
 
-.PHONY: install demo test test-fast lint lock clean serve stop status
+.PHONY: install demo test test-fast lint lock clean serve stop status browser
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ stop: install  ## Stop exactly the processes `make serve` started.
 
 status: install  ## Whether the server and the worker run, and the deployments the API holds.
 	VENV="$(VENV)" scripts/stack.sh status
+
+browser: install  ## Browser check of the Prefect UI (tests/test_ui.py); installs Debian's chromium first if it is missing.
+	scripts/install-chromium.sh
+	$(BIN)/python -m pytest -q tests/test_ui.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export ANOMALY_WORKSPACE ?= $(CURDIR)/workspace
 
-.PHONY: install demo test test-fast lint lock clean serve stop status browser
+.PHONY: install demo test test-fast lint lock clean bench bench-quick serve stop status browser
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ test: install  ## Every test, slow ones included.
 
 test-fast: install  ## Unit tests only.
 	$(BIN)/python -m pytest -m "not slow"
+
+bench: install  ## Benchmarks side by side (about 10 minutes on 2 cores); writes bench/results/latest.{json,md}.
+	$(BIN)/python -m bench.run
+
+bench-quick: install  ## Smoke run of the benchmarks on small sizes; writes bench/results/quick.{json,md}.
+	$(BIN)/python -m bench.run --quick
 
 serve: install  ## Local Prefect server (127.0.0.1, port ANOMALY_PREFECT_PORT or 4200), work pool, deployments and worker, in the background.
 	VENV="$(VENV)" scripts/stack.sh serve

@@ -215,6 +215,49 @@ def memory(workspace: Workspace, sizes: tuple[int, int], log) -> dict[str, Any]:
     return out
 
 
+def dask_scaling(workspace: Workspace, n_files: int, rows_per_file: int, log) -> dict[str, Any]:
+    """Rows per second of the scoring flow on one process, and on Dask with 1 and 2 local workers (clusters started beforehand)."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from distributed import LocalCluster
+
+    from flows.score import score_flow
+
+    night, warmup = dt.date(2001, 1, 1), dt.date(2001, 1, 2)
+    for i in range(n_files):
+        write_large_batch(workspace.incoming_for(night) / f"part-{i}.parquet", rows_per_file, seed=i)
+    for i in range(n_files):  # one small file per file of the night, so every worker imports TensorFlow and loads the model
+        write_large_batch(workspace.incoming_for(warmup) / f"warmup-{i}.parquet", 20_000, seed=100 + i)
+    rows = n_files * rows_per_file
+
+    def timed(**options: Any) -> float:
+        score_flow(workspace=str(workspace.root), run_date=warmup, force=True, **options)
+        started = time.perf_counter()
+        outcome = score_flow(workspace=str(workspace.root), run_date=night, force=True, **options)
+        assert outcome["rows_scored"] == rows, outcome
+        return time.perf_counter() - started
+
+    seconds = {"single_process": timed()}
+    cluster_start = {}
+    for workers, threads in ((1, cpu_threads()), (cpu_threads(), 1)):
+        label = f"dask_{workers}_workers_x_{threads}_threads"
+        started = time.perf_counter()
+        with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None, env={"ANOMALY_TF_THREADS": str(threads)}) as cluster:
+            cluster_start[label] = time.perf_counter() - started
+            seconds[label] = timed(dask_address=cluster.scheduler_address)
+    rates = {k: rows / v for k, v in seconds.items()}
+    log("dask scaling: " + ", ".join(f"{k} {v:,.0f} rows/s" for k, v in rates.items()))
+    return {
+        "files": n_files,
+        "rows": rows,
+        "rows_per_s": rates,
+        "seconds": seconds,
+        "cluster_start_seconds": cluster_start,
+        "ratios_to_single_process": {k: v / rates["single_process"] for k, v in rates.items() if k != "single_process"},
+    }
+
+
 def render_table(results: dict[str, Any]) -> str:
     """Render the results as Markdown tables with the bars they are held to."""
     lines = ["| dataset | system | recall | precision | F1 | ROC-AUC | PR-AUC | fit+threshold s |", "|---|---|---|---|---|---|---|---|"]
@@ -236,6 +279,11 @@ def render_table(results: dict[str, Any]) -> str:
         lines.append(f"| scoring throughput, {t['rows']:,} rows (rows/s) | {t['product_rows_per_s']:,.0f} | - |")
         lines.append(f"| scoring / floor (pyarrow read + compiled forward pass) | {t['product_to_floor']:.3f} | >= 0.6 |")
         lines.append(f"| scoring / tutorial path (predict + mae) | {t['product_to_tutorial']:.1f} | >= 20 |")
+    if "dask" in results:
+        d = results["dask"]
+        for label, ratio in d["ratios_to_single_process"].items():
+            bar = ">= 0.9" if label.startswith(f"dask_{results['machine']['cpus']}_workers") else "-"
+            lines.append(f"| scoring flow, {d['files']} files / {d['rows']:,} rows: {label.replace('_', ' ')} / single process ({d['rows_per_s'][label]:,.0f} vs {d['rows_per_s']['single_process']:,.0f} rows/s) | {ratio:.3f} | {bar} |")
     if "prefect" in results:
         lines.append(f"| Prefect start-up, trivial flow with embedded server (s) | {results['prefect']['trivial_flow_again']:.1f} | reported apart |")
     if "memory" in results:
@@ -250,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite and write bench/results/latest.{json,md}."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (figures are not comparable to a full run)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "throughput", "prefect", "memory"], help="sections to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "throughput", "dask", "prefect", "memory"], help="sections to leave out")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -276,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             results["quality"].append(row)
         if "throughput" not in args.skip:
             results["throughput"] = throughput(workspace, 200_000 if args.quick else 2_000_000, log)
+        if "dask" not in args.skip:
+            results["dask"] = dask_scaling(workspace, 4, 100_000 if args.quick else 1_000_000, log)
         if "prefect" not in args.skip:
             results["prefect"] = prefect_startup(log)
         if "memory" not in args.skip:

@@ -133,8 +133,8 @@ def score_flow(
 
     Args:
         workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/).
-        run_date: Date whose batches (incoming/<date>/) are scored and under which outputs are partitioned. Empty means today in the time zone below.
-        batch_paths: Explicit Parquet files, folders or globs to score instead of incoming/<date>/.
+        run_date: Date whose batches (incoming/YYYY-MM-DD/) are scored and under which outputs are partitioned. Empty means today in the time zone below.
+        batch_paths: Explicit Parquet files, folders or globs to score instead of incoming/YYYY-MM-DD/.
         force: Score batches again even if the current model already scored them.
         write_scores: Also write every row's score (outputs/scores/) for joining back.
         model_version: Model version to score with. Empty means the current one (models/current.json).

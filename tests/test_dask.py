@@ -42,6 +42,11 @@ def _without(record: dict, *keys: str) -> dict:
     return {k: v for k, v in record.items() if k not in keys}
 
 
+def _record(ws: Workspace, batch: str) -> dict:
+    """A batch's manifest record without what differs between two workspaces."""
+    return _without(json.loads((ws.state_dir / "scored" / f"date={RUN_DATE}" / f"{batch}.json").read_text()), "recorded_at", "source", "outputs")
+
+
 def test_two_dask_workers_score_a_night_exactly_as_one_process(harness, workspace_copy, tmp_path):
     from flows.score import score_flow
 
@@ -66,8 +71,7 @@ def test_two_dask_workers_score_a_night_exactly_as_one_process(harness, workspac
         ours = json.loads((ws_single.output_partition("reports", RUN_DATE) / "batches" / f"{name}.json").read_text())
         theirs = json.loads((ws_dask.output_partition("reports", RUN_DATE) / "batches" / f"{name}.json").read_text())
         assert _without(ours, "source") == _without(theirs, "source"), name
-        record = lambda ws: _without(json.loads((ws.state_dir / "scored" / f"date={RUN_DATE}" / f"{name}.json").read_text()), "recorded_at", "source", "outputs")  # noqa: E731
-        assert record(ws_single) == record(ws_dask), name
+        assert _record(ws_single, name) == _record(ws_dask, name), name
     run = lambda ws: _without(json.loads((ws.output_partition("reports", RUN_DATE) / "run-report.json").read_text()), "images")  # noqa: E731
     assert run(ws_single) == run(ws_dask)
     assert not (ws_dask.state_dir / "parts" / f"date={RUN_DATE}").exists() or not any((ws_dask.state_dir / "parts" / f"date={RUN_DATE}").iterdir())

@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--seed", type=int, default=None, help="override the preset's random seed")
     retrain.add_argument("--no-promote", dest="promote", action="store_false", help="save the model version without making it current")
 
-    score = commands.add_parser("score", help="score the batches of a date", description="Score incoming/<date>/*.parquet (or explicit paths) with the current model; write flagged rows, scores and reports.")
+    score = commands.add_parser("score", help="score the batches of a date", description="Score incoming/YYYY-MM-DD/*.parquet (or explicit paths) with the current model; write flagged rows, scores and reports.")
     _add_workspace(score)
     score.add_argument("--run-date", type=_date, default=None, help="date to score, YYYY-MM-DD (default: today in --timezone)")
     score.add_argument("--timezone", default=None, help="IANA time zone deciding 'today' (default: $ANOMALY_TIMEZONE or UTC)")
-    score.add_argument("paths", nargs="*", help="explicit Parquet files, folders or globs to score instead of incoming/<date>/")
+    score.add_argument("paths", nargs="*", help="explicit Parquet files, folders or globs to score instead of incoming/YYYY-MM-DD/")
     score.add_argument("--force", action="store_true", help="score batches again even if the current model already scored them")
     score.add_argument("--no-scores", dest="write_scores", action="store_false", help="do not write every row's score (outputs/scores/)")
     score.add_argument("--model-version", default=None, help="model version to use (default: models/current.json)")

@@ -37,6 +37,14 @@ class BatchOutputs:
     scores: Path | None
     quarantine: Path
 
+    def published(self, quarantined: bool) -> dict[str, str | None]:
+        """Return the paths actually written: scores only if asked for, quarantine only if rows went there."""
+        return {
+            "flagged": str(self.flagged),
+            "scores": str(self.scores) if self.scores is not None else None,
+            "quarantine": str(self.quarantine) if quarantined else None,
+        }
+
 
 @dataclass
 class BatchResult:
@@ -236,11 +244,7 @@ def score_batch_file(
         rows_scored=rows_scored,
         rows_flagged=rows_flagged,
         rows_quarantined=rows_quarantined,
-        outputs={
-            "flagged": str(outputs.flagged),
-            "scores": str(outputs.scores) if outputs.scores is not None else None,
-            "quarantine": str(outputs.quarantine) if rows_quarantined else None,
-        },
+        outputs=outputs.published(quarantined=rows_quarantined > 0),
         summary=summary,
     )
 
@@ -309,11 +313,7 @@ def merge_batch_parts(
         rows_scored=summary["rows_scored"],
         rows_flagged=summary["rows_flagged"],
         rows_quarantined=rows_quarantined,
-        outputs={
-            "flagged": str(outputs.flagged),
-            "scores": str(outputs.scores) if outputs.scores is not None else None,
-            "quarantine": str(outputs.quarantine) if quarantine_parts else None,
-        },
+        outputs=outputs.published(quarantined=bool(quarantine_parts)),
         summary=summary,
     )
 

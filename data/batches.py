@@ -62,6 +62,12 @@ def record_path(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
     return workspace.state_dir / "scored" / f"date={run_date.isoformat()}" / f"{batch}.json"
 
 
+def rejection_path(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
+    """Return where the reason a whole file was rejected on a date is recorded."""
+    # Beside, not inside, the quarantine partition: that one must stay a pure Parquet dataset for its readers.
+    return workspace.output_partition("rejected", run_date) / f"{batch}.json"
+
+
 def read_record(workspace: Workspace, run_date: dt.date, batch: str) -> dict[str, Any] | None:
     """Return the manifest record of a batch, or None if it was never scored (or the record is unreadable)."""
     try:
@@ -92,4 +98,7 @@ def write_record(workspace: Workspace, run_date: dt.date, batch: Batch, model_ve
         "recorded_at": dt.datetime.now(dt.UTC).isoformat(),
         **{k: result[k] for k in ("rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "outputs") if k in result},
     }
-    return write_json_atomic(record_path(workspace, run_date, batch.name), record)
+    path = write_json_atomic(record_path(workspace, run_date, batch.name), record)
+    # A file scored after an earlier run rejected it is rejected no more.
+    rejection_path(workspace, run_date, batch.name).unlink(missing_ok=True)
+    return path

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model-version", default=None, help="model version to use (default: models/current.json)")
     score.add_argument("--chunk-rows", type=int, default=131_072, help="rows read and scored at a time (default: %(default)s)")
     score.add_argument("--max-bad-row-share", type=float, default=0.1, help="share of rows with missing/infinite features above which a batch fails (default: %(default)s)")
+    score.add_argument("--dask-workers", type=int, default=0, help="score on a local Dask cluster of this many worker processes (default: 0, no Dask)")
+    score.add_argument("--dask-threads-per-worker", type=int, default=1, help="threads of each local Dask worker (default: %(default)s)")
+    score.add_argument("--dask-address", default=None, help="score on an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: $ANOMALY_DASK_ADDRESS, or no Dask)")
+    score.add_argument("--rows-per-unit", type=int, default=1_000_000, help="on Dask, split files into units of whole row groups of about this many rows (default: %(default)s)")
 
     models = commands.add_parser("models", help="list model versions, the current one and their promotion decisions", description="List every model version in the workspace with its threshold, whether it is current, and its promotion gate's decision.")
     _add_workspace(models)
@@ -116,7 +120,7 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             promote=args.promote,
         )
-    from flows.score import DEFAULT_TIMEZONE, score_flow
+    from flows.score import DEFAULT_DASK_ADDRESS, DEFAULT_TIMEZONE, score_flow
 
     return score_flow(
         workspace=args.workspace,
@@ -128,6 +132,10 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
         timezone=args.timezone or DEFAULT_TIMEZONE,
         chunk_rows=args.chunk_rows,
         max_bad_row_share=args.max_bad_row_share,
+        dask_address=args.dask_address or DEFAULT_DASK_ADDRESS,
+        dask_workers=args.dask_workers,
+        dask_threads_per_worker=args.dask_threads_per_worker,
+        rows_per_unit=args.rows_per_unit,
     )
 
 

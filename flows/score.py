@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.states import State
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 from pydantic import Field
@@ -105,7 +109,32 @@ def _score_in_units(runner: TaskRunner, root: str, date: dt.date, todo: list[dic
 
 def _settled(future: PrefectFuture) -> State:
     future.wait()
-    return future.state
+    state = future.state
+    if state.is_final():
+        return state
+    # The task never reported a final state: the Dask worker raised before Prefect could run it
+    # (e.g. it could not reach the API). Its exception becomes the failure, so the batch is not lost.
+    try:
+        future.result()
+    except Exception as exc:  # whatever the worker raised is the reason
+        return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
+    return Failed(message=f"task run {future.task_run_id} ended in state {state.type.value}", data=RuntimeError(f"task run ended {state.type.value}"))
+
+
+@contextlib.contextmanager
+def _api_shared_with_workers(distributed: bool) -> Iterator[None]:
+    """Point Dask workers at this process's Prefect API when no PREFECT_API_URL is configured.
+
+    Without one, Prefect starts a temporary server in each process that needs it, so every Dask
+    worker would start its own; the task runs then report to the server this flow run uses.
+    """
+    if not distributed or PREFECT_API_URL.value():
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
 
 
 def _run_name() -> str:
@@ -172,7 +201,7 @@ def score_flow(
                 skipped.append(batch["name"])
             else:
                 todo.append(batch)
-        with task_runner(dask_address, dask_workers, dask_threads_per_worker) as runner:
+        with _api_shared_with_workers(distributed), task_runner(dask_address, dask_workers, dask_threads_per_worker) as runner:
             if distributed:
                 states = _score_in_units(runner, root, date, todo, version, write_scores, chunk_rows, max_bad_row_share, rows_per_unit, scored_at)
             else:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.atomic import atomic_path, write_json_atomic
+from data.batches import rejection_path
 from data.errors import BatchFileError, SchemaError
 from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, open_parquet, plan_row_group_units
 from data.workspace import Workspace, check_path_part
@@ -487,6 +488,5 @@ def describe_failure(error: BaseException, source: str) -> dict[str, Any]:
 
 def record_rejected_file(workspace: Workspace, run_date: dt.date, batch: str, rejection: dict[str, Any]) -> Path:
     """Write ``outputs/rejected/date=<date>/<batch>.json`` saying why the whole file was not scored."""
-    # Beside, not inside, the quarantine partition: that one must stay a pure Parquet dataset for its readers.
-    path = workspace.output_partition("rejected", run_date) / f"{check_path_part(batch, 'batch')}.json"
+    path = rejection_path(workspace, run_date, check_path_part(batch, "batch"))
     return write_json_atomic(path, {"batch": batch, **rejection, "rejected_at": dt.datetime.now(dt.UTC).isoformat()})

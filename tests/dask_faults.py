@@ -1,7 +1,10 @@
-"""Dask worker preload for the fault tests: lets a test make the next unit a worker scores kill its process or fail once.
+"""Dask worker preload for the fault tests: lets a test make units kill their worker process or fail.
 
-A test asks for a fault by creating a file named after it (``exit`` or ``oserror``) in the folder named by
-DASK_FAULTS_DIR; the first unit to remove the file takes the fault, so each request strikes exactly once.
+A test asks for a fault by creating a file in the folder named by DASK_FAULTS_DIR:
+
+- ``exit`` or ``oserror``: the first unit to remove the file kills its process or raises OSError, so
+  the request strikes exactly once;
+- ``poison-<batch>``: every unit of that batch kills its process, as a file that exhausts memory would.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ def _claim(fault: str) -> bool:
 if FAULTS_DIR and not hasattr(models.scoring.score_unit, "unfaulted"):
     unfaulted = models.scoring.score_unit
 
-    def score_unit_with_faults(*args, **kwargs):
-        if _claim("exit"):
+    def score_unit_with_faults(workspace_root, run_date, batch, *args, **kwargs):
+        if _claim("exit") or os.path.exists(os.path.join(FAULTS_DIR, f"poison-{batch}")):
             os._exit(17)  # the worker process dies mid-unit, as on a lost machine
         if _claim("oserror"):
             raise OSError("disk went away for a moment")
-        return unfaulted(*args, **kwargs)
+        return unfaulted(workspace_root, run_date, batch, *args, **kwargs)
 
     score_unit_with_faults.unfaulted = unfaulted
     models.scoring.score_unit = score_unit_with_faults

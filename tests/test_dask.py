@@ -104,12 +104,16 @@ def test_a_unit_that_fails_once_is_retried_and_nothing_is_lost(harness, workspac
 
 @pytest.fixture(scope="module")
 def faulty_cluster(tmp_path_factory):
-    """A 2-process LocalCluster whose workers take the faults a test asks for (tests/dask_faults.py)."""
+    """A 2-process LocalCluster whose workers take the faults a test asks for (tests/dask_faults.py).
+
+    Dask gives up on a unit after its second lost worker (the default is four), which keeps the poison test short.
+    """
+    import dask
     from distributed import LocalCluster
 
     faults = tmp_path_factory.mktemp("dask-faults")
     preload = str(Path(__file__).with_name("dask_faults.py"))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env={"DASK_FAULTS_DIR": str(faults)}, preload=[preload]) as cluster:
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env={"DASK_FAULTS_DIR": str(faults)}, preload=[preload]) as cluster:
         yield cluster.scheduler_address, faults
 
 
@@ -134,3 +138,48 @@ def test_a_lost_worker_or_a_failing_unit_is_retried_on_dask(harness, workspace_c
     assert outcome["batches_failed"] == 0 and outcome["batches_scored"] == 4
     assert outcome["rows_read"] == rows and outcome["rows_scored"] + outcome["rows_quarantined"] == rows
     _every_row_once(workspace_copy, rows)
+
+
+def test_a_unit_that_keeps_killing_its_worker_fails_its_file_alone_and_a_rerun_completes_the_night(harness, workspace_copy, faulty_cluster):
+    from flows.score import BatchesFailedError, score_flow
+
+    address, faults = faulty_cluster
+    rows = _night(workspace_copy)
+    poison = faults / "poison-part-1"
+    poison.touch()
+    try:
+        with pytest.raises(BatchesFailedError) as failure:
+            score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, dask_address=address, rows_per_unit=30_000)
+    finally:
+        poison.unlink()
+    outcome = failure.value.outcome
+    assert outcome["batches_scored"] == 3 and [f["batch"] for f in outcome["failed"]] == ["part-1"]
+    assert outcome["failed"][0]["code"] == "KilledWorker" and "workers died" in outcome["failed"][0]["error"]
+    ws = Workspace.at(workspace_copy)
+    assert sorted(p.stem for p in (ws.state_dir / "scored" / f"date={RUN_DATE}").glob("*.json")) == ["part-0", "part-2", "small"]
+    assert "part-1" not in set(_tables(workspace_copy, "scores")["batch"].to_pylist())
+    assert (ws.output_partition("rejected", RUN_DATE) / "part-1.json").exists()
+
+    rerun = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, dask_address=address, rows_per_unit=30_000)
+    assert rerun["batches_scored"] == 1 and rerun["batches_skipped"] == 3 and rerun["rows_read"] == rows
+    _every_row_once(workspace_copy, rows)
+    assert not (ws.output_partition("rejected", RUN_DATE) / "part-1.json").exists()
+
+
+def test_the_command_line_scores_on_local_dask_workers_that_report_to_its_own_server(workspace_copy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    rows = _night(workspace_copy)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "score", "--workspace", str(workspace_copy), "--run-date", RUN_DATE.isoformat(), "--dask-workers", "2", "--rows-per-unit", "20000"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["rows_read"] == rows and outcome["batches_scored"] == 4 and outcome["batches_failed"] == 0
+    _every_row_once(workspace_copy, rows)
+    # Without a configured API, only the command's process starts a temporary Prefect server; the workers use it.
+    assert (done.stdout + done.stderr).count("Starting temporary server") == 1, done.stderr[-3000:]

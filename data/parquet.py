@@ -6,6 +6,7 @@ import glob
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,26 @@ def iter_record_batches(path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, row_gr
     """Stream ``path`` (or some of its row groups) as record batches of at most ``chunk_rows`` rows.
 
     Batches never span two row groups, so a row group is cut into the same chunks whether the file
-    is read whole or one slice of row groups at a time.
+    is read whole or one slice of row groups at a time. The next batch is read in a background
+    thread while the caller works on the current one.
     """
+    return _read_ahead(_record_batches(path, chunk_rows, row_groups))
+
+
+_END = object()
+
+
+def _read_ahead(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    # Decoding Parquet releases the GIL, so reading one batch ahead overlaps it with scoring at the
+    # cost of one batch of memory.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-read-ahead") as reader:
+        pending = reader.submit(next, batches, _END)
+        while (batch := pending.result()) is not _END:
+            pending = reader.submit(next, batches, _END)
+            yield batch
+
+
+def _record_batches(path: Path, chunk_rows: int, row_groups: Sequence[int] | None) -> Iterator[pa.RecordBatch]:
     parquet = open_parquet(path, streaming=True)
     groups = range(parquet.metadata.num_row_groups) if row_groups is None else row_groups
     try:

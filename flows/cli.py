@@ -120,7 +120,7 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             promote=args.promote,
         )
-    from flows.score import DEFAULT_DASK_ADDRESS, DEFAULT_TIMEZONE, score_flow
+    from flows.score import DEFAULT_TIMEZONE, score_flow
 
     return score_flow(
         workspace=args.workspace,
@@ -132,7 +132,7 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
         timezone=args.timezone or DEFAULT_TIMEZONE,
         chunk_rows=args.chunk_rows,
         max_bad_row_share=args.max_bad_row_share,
-        dask_address=args.dask_address or DEFAULT_DASK_ADDRESS,
+        dask_address=args.dask_address,
         dask_workers=args.dask_workers,
         dask_threads_per_worker=args.dask_threads_per_worker,
         rows_per_unit=args.rows_per_unit,

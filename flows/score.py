@@ -40,7 +40,7 @@ from tasks.scoring import (
 )
 
 DEFAULT_TIMEZONE = os.environ.get("ANOMALY_TIMEZONE", "UTC")
-DEFAULT_DASK_ADDRESS = os.environ.get("ANOMALY_DASK_ADDRESS") or None
+DASK_ADDRESS_ENV = "ANOMALY_DASK_ADDRESS"
 
 
 class BatchesFailedError(AnomalyJobError):
@@ -118,7 +118,8 @@ def _settled(future: PrefectFuture) -> State:
         future.result()
     except Exception as exc:  # whatever the worker raised is the reason
         return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
-    return Failed(message=f"task run {future.task_run_id} ended in state {state.type.value}", data=RuntimeError(f"task run ended {state.type.value}"))
+    error = RuntimeError(f"task run {future.task_run_id} did not finish (state {state.type.value})")
+    return Failed(message=str(error), data=error)
 
 
 @contextlib.contextmanager
@@ -153,7 +154,7 @@ def score_flow(
     timezone: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Time zone"})] = DEFAULT_TIMEZONE,
     chunk_rows: Annotated[int, Field(ge=1024, le=10_000_000, json_schema_extra={"title": "Rows per chunk"})] = 131_072,
     max_bad_row_share: Annotated[float, Field(ge=0, le=1, json_schema_extra={"title": "Maximum share of bad rows"})] = 0.1,
-    dask_address: Annotated[str | None, Field(json_schema_extra={"title": "Dask scheduler address"})] = DEFAULT_DASK_ADDRESS,
+    dask_address: Annotated[str | None, Field(json_schema_extra={"title": "Dask scheduler address"})] = None,
     dask_workers: Annotated[int, Field(ge=0, le=1024, json_schema_extra={"title": "Local Dask workers"})] = 0,
     dask_threads_per_worker: Annotated[int, Field(ge=1, le=256, json_schema_extra={"title": "Threads per Dask worker"})] = 1,
     rows_per_unit: Annotated[int, Field(ge=10_000, json_schema_extra={"title": "Rows per Dask work unit"})] = 1_000_000,
@@ -178,6 +179,8 @@ def score_flow(
     logger = get_run_logger()
     date = resolve_run_date(run_date, timezone)
     scored_at = dt.datetime.now(dt.UTC)
+    # Read when the run starts, not when the flow is deployed, so that the worker's environment decides.
+    dask_address = dask_address or os.environ.get(DASK_ADDRESS_ENV) or None
     ws = Workspace.at(workspace)
     root = os.fspath(ws.root)
 

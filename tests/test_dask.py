@@ -126,13 +126,18 @@ def _every_row_once(root, rows: int) -> None:
 
 
 @pytest.mark.parametrize("fault", ["exit", "oserror"])
-def test_a_lost_worker_or_a_failing_unit_is_retried_on_dask(harness, workspace_copy, faulty_cluster, fault):
-    from flows.score import score_flow
+def test_a_lost_worker_or_a_failing_unit_is_retried_on_dask(harness, workspace_copy, faulty_cluster, fault, monkeypatch):
+    from flows.score import DASK_ADDRESS_ENV, score_flow
 
     address, faults = faulty_cluster
     rows = _night(workspace_copy)
     (faults / fault).touch()
-    outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, dask_address=address, rows_per_unit=20_000)
+    if fault == "oserror":
+        # The address from the environment: only that cluster's workers can take the fault.
+        monkeypatch.setenv(DASK_ADDRESS_ENV, address)
+        outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, rows_per_unit=20_000)
+    else:
+        outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, dask_address=address, rows_per_unit=20_000)
 
     assert not (faults / fault).exists(), "the fault never struck"
     assert outcome["batches_failed"] == 0 and outcome["batches_scored"] == 4

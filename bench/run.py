@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if "throughput" not in args.skip:
             results["throughput"] = throughput(workspace, 200_000 if args.quick else 2_000_000, log)
         if "dask" not in args.skip:
-            results["dask"] = dask_scaling(workspace, 4, 100_000 if args.quick else 1_000_000, 1 if args.quick else 3, log)
+            results["dask"] = dask_scaling(workspace, 4, 100_000 if args.quick else 1_000_000, 1 if args.quick else 5, log)
         if "prefect" not in args.skip:
             results["prefect"] = prefect_startup(log)
         if "memory" not in args.skip:

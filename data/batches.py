@@ -86,14 +86,17 @@ def already_scored(workspace: Workspace, run_date: dt.date, batch: Batch, model_
 
 
 def write_record(workspace: Workspace, run_date: dt.date, batch: Batch, model_version: str, result: dict[str, Any]) -> Path:
-    """Record that ``batch`` was scored; call only once its outputs are in place."""
+    """Record that ``batch`` was scored; call only once its outputs are in place.
+
+    The file's SHA-256 comes from ``result["content_sha256"]`` where the scoring computed it, else it is computed here.
+    """
     stat = batch.path.stat()
     record = {
         "batch": batch.name,
         "source": os.fspath(batch.path),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
-        "content_sha256": content_hash(batch.path),
+        "content_sha256": result.get("content_sha256") or content_hash(batch.path),
         "model_version": model_version,
         "recorded_at": dt.datetime.now(dt.UTC).isoformat(),
         **{k: result[k] for k in ("rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "outputs") if k in result},

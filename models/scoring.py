@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from data.atomic import atomic_path, write_json_atomic
 from data.batches import rejection_path
 from data.errors import BatchFileError, SchemaError
-from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, open_parquet, plan_row_group_units
+from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, content_hash, feature_matrix, iter_record_batches, open_parquet, plan_row_group_units
 from data.workspace import Workspace, check_path_part
 from models.bundle import LoadedBundle, load_bundle, read_bundle_json
 from models.reports import combine_summaries, summarize_errors
@@ -381,6 +381,8 @@ def score_batch(
     """Score one batch file with a model version of the workspace and return its result as a dict."""
     workspace = Workspace.at(workspace_root)
     bundle = load_bundle(workspace.version_dir(model_version))
+    # Hashed here rather than when the manifest is written, so that on Dask the workers hash side by side.
+    digest = content_hash(Path(source))
     result = score_batch_file(
         bundle,
         Path(source),
@@ -390,7 +392,7 @@ def score_batch(
         chunk_rows=chunk_rows,
         max_bad_row_share=max_bad_row_share,
     )
-    return result.to_dict()
+    return {**result.to_dict(), "content_sha256": digest}
 
 
 def parts_dir(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
@@ -437,10 +439,11 @@ def merge_units(
     workspace = Workspace.at(workspace_root)
     bundle = load_bundle(workspace.version_dir(model_version))
     try:
+        digest = content_hash(Path(source))
         result = merge_batch_parts(bundle, Path(source), batch, unit_results, batch_outputs(workspace, run_date, batch, write_scores), max_bad_row_share)
     finally:
         discard_units(workspace_root, run_date, batch)
-    return result.to_dict()
+    return {**result.to_dict(), "content_sha256": digest}
 
 
 def discard_units(workspace_root: str, run_date: dt.date, batch: str) -> None:

@@ -381,8 +381,6 @@ def score_batch(
     """Score one batch file with a model version of the workspace and return its result as a dict."""
     workspace = Workspace.at(workspace_root)
     bundle = load_bundle(workspace.version_dir(model_version))
-    # Hashed here rather than when the manifest is written, so that on Dask the workers hash side by side.
-    digest = content_hash(Path(source))
     result = score_batch_file(
         bundle,
         Path(source),
@@ -392,7 +390,8 @@ def score_batch(
         chunk_rows=chunk_rows,
         max_bad_row_share=max_bad_row_share,
     )
-    return {**result.to_dict(), "content_sha256": digest}
+    # Hashed here rather than when the manifest is written, so that on Dask the workers hash side by side.
+    return {**result.to_dict(), "content_sha256": content_hash(Path(source))}
 
 
 def parts_dir(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
@@ -439,11 +438,10 @@ def merge_units(
     workspace = Workspace.at(workspace_root)
     bundle = load_bundle(workspace.version_dir(model_version))
     try:
-        digest = content_hash(Path(source))
         result = merge_batch_parts(bundle, Path(source), batch, unit_results, batch_outputs(workspace, run_date, batch, write_scores), max_bad_row_share)
     finally:
         discard_units(workspace_root, run_date, batch)
-    return {**result.to_dict(), "content_sha256": digest}
+    return {**result.to_dict(), "content_sha256": content_hash(Path(source))}
 
 
 def discard_units(workspace_root: str, run_date: dt.date, batch: str) -> None:

@@ -222,9 +222,6 @@ def dask_scaling(workspace: Workspace, n_files: int, rows_per_file: int, repeats
     The three set-ups take turns, ``repeats`` times, and each keeps its best time, so that a slow
     spell of a shared machine does not fall on one of them only.
     """
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from distributed import LocalCluster
 
     from flows.score import score_flow
@@ -331,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         # The flows run on a Prefect server of their own: nothing from the user's server or history.
         os.environ.pop("PREFECT_API_URL", None)
         os.environ["PREFECT_HOME"] = str(work / "prefect-home")
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         specs = [TUTORIAL] + ([] if "others" in args.skip else list(OTHERS))
         for spec in specs:
             row = quality_and_training(spec, work, scale, with_seed=spec is TUTORIAL and "quality" not in args.skip, log=log)

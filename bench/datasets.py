@@ -50,16 +50,27 @@ def write_training_file(features: np.ndarray, labels: np.ndarray, path: Path) ->
     return path
 
 
-def write_large_batch(path: Path, n_rows: int, n_features: int = 32, row_group_rows: int = 262_144, seed: int = 0) -> Path:
-    """Write ``n_rows`` of Gaussian float64 features plus ``row_id`` in row groups, never holding the whole file."""
+def write_large_batch(path: Path, n_rows: int, n_features: int = 32, row_group_rows: int = 262_144, seed: int = 0, anomaly_share: float | None = None) -> Path:
+    """Write ``n_rows`` of Gaussian float64 features plus ``row_id`` in row groups, never holding the whole file.
+
+    With ``anomaly_share`` the file also has a ``label`` column (1 for that share of rows, shifted by 2 in every feature).
+    """
     rng = np.random.default_rng(seed)
     names = [f"f{j:02d}" for j in range(n_features)]
-    schema = pa.schema([pa.field("row_id", pa.int64())] + [pa.field(n, pa.float64()) for n in names])
+    fields = [pa.field("row_id", pa.int64())] + [pa.field(n, pa.float64()) for n in names]
+    schema = pa.schema(fields + ([pa.field("label", pa.int64())] if anomaly_share is not None else []))
     path.parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, n_rows, row_group_rows):
             n = min(row_group_rows, n_rows - start)
             block = rng.normal(size=(n, n_features))
-            arrays = [pa.array(np.arange(start, start + n, dtype=np.int64))] + [pa.array(block[:, j]) for j in range(n_features)]
+            arrays = [pa.array(np.arange(start, start + n, dtype=np.int64))]
+            labels = None
+            if anomaly_share is not None:
+                labels = (rng.random(n) < anomaly_share).astype(np.int64)
+                block[labels == 1] += 2.0
+            arrays += [pa.array(block[:, j]) for j in range(n_features)]
+            if labels is not None:
+                arrays.append(pa.array(labels))
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
     return path

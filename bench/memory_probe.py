@@ -1,27 +1,28 @@
-"""Score one file in this fresh process and print its peak resident memory as JSON (used by bench.run)."""
+"""Run the scoring flow on one night in this fresh process and print the process's peak resident memory as JSON (used by bench.run)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
-import sys
 import time
-from pathlib import Path
-
-from data.workspace import Workspace
-from models.bundle import current_version, load_bundle
-from models.scoring import batch_outputs, score_batch_file
 
 
-def main(workspace: str, source: str) -> None:
-    """Score ``source`` with the workspace's current model; print rows, seconds and peak RSS."""
-    ws = Workspace.at(workspace)
-    bundle = load_bundle(ws.version_dir(current_version(ws.models_dir)))
+def main(argv: list[str] | None = None) -> None:
+    """Score ``--run-date`` of ``workspace`` with the flow (forced); print rows, seconds and this process's peak RSS."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workspace")
+    parser.add_argument("--run-date", type=dt.date.fromisoformat, required=True)
+    parser.add_argument("--dask-workers", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from flows.score import score_flow
+
     baseline = peak_rss_mb()
     started = time.perf_counter()
-    result = score_batch_file(bundle, Path(source), Path(source).stem, batch_outputs(ws, dt.date(2000, 1, 1), Path(source).stem, True), dt.datetime.now(dt.UTC))
+    outcome = score_flow(workspace=args.workspace, run_date=args.run_date, force=True, dask_workers=args.dask_workers, catch_up_days=0)
     seconds = time.perf_counter() - started
-    print(json.dumps({"rows": result.rows_scored, "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_scoring_mb": baseline}))
+    print(json.dumps({"rows": outcome["rows_scored"], "roc_auc": outcome.get("roc_auc"), "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_scoring_mb": baseline}))
 
 
 def peak_rss_mb() -> float:
@@ -38,4 +39,4 @@ def peak_rss_mb() -> float:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -11,11 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.atomic import write_json_atomic
+from data import storage
 from data.errors import NoBatchesError, ParameterError
-from data.parquet import content_hash, resolve_parquet_files
-from data.workspace import Workspace
+from data.parquet import resolve_parquet_files
+from data.storage import Fingerprint
+from data.workspace import Workspace, check_path_part
 
+# Records of this format go with batch reports the run summary can add up; older ones are scored again.
+RECORD_FORMAT = 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -44,17 +46,22 @@ def find_batches(workspace: Workspace, run_date: dt.date, paths: Sequence[str] =
                 raise NoBatchesError(f"batch_paths entry {item!r}: no .parquet files found there")
             found += [Batch(batch_name(f), f) for f in files]
     else:
-        folder = workspace.incoming_for(run_date)
-        files = resolve_parquet_files(folder) if folder.is_dir() else []
-        if not files:
-            raise NoBatchesError(f"{folder}: no .parquet batches for run_date={run_date.isoformat()}; put files there or pass batch_paths")
-        found = [Batch(batch_name(f, folder), f) for f in files]
+        found = incoming_batches(workspace, run_date)
+        if not found:
+            raise NoBatchesError(f"{workspace.incoming_for(run_date)}: no .parquet batches for run_date={run_date.isoformat()}; put files there or pass batch_paths")
     names: dict[str, Path] = {}
     for batch in found:
         if batch.name in names and names[batch.name] != batch.path:
             raise ParameterError(f"batch_paths: {names[batch.name]} and {batch.path} would both write outputs named {batch.name!r}; rename one")
         names[batch.name] = batch.path
     return sorted({b.path: b for b in found}.values(), key=lambda b: b.name)
+
+
+def incoming_batches(workspace: Workspace, run_date: dt.date) -> list[Batch]:
+    """Return the batches in incoming/<date>/ (none when the folder is missing), by name."""
+    folder = workspace.incoming_for(run_date)
+    files = resolve_parquet_files(folder) if storage.is_dir(folder) else []
+    return sorted((Batch(batch_name(f, folder), f) for f in files), key=lambda b: b.name)
 
 
 def record_path(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
@@ -69,39 +76,77 @@ def rejection_path(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
 
 
 def read_record(workspace: Workspace, run_date: dt.date, batch: str) -> dict[str, Any] | None:
-    """Return the manifest record of a batch, or None if it was never scored (or the record is unreadable)."""
-    try:
-        return json.loads(record_path(workspace, run_date, batch).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    """Return the manifest record of a batch, or None if it is not published (or the record is unreadable)."""
+    return storage.read_json_if_present(record_path(workspace, run_date, batch))
 
 
 def already_scored(workspace: Workspace, run_date: dt.date, batch: Batch, model_version: str) -> bool:
     """Return True if ``batch`` was scored by ``model_version`` and its content has not changed since."""
     record = read_record(workspace, run_date, batch.name)
-    if not record or record.get("model_version") != model_version or record.get("size") != batch.path.stat().st_size:
+    if not record or record.get("format") != RECORD_FORMAT or record.get("model_version") != model_version or record.get("size") != storage.size_and_mtime(batch.path)[0]:
         return False
     # Hashing every time (not trusting time stamps) catches a file rewritten in place with the same size.
-    return record.get("content_sha256") == content_hash(batch.path)
+    return record.get("content_sha256") == storage.content_hash(batch.path)
 
 
-def write_record(workspace: Workspace, run_date: dt.date, batch: Batch, model_version: str, result: dict[str, Any]) -> Path:
-    """Record that ``batch`` was scored; call only once its outputs are in place.
+def write_record(workspace: Workspace, run_date: dt.date, batch: Batch, model_version: str, fingerprint: Fingerprint, counts: dict[str, Any]) -> Path:
+    """Record that ``batch`` was scored from the bytes ``fingerprint`` names; call only once its outputs are in place.
 
-    The file's SHA-256 comes from ``result["content_sha256"]`` where the scoring computed it, else it is computed here.
+    The record is what publishes a batch: outputs without one are withdrawn or replaced by the next run.
     """
-    stat = batch.path.stat()
     record = {
+        "format": RECORD_FORMAT,
         "batch": batch.name,
         "source": os.fspath(batch.path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "content_sha256": result.get("content_sha256") or content_hash(batch.path),
+        **fingerprint.to_json(),
         "model_version": model_version,
         "recorded_at": dt.datetime.now(dt.UTC).isoformat(),
-        **{k: result[k] for k in ("rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "outputs") if k in result},
+        **counts,
     }
-    path = write_json_atomic(record_path(workspace, run_date, batch.name), record)
+    path = storage.write_json(record_path(workspace, run_date, batch.name), record)
     # A file scored after an earlier run rejected it is rejected no more.
-    rejection_path(workspace, run_date, batch.name).unlink(missing_ok=True)
+    storage.remove(rejection_path(workspace, run_date, batch.name))
     return path
+
+
+def withdraw_record(workspace: Workspace, run_date: dt.date, batch: str) -> bool:
+    """Remove a batch's manifest record before its outputs are replaced, so a run killed meanwhile leaves it to be scored again."""
+    return storage.remove(record_path(workspace, run_date, batch))
+
+
+def write_rejection(workspace: Workspace, run_date: dt.date, batch: Batch, rejection: dict[str, Any]) -> Path:
+    """Record why a whole file was not scored, with the fingerprint of the bytes that were refused (when readable)."""
+    try:
+        refused = storage.fingerprint(batch.path).to_json()
+    except OSError:
+        refused = {}
+    payload = {"batch": batch.name, **rejection, **refused, "rejected_at": dt.datetime.now(dt.UTC).isoformat()}
+    return storage.write_json(rejection_path(workspace, run_date, check_path_part(batch.name, "batch")), payload)
+
+
+def awaits_scoring(workspace: Workspace, run_date: dt.date, batch: Batch) -> bool:
+    """Return True for a file with no record that was not rejected as it is now: a late arrival, or a file replaced after a rejection."""
+    if read_record(workspace, run_date, batch.name) is not None:
+        return False
+    rejection = storage.read_json_if_present(rejection_path(workspace, run_date, batch.name))
+    if not rejection or "content_sha256" not in rejection:
+        return True
+    try:
+        if (rejection.get("size"), rejection.get("mtime_ns")) != storage.size_and_mtime(batch.path):
+            return True
+    except OSError:
+        return False
+    return rejection["content_sha256"] != storage.content_hash(batch.path)
+
+
+def recorded_batches(workspace: Workspace, run_date: dt.date, model_version: str | None = None) -> list[dict[str, Any]]:
+    """Return the manifest records of a date (only those of ``model_version`` when given), by batch name."""
+    folder = record_path(workspace, run_date, "x").parent
+    records = [storage.read_json_if_present(path) for path in storage.list_files(folder, "*.json")]
+    return [r for r in records if r and (model_version is None or r.get("model_version") == model_version)]
+
+
+def rejected_batches(workspace: Workspace, run_date: dt.date) -> list[dict[str, Any]]:
+    """Return the rejection records of a date, by batch name."""
+    folder = rejection_path(workspace, run_date, "x").parent
+    return [r for r in (storage.read_json_if_present(p) for p in storage.list_files(folder, "*.json")) if r]

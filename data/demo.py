@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.atomic import atomic_path
+from data import storage
 from data.workspace import Workspace
 
 FEATURE_PREFIX = "f"
@@ -57,7 +57,7 @@ def rows_table(features: np.ndarray, labels: np.ndarray, row_ids: np.ndarray) ->
 
 def write_table(table: pa.Table, path: Path, row_group_rows: int = 1_000_000) -> Path:
     """Write ``table`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+    with storage.staged_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_rows)
     return path
 

@@ -14,11 +14,13 @@ class ParameterError(AnomalyJobError, ValueError):
 class BatchFileError(AnomalyJobError):
     """A Parquet file cannot be used; the message names the file and, where known, the column."""
 
-    def __init__(self, path: object, reason: str, column: str | None = None, code: str = "unreadable"):
+    def __init__(self, path: object, reason: str, column: str | None = None, code: str = "unreadable", transient: bool = False):
         self.path = str(path)
         self.column = column
         self.reason = reason
         self.code = code
+        # Transient errors (an I/O error of the disk or network file system) are worth retrying; bad files are not.
+        self.transient = transient
         where = f"{self.path}" + (f", column '{column}'" if column else "")
         super().__init__(f"{where}: {reason}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data import storage
 from data.errors import BatchFileError, SchemaError, TrainingDataError
+from data.output_schema import RESERVED_COLUMNS
 
 DEFAULT_CHUNK_ROWS = 131_072
 
@@ -23,9 +24,9 @@ def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:
     """Return the .parquet files named by a file, a folder (searched recursively) or a glob, sorted."""
     text = os.fspath(source)
     path = Path(text).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
-    elif path.is_file():
+    if storage.is_dir(path):
+        files = storage.list_files(path, "*.parquet", recursive=True)
+    elif storage.is_file(path):
         files = [path]
     else:
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if p.endswith(".parquet"))
@@ -33,6 +34,15 @@ def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:
 
 
 STREAM_BUFFER_BYTES = 4 << 20
+
+
+def read_error(path: Path, error: BaseException, what: str, code: str) -> BatchFileError:
+    """Return the error to raise for a failed read: missing file, transient I/O error (retried) or bad content."""
+    if isinstance(error, FileNotFoundError):
+        return BatchFileError(path, "file not found", code="missing")
+    if storage.is_transient(error):
+        return BatchFileError(path, f"I/O error while reading ({error}); retried before giving up", code="read_error", transient=True)
+    return BatchFileError(path, f"{what} ({error})", code=code)
 
 
 def open_parquet(path: Path, streaming: bool = False) -> pq.ParquetFile:
@@ -43,10 +53,8 @@ def open_parquet(path: Path, streaming: bool = False) -> pq.ParquetFile:
             # buffered column reads keep memory flat however large the file is.
             return pq.ParquetFile(path, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES)
         return pq.ParquetFile(path)
-    except FileNotFoundError as exc:
-        raise BatchFileError(path, "file not found", code="missing") from exc
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise BatchFileError(path, f"not a readable Parquet file ({exc})", code="unreadable") from exc
+        raise read_error(path, exc, "not a readable Parquet file", "unreadable") from exc
 
 
 def is_numeric_type(dtype: pa.DataType) -> bool:
@@ -65,14 +73,17 @@ class BatchSchema:
     num_row_groups: int
 
 
-def check_batch_schema(path: Path, feature_names: Sequence[str]) -> BatchSchema:
-    """Check that ``path`` is readable Parquet holding every feature as a numeric column."""
+def check_batch_schema(path: Path, feature_names: Sequence[str], reserved: frozenset[str] = RESERVED_COLUMNS) -> BatchSchema:
+    """Check that ``path`` is readable Parquet holding every feature as a numeric column and no ``reserved`` column."""
     parquet = open_parquet(path)
     schema = parquet.schema_arrow
     names = list(schema.names)
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise SchemaError(path, "column name appears more than once", column=duplicates[0], code="duplicate_column")
+    clashes = sorted(set(names) & reserved)
+    if clashes:
+        raise SchemaError(path, "input already has a column the outputs add; rename it", column=clashes[0], code="reserved_column")
     for feature in feature_names:
         if feature not in names:
             raise SchemaError(path, "feature column is missing", column=feature, code="missing_column")
@@ -122,7 +133,7 @@ def _record_batches(path: Path, chunk_rows: int, row_groups: Sequence[int] | Non
         for group in groups:
             yield from parquet.iter_batches(batch_size=chunk_rows, row_groups=[group], use_threads=True)
     except (pa.ArrowException, OSError) as exc:
-        raise BatchFileError(path, f"file is corrupt or truncated ({exc})", code="corrupt") from exc
+        raise read_error(path, exc, "file is corrupt or truncated", "corrupt") from exc
 
 
 _FILL_BLOCK_ROWS = 4096
@@ -138,31 +149,13 @@ def feature_matrix(batch: pa.RecordBatch | pa.Table, feature_names: Sequence[str
         columns.append(column.to_numpy(zero_copy_only=False))
     matrix = np.empty((batch.num_rows, len(feature_names)), dtype=dtype)
     # Filled in blocks of rows small enough to stay in cache: writing whole strided columns is 4x slower.
-    for start in range(0, batch.num_rows, _FILL_BLOCK_ROWS):
-        block = matrix[start : start + _FILL_BLOCK_ROWS]
-        for j, values in enumerate(columns):
-            block[:, j] = values[start : start + _FILL_BLOCK_ROWS]
+    # A float64 beyond float32's range becomes infinite, which marks its row as one that cannot be scored.
+    with np.errstate(over="ignore"):
+        for start in range(0, batch.num_rows, _FILL_BLOCK_ROWS):
+            block = matrix[start : start + _FILL_BLOCK_ROWS]
+            for j, values in enumerate(columns):
+                block[:, j] = values[start : start + _FILL_BLOCK_ROWS]
     return matrix
-
-
-def file_fingerprint(paths: Sequence[Path]) -> str:
-    """Return a SHA-256 over the names and bytes of ``paths``, identifying exactly this data."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def content_hash(path: Path) -> str:
-    """Return the SHA-256 of one file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def plan_row_group_units(path: Path, rows_per_unit: int) -> list[list[int]]:
@@ -182,12 +175,24 @@ def plan_row_group_units(path: Path, rows_per_unit: int) -> list[list[int]]:
     return units
 
 
+NORMAL, ANOMALY, UNLABELLED = 0, 1, -1
+
+
+def label_classes(labels: pa.Array | pa.ChunkedArray, normal_label: str) -> np.ndarray:
+    """Return NORMAL where the label is ``normal_label`` (compared as text), UNLABELLED where it is null or NaN, else ANOMALY."""
+    import pyarrow.compute as pc
+
+    missing = pc.is_null(labels, nan_is_null=True).to_numpy(zero_copy_only=False)
+    text = labels.cast(pa.string()).to_numpy(zero_copy_only=False)
+    return np.where(missing, UNLABELLED, np.where(text == str(normal_label), NORMAL, ANOMALY)).astype(np.int8)
+
+
 @dataclass
 class TrainingRows:
-    """Training rows read into memory: features, which rows are normal, and where they came from."""
+    """Training rows read into memory: features, each row's label class, and where they came from."""
 
     features: np.ndarray
-    is_normal: np.ndarray
+    classes: np.ndarray
     feature_names: list[str]
     files: list[Path]
     fingerprint: str
@@ -213,10 +218,13 @@ def read_training_rows(
         names = [f.name for f in first_schema if f.name not in skip and is_numeric_type(f.type)]
     if not names:
         raise TrainingDataError(f"{files[0]}: no numeric feature columns found")
+    reserved = sorted(set(names) & RESERVED_COLUMNS)
+    if reserved:
+        raise TrainingDataError(f"{files[0]}, column '{reserved[0]}': a feature may not be named like a column the outputs add; rename it")
     blocks: list[np.ndarray] = []
-    normal_flags: list[np.ndarray] = []
+    class_blocks: list[np.ndarray] = []
     for path in files:
-        schema = check_batch_schema(path, names)
+        schema = check_batch_schema(path, names, reserved=frozenset())
         has_label = label_column in schema.columns
         if not has_label and not all_rows_normal:
             raise TrainingDataError(
@@ -232,14 +240,30 @@ def read_training_rows(
             raise TrainingDataError(f"{path}, column '{column}': {int(bad.any(axis=1).sum())} rows hold NaN, null or infinite values")
         blocks.append(matrix)
         if has_label:
-            labels = table.column(label_column).cast(pa.string()).to_numpy(zero_copy_only=False)
-            normal_flags.append(labels == str(normal_label))
+            class_blocks.append(label_classes(table.column(label_column), normal_label))
         else:
-            normal_flags.append(np.ones(len(matrix), dtype=bool))
+            class_blocks.append(np.full(len(matrix), NORMAL, dtype=np.int8))
     return TrainingRows(
         features=np.concatenate(blocks),
-        is_normal=np.concatenate(normal_flags),
+        classes=np.concatenate(class_blocks),
         feature_names=names,
         files=files,
-        fingerprint=file_fingerprint(files),
+        fingerprint=storage.files_digest(files),
     )
+
+
+def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    """Open a Parquet writer that dictionary-encodes only text columns."""
+    # On unique floats and ids pyarrow builds a dictionary and then gives it up, which makes writing
+    # scores 4x slower and the file larger.
+    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)]
+    return pq.ParquetWriter(path, schema, use_dictionary=text)
+
+
+def concatenate_parquet(parts: Sequence[Path], target: Path) -> None:
+    """Copy the row groups of ``parts``, in order, into one new file at ``target``, streaming."""
+    schema = pq.read_schema(parts[0])
+    with parquet_writer(target, schema) as writer:
+        for part in parts:
+            for batch in open_parquet(part, streaming=True).iter_batches(batch_size=DEFAULT_CHUNK_ROWS):
+                writer.write_batch(batch)

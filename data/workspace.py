@@ -68,13 +68,11 @@ class Workspace:
 
 
 def resolve_run_date(run_date: dt.date | None, timezone: str) -> dt.date:
-    """Return ``run_date``, or today in ``timezone`` when it is None."""
+    """Return ``run_date``, or today in ``timezone`` when it is None; an unknown time zone is refused either way."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    if run_date is not None:
-        return run_date
     try:
         zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ParameterError(f"timezone={timezone!r} is not an IANA time zone name such as 'UTC' or 'Europe/Paris'") from exc
-    return dt.datetime.now(zone).date()
+    return run_date if run_date is not None else dt.datetime.now(zone).date()

@@ -7,12 +7,14 @@ import datetime as dt
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from data.workspace import WORKSPACE_ENV, default_workspace
 
 PRESETS = ("default", "seed")
+PROMOTE_LOCK_TIMEOUT_S = 600.0
 
 # Prefect's embedded server migrates its database on first start; on two slow cores that can exceed the 20 s default.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--force", action="store_true", help="score batches again even if the current model already scored them")
     score.add_argument("--no-scores", dest="write_scores", action="store_false", help="do not write every row's score (outputs/scores/)")
     score.add_argument("--model-version", default=None, help="model version to use (default: models/current.json)")
+    score.add_argument("--catch-up-days", type=int, default=3, help="also score files of this many earlier dates that have no record yet, under their own dates; 0 turns it off (default: %(default)s)")
     score.add_argument("--chunk-rows", type=int, default=131_072, help="rows read and scored at a time (default: %(default)s)")
     score.add_argument("--max-bad-row-share", type=float, default=0.1, help="share of rows with missing/infinite features above which a batch fails (default: %(default)s)")
     score.add_argument("--dask-workers", type=int, default=0, help="score on a local Dask cluster of this many worker processes (default: 0, no Dask)")
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_model_command(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    from data.locks import retraining_lock
     from data.workspace import Workspace
     from models.bundle import current_version, list_versions, load_bundle, promote
 
@@ -90,8 +94,10 @@ def _run_model_command(command: str, args: argparse.Namespace) -> dict[str, Any]
     if command == "models":
         return {"versions": list_versions(models_dir), "current": current_version(models_dir, required=False)}
     load_bundle(workspace.version_dir(args.version))
-    previous = current_version(models_dir, required=False)
-    promote(models_dir, args.version)
+    # A retraining run may be about to promote its own version: wait for it rather than race it.
+    with retraining_lock(workspace, timeout_s=PROMOTE_LOCK_TIMEOUT_S):
+        previous = current_version(models_dir, required=False)
+        promote(models_dir, args.version)
     return {"model_version": args.version, "previous_version": previous}
 
 
@@ -130,6 +136,7 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
         write_scores=args.write_scores,
         model_version=args.model_version,
         timezone=args.timezone or DEFAULT_TIMEZONE,
+        catch_up_days=args.catch_up_days,
         chunk_rows=args.chunk_rows,
         max_bad_row_share=args.max_bad_row_share,
         dask_address=args.dask_address,
@@ -143,9 +150,9 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "retrain": ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
     "models": ("current", "versions"),
     "promote": ("model_version", "previous_version"),
-    "score": ("date", "model_version", "threshold", "rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "flag_rate", "expected_flag_rate", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "flagged_dir", "scores_dir", "report", "failed"),
+    "score": ("date", "model_version", "threshold", "rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "rows_unlabelled", "flag_rate", "expected_flag_rate", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "catch_up_batches", "flagged_dir", "scores_dir", "report", "failed"),
 }
-SUMMARY_KEYS["demo"] = SUMMARY_KEYS["score"] + ("percentile", "model_dir", "training_report")
+SUMMARY_KEYS["demo"] = SUMMARY_KEYS["score"] + ("promoted", "promotion_refused", "percentile", "model_dir", "training_report")
 
 
 def main(argv: Sequence[str] | None = None, run: Callable[[str, argparse.Namespace], dict[str, Any]] = _run) -> int:
@@ -160,13 +167,17 @@ def main(argv: Sequence[str] | None = None, run: Callable[[str, argparse.Namespa
         outcome = getattr(exc, "outcome", {})
         status, code = "failed", 1
         print(f"error: {exc}", file=sys.stderr)
-    except Exception as exc:  # a parameter Prefect refused, or an unexpected failure
+    except Exception as exc:  # a parameter Prefect refused, or an unexpected failure: either way the JSON line follows
         from prefect.exceptions import ParameterTypeError
 
-        if not isinstance(exc, ParameterTypeError):
-            raise
-        outcome, status, code = {}, "failed", 2
-        print(f"error: {exc}", file=sys.stderr)
+        outcome = {}
+        if isinstance(exc, ParameterTypeError):
+            status, code = "failed", 2
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            status, code = "crashed", 1
+            traceback.print_exc(file=sys.stderr)
+            print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
     summary = {"command": args.command, "status": status, **{k: outcome[k] for k in SUMMARY_KEYS[args.command] if k in outcome}}
     print(json.dumps(summary, default=str), flush=True)
     return code

@@ -22,7 +22,7 @@ def demo_flow(
     run_date: Annotated[dt.date | None, Field(json_schema_extra={"title": "Run date"})] = None,
     n_batches: Annotated[int, Field(ge=1, le=100, json_schema_extra={"title": "Number of batch files"})] = 4,
 ) -> dict[str, Any]:
-    """Run the whole product on the tutorial's dataset: write it, retrain, score one night.
+    """Run the whole product on the tutorial's dataset: write it, retrain, score one night with the model just trained.
 
     Args:
         workspace: Root folder the demo writes its training data, batches, model and outputs into.
@@ -34,5 +34,13 @@ def demo_flow(
     date = resolve_run_date(run_date, DEFAULT_TIMEZONE)
     write_demo_data(root, date, n_batches)
     trained = retrain_flow(workspace=root, preset=preset)
-    scored = score_flow(workspace=root, run_date=date, force=True)
-    return {**scored, "percentile": trained["percentile"], "training_report": trained["report"], "model_dir": trained["model_dir"]}
+    # The night is scored with the model just trained, even when the promotion gate kept a better one current.
+    scored = score_flow(workspace=root, run_date=date, force=True, model_version=trained["model_version"], catch_up_days=0)
+    return {
+        **scored,
+        "promoted": trained["promoted"],
+        "promotion_refused": trained["promotion_refused"],
+        "percentile": trained["percentile"],
+        "training_report": trained["report"],
+        "model_dir": trained["model_dir"],
+    }

@@ -18,25 +18,30 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 from pydantic import Field
 
+from data import storage
+from data.batches import Batch
 from data.errors import AnomalyJobError
-from data.locks import scoring_lock
+from data.locks import LockBusyError, scoring_lock
 from data.workspace import Workspace, default_workspace, resolve_run_date
 from models.reports import anomaly_class_metrics
-from models.scoring import batch_report_dir, describe_failure
+from models.scoring import BatchResult, describe_failure
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.scoring import (
     already_scored,
     discard_units,
     find_batches,
+    find_late_batches,
     merge_units,
     plan_units,
-    record_rejected_batch,
     record_scored_batch,
+    reject_batch,
     remove_stale_temporaries,
     resolve_model_version,
     score_batch,
     score_unit,
-    summarize_run,
+    summarize_date,
+    withdraw_records,
+    write_batch_report,
 )
 
 DEFAULT_TIMEZONE = os.environ.get("ANOMALY_TIMEZONE", "UTC")
@@ -69,42 +74,64 @@ def task_runner(dask_address: str | None, dask_workers: int, threads_per_worker:
     return ThreadPoolTaskRunner(max_workers=1)
 
 
-def _score_whole_files(runner: TaskRunner, root: str, date: dt.date, todo: list[dict[str, str]], version: str, write_scores: bool, chunk_rows: int, max_bad_row_share: float, scored_at: dt.datetime) -> list[State]:
-    futures = [runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": b, "model_version": version, "write_scores": write_scores, "chunk_rows": chunk_rows, "max_bad_row_share": max_bad_row_share, "scored_at": scored_at}) for b in todo]
+Work = list[tuple[dt.date, Batch]]
+
+
+def _score_whole_files(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any]) -> list[State]:
+    futures = [runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, **options}) for date, batch in work]
     return [_settled(f) for f in futures]
 
 
-def _score_in_units(runner: TaskRunner, root: str, date: dt.date, todo: list[dict[str, str]], version: str, write_scores: bool, chunk_rows: int, max_bad_row_share: float, rows_per_unit: int, scored_at: dt.datetime) -> list[State]:
+def _score_in_units(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any], rows_per_unit: int) -> list[State]:
     logger = get_run_logger()
-    unit_futures: list[list[PrefectFuture] | PrefectFuture | State] = []
-    for batch in todo:
-        plan = plan_units(batch, rows_per_unit, return_state=True)
-        if plan.is_failed():
-            unit_futures.append(plan)
+    # Planning fingerprints each file, so it runs on the workers, side by side.
+    plans = [_settled(runner.submit(plan_units, parameters={"batch": batch, "rows_per_unit": rows_per_unit})) for _, batch in work]
+    unit_options = {"chunk_rows": options["chunk_rows"], "scored_at": options["scored_at"]}
+    pending: list[list[PrefectFuture] | PrefectFuture | State] = []
+    for (date, batch), plan in zip(work, plans, strict=True):
+        if not plan.is_completed():
+            pending.append(plan)
             continue
-        units = plan.result()
-        logger.info("Batch %s: %d unit(s) of row groups", batch["name"], len(units))
+        units = plan.result().units
+        logger.info("Batch %s: %d unit(s) of row groups", batch.name, len(units))
         if len(units) == 1:
             # A file small enough for one unit is scored straight into its outputs, with nothing to join.
-            unit_futures.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "write_scores": write_scores, "chunk_rows": chunk_rows, "max_bad_row_share": max_bad_row_share, "scored_at": scored_at}))
+            pending.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, **options, "before": plan.result().fingerprint}))
             continue
-        unit_futures.append([
-            runner.submit(score_unit, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit": i, "row_groups": groups, "chunk_rows": chunk_rows, "scored_at": scored_at})
+        pending.append([
+            runner.submit(score_unit, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit": i, "row_groups": groups, **unit_options})
             for i, groups in enumerate(units)
         ])
     merges: list[PrefectFuture | State] = []
-    for batch, futures in zip(todo, unit_futures, strict=True):
+    for (date, batch), plan, futures in zip(work, plans, pending, strict=True):
         if not isinstance(futures, list):
             merges.append(futures)
             continue
         states = [_settled(f) for f in futures]
-        failure = next((s for s in states if s.is_failed()), None)
+        failure = next((s for s in states if not s.is_completed()), None)
         if failure is not None:
             discard_units(root, date, batch)
             merges.append(failure)
             continue
-        merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit_results": [s.result() for s in states], "write_scores": write_scores, "max_bad_row_share": max_bad_row_share}))
-    return [m if isinstance(m, State) else _settled(m) for m in merges]
+        merge_options = {"write_scores": options["write_scores"], "max_bad_row_share": options["max_bad_row_share"]}
+        merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "plan": plan.result(), "unit_results": [s.result() for s in states], **merge_options}))
+    states = [m if isinstance(m, State) else _settled(m) for m in merges]
+    for (date, batch), plan, state in zip(work, plans, states, strict=True):
+        if plan.is_completed() and not state.is_completed():
+            # The merge keeps its parts while it may be retried; once it has finally failed they go.
+            discard_units(root, date, batch)
+    return states
+
+
+def _failure(state: State) -> BaseException:
+    """Return the exception a Failed, Crashed or Cancelled task ended with."""
+    try:
+        value = state.result(raise_on_failure=False)
+    except BaseException as exc:  # some final states raise rather than return their exception
+        value = exc
+    if isinstance(value, BaseException):
+        return value
+    return RuntimeError(f"task ended {state.type.value}: {state.message or 'no message'}")
 
 
 def _settled(future: PrefectFuture) -> State:
@@ -152,6 +179,7 @@ def score_flow(
     write_scores: Annotated[bool, Field(json_schema_extra={"title": "Write every row's score"})] = True,
     model_version: Annotated[Annotated[str, Field(min_length=1)] | None, Field(json_schema_extra={"title": "Model version"})] = None,
     timezone: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Time zone"})] = DEFAULT_TIMEZONE,
+    catch_up_days: Annotated[int, Field(ge=0, le=31, json_schema_extra={"title": "Days of late files to catch up"})] = 3,
     chunk_rows: Annotated[int, Field(ge=1024, le=10_000_000, json_schema_extra={"title": "Rows per chunk"})] = 131_072,
     max_bad_row_share: Annotated[float, Field(ge=0, le=1, json_schema_extra={"title": "Maximum share of bad rows"})] = 0.1,
     dask_address: Annotated[str | None, Field(json_schema_extra={"title": "Dask scheduler address"})] = None,
@@ -169,6 +197,7 @@ def score_flow(
         write_scores: Also write every row's score (outputs/scores/) for joining back.
         model_version: Model version to score with. Empty means the current one (models/current.json).
         timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris.
+        catch_up_days: Also score files of this many earlier dates that have no record yet (late arrivals, files replaced after a rejection), under their own dates; 0 turns it off.
         chunk_rows: Rows read and scored at a time; bounds memory whatever the file size.
         max_bad_row_share: Share of rows with missing or infinite features above which a batch fails instead of being scored.
         dask_address: Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) to score on. Empty means ANOMALY_DASK_ADDRESS, or no Dask.
@@ -186,69 +215,99 @@ def score_flow(
 
     # Step 1: which model, which batches.
     model = resolve_model_version(root, model_version)
-    version = model["model_version"]
+    version = model.version
     found = find_batches(root, date, list(batch_paths or []))
-    logger.info("Scoring %d batch(es) of %s with model %s (threshold %.6g)", len(found), date, version, model["threshold"])
+    logger.info("Scoring %d batch(es) of %s with model %s (threshold %.6g)", len(found), date, version, model.threshold)
 
-    # Step 2: score each batch under the date's lock, so a second run of the date waits and then skips
-    # what this one scored; one bad file does not stop the others.
-    scored, skipped, failed = [], [], []
-    report_dir = os.fspath(batch_report_dir(ws, date))
-    distributed = bool(dask_address or dask_workers)
-    with scoring_lock(ws, date):
-        remove_stale_temporaries(root, date)
-        todo = []
+    with contextlib.ExitStack() as locks:
+        # Step 2: under the date's lock (a second run of the date waits, then skips what this one scored),
+        # and the locks of the earlier dates no other run holds, choose the work.
+        locks.enter_context(scoring_lock(ws, date))
+        late_dates = [] if batch_paths else _lock_earlier_dates(ws, date, catch_up_days, locks)
+        for day in [date, *late_dates]:
+            remove_stale_temporaries(root, day)
+        work: Work = []
+        skipped = []
         for batch in found:
             if not force and already_scored(root, date, batch, version):
-                logger.info("%s already scored by model %s; skipped (force=True to redo)", batch["name"], version)
-                skipped.append(batch["name"])
+                logger.info("%s already scored by model %s; skipped (force=True to redo)", batch.name, version)
+                skipped.append(batch.name)
             else:
-                todo.append(batch)
+                work.append((date, batch))
+        late = [(day, batch) for day in late_dates for batch in find_late_batches(root, day)]
+        if late:
+            logger.info("Catching up %d late file(s) of earlier dates: %s", len(late), [f"{d}/{b.name}" for d, b in late])
+        work += late
+        # Withdrawn before any output is replaced: a run killed from here on leaves these batches to the next run.
+        withdraw_records(root, work)
+
+        # Step 3: score; one bad file does not stop the others.
+        options = {"write_scores": write_scores, "chunk_rows": chunk_rows, "max_bad_row_share": max_bad_row_share, "scored_at": scored_at}
+        distributed = bool(dask_address or dask_workers)
         with _api_shared_with_workers(distributed), task_runner(dask_address, dask_workers, dask_threads_per_worker) as runner:
             if distributed:
-                states = _score_in_units(runner, root, date, todo, version, write_scores, chunk_rows, max_bad_row_share, rows_per_unit, scored_at)
+                states = _score_in_units(runner, root, work, version, options, rows_per_unit)
             else:
-                states = _score_whole_files(runner, root, date, todo, version, write_scores, chunk_rows, max_bad_row_share, scored_at)
-        for batch, state in zip(todo, states, strict=True):
-            if state.is_failed():
-                rejection = describe_failure(state.result(raise_on_failure=False), batch["path"])
-                logger.error("Batch %s failed and is not marked scored: %s", batch["name"], rejection["error"])
-                record_rejected_batch(root, date, batch, rejection)
-                failed.append({"batch": batch["name"], **rejection})
+                states = _score_whole_files(runner, root, work, version, options)
+
+        # Step 4: publish each scored batch (report, then its manifest record, last); withdraw and record each failure.
+        scored: list[BatchResult] = []
+        failed: list[dict[str, Any]] = []
+        for (day, batch), state in zip(work, states, strict=True):
+            if not state.is_completed():
+                rejection = describe_failure(_failure(state), str(batch.path))
+                logger.error("Batch %s of %s failed and is not published: %s", batch.name, day, rejection["error"])
+                reject_batch(root, day, batch, rejection)
+                failed.append({"date": day.isoformat(), "batch": batch.name, **rejection})
                 continue
             result = state.result()
-            write_evaluation_report(result["summary"], report_dir, batch["name"], f"Batch {batch['name']} ({date})", {"batch": batch["name"], "source": batch["path"], "model_version": version, "date": date.isoformat()})
-            record_scored_batch(root, date, batch, version, result)
+            write_batch_report(root, result, version)
+            record_scored_batch(root, result, version)
             scored.append(result)
+        caught_up = [{"date": d.isoformat(), "batch": b.name} for d, b in late]
 
-        # Step 3: the run report covers every batch of the date scored by this model, and every failure.
-        summary = summarize_run(root, date, [r["batch"] for r in scored] + skipped, version)
-        summary["failed_batches"] = failed
-        context = {"date": date.isoformat(), "model_version": version, "batches_scored": len(scored), "batches_skipped": len(skipped), "batches_failed": len(failed)}
-        report_paths = write_evaluation_report(summary, os.fspath(ws.output_partition("reports", date)), "run-report", f"Scoring run {date}, model {version}", context)
+        # Step 5: the run report covers every batch of the date this model published, and this run's failures;
+        # an earlier date that got late files has its run report brought up to date too.
+        reports = {}
+        for day in [date, *sorted({r.run_date for r in scored} - {date})]:
+            summary = summarize_date(root, day, version)
+            summary["failed_batches"] = [f for f in failed if f["date"] == day.isoformat()]
+            context = {
+                "date": day.isoformat(),
+                "model_version": version,
+                "batches_scored": sum(r.run_date == day for r in scored),
+                "batches_skipped": len(skipped) if day == date else 0,
+                "batches_failed": len(summary["failed_batches"]),
+            }
+            if day == date:
+                summary["catch_up_batches"] = caught_up
+            reports[day] = summary, write_evaluation_report(summary, os.fspath(ws.output_partition("reports", day)), "run-report", f"Scoring run {day}, model {version}", context)
+    summary, report_paths = reports[date]
 
     with open(report_paths["markdown"], encoding="utf-8") as handle:
         markdown = handle.read()
     table = [
-        {"batch": r["batch"], "rows_read": r["rows_read"], "rows_scored": r["rows_scored"], "rows_flagged": r["rows_flagged"], "rows_quarantined": r["rows_quarantined"], "flag_rate": round(r["summary"]["flag_rate"], 6), "error": None}
+        {"date": r.run_date.isoformat(), "batch": r.batch, "rows_read": r.rows_read, "rows_scored": r.rows_scored, "rows_flagged": r.rows_flagged, "rows_quarantined": r.rows_quarantined, "flag_rate": round(r.summary["flag_rate"], 6), "error": None}
         for r in scored
-    ] + [{"batch": f["batch"], "rows_read": 0, "rows_scored": 0, "rows_flagged": 0, "rows_quarantined": 0, "flag_rate": None, "error": f["error"]} for f in failed]
+    ] + [{"date": f["date"], "batch": f["batch"], "rows_read": 0, "rows_scored": 0, "rows_flagged": 0, "rows_quarantined": 0, "flag_rate": None, "error": f["error"]} for f in failed]
     publish_report_artifacts(f"scoring-report-{date.isoformat()}", markdown, table, f"Scoring run of {date} with model {version}")
 
     outcome = {
         "date": date.isoformat(),
         "model_version": version,
-        "threshold": model["threshold"],
-        "batches_scored": len(scored),
+        "threshold": model.threshold,
+        "batches_scored": sum(r.run_date == date for r in scored),
         "batches_skipped": len(skipped),
         "batches_failed": len(failed),
         "rows_read": summary["rows_read"],
         "rows_scored": summary["rows_scored"],
         "rows_flagged": summary["rows_flagged"],
         "rows_quarantined": summary["rows_quarantined"],
+        "rows_unlabelled": summary["rows_unlabelled"] if summary["labels"] else None,
         "flag_rate": summary["flag_rate"] if summary["rows_scored"] else None,
         "expected_flag_rate": summary["expected_flag_rate"],
         **anomaly_class_metrics(summary),
+        "catch_up_batches": caught_up,
         "flagged_dir": os.fspath(ws.output_partition("flagged", date)),
         "scores_dir": os.fspath(ws.output_partition("scores", date)) if write_scores else None,
         "report": report_paths["markdown"],
@@ -257,5 +316,22 @@ def score_flow(
     }
     if failed:
         names = "; ".join(f["error"] for f in failed)
-        raise BatchesFailedError(f"{len(failed)} of {len(found)} batch(es) failed and were not marked scored: {names}", outcome)
+        raise BatchesFailedError(f"{len(failed)} of {len(work)} batch(es) failed and were not published: {names}", outcome)
     return outcome
+
+
+def _lock_earlier_dates(workspace: Workspace, date: dt.date, days: int, locks: contextlib.ExitStack) -> list[dt.date]:
+    """Take the scoring locks of the ``days`` dates before ``date`` that no other run holds; return those dates."""
+    logger = get_run_logger()
+    held = []
+    for back in range(1, days + 1):
+        day = date - dt.timedelta(days=back)
+        if not storage.is_dir(workspace.incoming_for(day)):
+            continue
+        try:
+            locks.enter_context(scoring_lock(workspace, day, timeout_s=0))
+        except LockBusyError:
+            logger.info("Another run is scoring %s; its late files are left to it", day)
+            continue
+        held.append(day)
+    return held

@@ -8,14 +8,12 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.atomic import publish_dir, write_json_atomic
+from data import storage
 from data.errors import BundleError
-from data.parquet import content_hash
 from data.workspace import check_path_part
 from models.autoencoder import ErrorScorer
 from models.runtime import keras
@@ -36,10 +34,7 @@ def new_version(now: dt.datetime | None = None) -> str:
 
 def staging_dir(models_dir: Path, version: str) -> Path:
     """Return (and create, empty) the folder a version is built in before it is published."""
-    path = models_dir / f"{check_path_part(version, 'model_version')}{STAGING_SUFFIX}"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
+    return storage.fresh_dir(models_dir / f"{check_path_part(version, 'model_version')}{STAGING_SUFFIX}")
 
 
 def library_versions() -> dict[str, str]:
@@ -66,14 +61,14 @@ def publish_bundle(staging: Path) -> Path:
     if not staging.name.endswith(STAGING_SUFFIX):
         raise BundleError(f"{staging}: not a staging folder")
     read_bundle_json(staging)
-    return publish_dir(staging, staging.with_name(staging.name.removesuffix(STAGING_SUFFIX)))
+    return storage.publish_dir(staging, staging.with_name(staging.name.removesuffix(STAGING_SUFFIX)))
 
 
 def read_bundle_json(version_dir: Path) -> dict[str, Any]:
     """Read and check bundle.json of a version folder, refusing one that is missing, edited or inconsistent."""
     path = version_dir / BUNDLE_FILE
     try:
-        bundle = json.loads(path.read_text(encoding="utf-8"))
+        bundle = storage.read_json(path)
     except FileNotFoundError as exc:
         raise BundleError(f"{path}: missing; is {version_dir.name!r} a model version? Retrain or pick another version") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -99,9 +94,9 @@ def bundle_digest(bundle: dict[str, Any]) -> str:
 
 def remove_stale_staging(models_dir: Path) -> list[Path]:
     """Delete ``*.partial`` folders of retraining runs that died; call only while holding the retraining lock."""
-    stale = sorted(models_dir.glob(f"*{STAGING_SUFFIX}")) if models_dir.is_dir() else []
+    stale = [p for p in storage.list_dirs(models_dir) if p.name.endswith(STAGING_SUFFIX)]
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        storage.remove_tree(path)
     return stale
 
 
@@ -109,14 +104,13 @@ def list_versions(models_dir: Path) -> list[dict[str, Any]]:
     """Return every published version, oldest first, with its threshold and promotion decision."""
     current = current_version(models_dir, required=False)
     versions = []
-    for path in sorted(p for p in models_dir.glob("*") if p.is_dir() and not p.name.endswith(STAGING_SUFFIX) and not p.name.startswith(".")):
+    for path in (p for p in storage.list_dirs(models_dir) if not p.name.endswith(STAGING_SUFFIX)):
         try:
             meta = read_bundle_json(path)
         except BundleError as exc:
             versions.append({"model_version": path.name, "usable": False, "problem": str(exc)})
             continue
-        gate_path = path / PROMOTION_FILE
-        gate = json.loads(gate_path.read_text(encoding="utf-8")) if gate_path.is_file() else None
+        gate = storage.read_json_if_present(path / PROMOTION_FILE)
         versions.append({
             "model_version": path.name,
             "usable": True,
@@ -177,9 +171,9 @@ def load_bundle(version_dir: str | os.PathLike[str]) -> LoadedBundle:
     version_dir = Path(version_dir).resolve()
     metadata = read_bundle_json(version_dir)
     model_path = version_dir / str(metadata.get("model_file", MODEL_FILE))
-    if not model_path.is_file():
+    if not storage.is_file(model_path):
         raise BundleError(f"{model_path}: model file missing; retrain or roll back")
-    actual = content_hash(model_path)
+    actual = storage.content_hash(model_path)
     if actual != metadata["model_sha256"]:
         raise BundleError(f"{model_path}: checksum {actual[:12]}… does not match bundle.json ({metadata['model_sha256'][:12]}…); refusing to load an altered model")
     return _load_checked(str(model_path), actual, json.dumps(metadata, sort_keys=True))
@@ -204,7 +198,7 @@ def promote(models_dir: Path, version: str) -> Path:
     version_dir = models_dir / check_path_part(version, "model_version")
     read_bundle_json(version_dir)
     previous = current_version(models_dir, required=False)
-    return write_json_atomic(
+    return storage.write_json(
         models_dir / CURRENT_FILE,
         {"model_version": version, "previous_version": previous, "promoted_at": dt.datetime.now(dt.UTC).isoformat()},
     )
@@ -214,7 +208,7 @@ def current_version(models_dir: Path, required: bool = True) -> str | None:
     """Return the version models/current.json names, or raise if there is none and ``required``."""
     path = models_dir / CURRENT_FILE
     try:
-        version = json.loads(path.read_text(encoding="utf-8"))["model_version"]
+        version = storage.read_json(path)["model_version"]
     except FileNotFoundError:
         if required:
             raise BundleError(f"{path}: no current model; run the retraining flow first (anomaly retrain)") from None
@@ -228,4 +222,4 @@ def discard_staging(staging: str | os.PathLike[str]) -> None:
     """Remove an unpublished staging folder after a failed retraining run."""
     path = Path(staging)
     if path.name.endswith(STAGING_SUFFIX):
-        shutil.rmtree(path, ignore_errors=True)
+        storage.remove_tree(path)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from data.atomic import write_json_atomic
+from data import storage
 from data.errors import BundleError
 from models.autoencoder import reconstruction_errors
 from models.bundle import PROMOTION_FILE, current_version, load_bundle
@@ -80,5 +80,5 @@ def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], 
                 if new_recall is not None and new_recall < current_recall - allowed:
                     reasons.append(f"recall on {anomalies} held-out labelled anomalies is {new_recall:.3f}, clearly below the current model's {current_recall:.3f}")
     decision = {"passed": not reasons, "reasons": reasons, "checks": checks}
-    write_json_atomic(staging / PROMOTION_FILE, decision)
+    storage.write_json(staging / PROMOTION_FILE, decision)
     return decision

@@ -36,7 +36,13 @@ def fix_threshold(holdout_errors: np.ndarray, percentile: float) -> float:
         )
     if not np.isfinite(errors).all():
         raise TrainingDataError("reconstruction errors of held-out rows are not all finite: training diverged; lower the learning rate")
-    return float(np.percentile(errors, percentile))
+    threshold = float(np.percentile(errors, percentile))
+    if not math.isfinite(threshold) or threshold <= 0.0:
+        raise TrainingDataError(
+            f"the {percentile:g}th percentile of held-out reconstruction errors is {threshold!r}: every row would be flagged "
+            "(zero) or none could be; the normal rows are probably constant or duplicated, check the training data's features"
+        )
+    return threshold
 
 
 def calibration_stats(holdout_errors: np.ndarray) -> dict[str, object]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,19 +14,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.atomic import write_json_atomic
+from data import storage
 from data.errors import TrainingDataError
-from data.parquet import content_hash, feature_matrix, read_training_rows
+from data.parquet import ANOMALY, NORMAL, UNLABELLED, feature_matrix, read_training_rows
 from models.autoencoder import build_autoencoder, reconstruction_errors, train_autoencoder
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import AutoencoderConfig
+from models.error_summary import summarize_errors
 from models.reports import (
     anomaly_class_metrics,
     classification_table,
     plot_error_histogram,
     plot_loss_curves,
     render_markdown,
-    summarize_errors,
     write_report_files,
 )
 from models.runtime import keras
@@ -54,8 +53,10 @@ def split_training_data(
     """Keep normal rows, hold out a seeded share for the threshold, and write both splits as Parquet in ``staging``."""
     check_percentile(percentile)
     rows = read_training_rows(source, label_column, normal_label, all_rows_normal, feature_columns)
-    normal = rows.features[rows.is_normal]
-    anomalies = rows.features[~rows.is_normal]
+    # Rows whose label is null or NaN are neither normal nor anomalous: they are counted and left out.
+    normal = rows.features[rows.classes == NORMAL]
+    anomalies = rows.features[rows.classes == ANOMALY]
+    rows_unlabelled = int(np.count_nonzero(rows.classes == UNLABELLED))
     n_holdout = int(round(len(normal) * holdout_fraction))
     needed_holdout = min_holdout_rows(percentile)
     needed_total = max(int(np.ceil(needed_holdout / holdout_fraction)), needed_holdout + MIN_TRAINING_ROWS)
@@ -68,15 +69,14 @@ def split_training_data(
         )
     order = np.random.default_rng(seed).permutation(len(normal))
     holdout_idx, train_idx = order[:n_holdout], order[n_holdout:]
-    work = staging / WORK_DIR
-    work.mkdir(parents=True, exist_ok=True)
+    work = storage.make_dir(staging / WORK_DIR)
     names = rows.feature_names
     train_path = work / "train.parquet"
     holdout_path = work / "holdout.parquet"
-    pq.write_table(_matrix_table(normal[train_idx], names), train_path)
+    _write_table(_matrix_table(normal[train_idx], names), train_path)
     holdout = np.concatenate([normal[holdout_idx], anomalies])
     is_anomaly = np.concatenate([np.zeros(n_holdout, dtype=bool), np.ones(len(anomalies), dtype=bool)])
-    pq.write_table(_matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly)}), holdout_path)
+    _write_table(_matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly)}), holdout_path)
     return {
         "train_path": os.fspath(train_path),
         "holdout_path": os.fspath(holdout_path),
@@ -85,9 +85,15 @@ def split_training_data(
         "rows_train": int(len(train_idx)),
         "rows_holdout_normal": int(n_holdout),
         "rows_holdout_anomalies": int(len(anomalies)),
+        "rows_unlabelled": rows_unlabelled,
         "source_files": [os.fspath(f) for f in rows.files],
         "fingerprint": rows.fingerprint,
     }
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    with storage.staged_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _matrix_table(matrix: np.ndarray, names: Sequence[str], extra: dict[str, pa.Array] | None = None) -> pa.Table:
@@ -110,7 +116,8 @@ def train_model(train_path: str, feature_names: Sequence[str], config: Autoencod
     fit_seconds = time.perf_counter() - started
     if not np.isfinite(history.loss[-1]):
         raise TrainingDataError(f"training diverged (loss {history.loss[-1]}); lower learning_rate or check the features for extreme values")
-    model.save(staging / MODEL_FILE)
+    with storage.staged_path(staging / MODEL_FILE, suffix=".keras") as tmp:
+        model.save(tmp)
     return {
         "loss": history.loss,
         "val_loss": history.val_loss,
@@ -127,7 +134,7 @@ def compute_holdout_errors(staging: Path, holdout_path: str, feature_names: Sequ
     errors = reconstruction_errors(model, read_matrix(holdout_path, feature_names), loss)
     labelled = pq.read_table(holdout_path, columns=["labelled_anomaly"]).column("labelled_anomaly")
     out = staging / WORK_DIR / "holdout-errors.parquet"
-    pq.write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": labelled}), out)
+    _write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": labelled}), out)
     return os.fspath(out)
 
 
@@ -149,7 +156,7 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
         "model_version": version,
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "model_file": MODEL_FILE,
-        "model_sha256": content_hash(model_path),
+        "model_sha256": storage.content_hash(model_path),
         "features": [{"name": n, "dtype": "float64"} for n in split["feature_names"]],
         "label_column": label_column,
         "normal_label": normal_label,
@@ -165,6 +172,7 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
             "rows_train": split["rows_train"],
             "rows_holdout_normal": split["rows_holdout_normal"],
             "rows_holdout_anomalies": split["rows_holdout_anomalies"],
+            "rows_unlabelled": split.get("rows_unlabelled", 0),
             "epochs_run": history["epochs_run"],
             "best_epoch": history["best_epoch"],
             "fit_seconds": history["fit_seconds"],
@@ -172,7 +180,7 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
         "library_versions": library_versions(),
     }
     payload["bundle_sha256"] = bundle_digest(payload)
-    return write_json_atomic(staging / BUNDLE_FILE, payload)
+    return storage.write_json(staging / BUNDLE_FILE, payload)
 
 
 def write_training_report(staging: Path, version: str, errors_path: str, history: dict[str, Any], threshold: dict[str, Any], split: dict[str, Any], preset: str) -> dict[str, Any]:
@@ -182,7 +190,8 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
     errors = table.column("reconstruction_error").to_numpy()
     labelled = table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
     has_anomalies = bool(labelled.any())
-    evaluation = summarize_errors(errors, threshold["value"], threshold["percentile"], labelled if has_anomalies else None)
+    classes = np.where(labelled, ANOMALY, NORMAL).astype(np.int8)
+    evaluation = summarize_errors(errors, threshold["value"], threshold["percentile"], classes if has_anomalies else None)
     normal_summary = summarize_errors(errors[~labelled], threshold["value"], threshold["percentile"], None)
     loss_png = plot_loss_curves(history["loss"], history["val_loss"], report_dir / "loss-curves.png", f"Training loss, model {version}")
     hist_png = plot_error_histogram(normal_summary, report_dir / "holdout-error-histogram.png", f"Held-out normal rows, model {version}")
@@ -190,7 +199,7 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
         "kind": "training",
         "model_version": version,
         "preset": preset,
-        "training": {k: split[k] for k in ("rows_total", "rows_train", "rows_holdout_normal", "rows_holdout_anomalies", "fingerprint")},
+        "training": {k: split.get(k, 0) for k in ("rows_total", "rows_train", "rows_holdout_normal", "rows_holdout_anomalies", "rows_unlabelled", "fingerprint")},
         "history": history,
         "threshold": threshold,
         "holdout_normal": {k: normal_summary[k] for k in ("rows_scored", "rows_flagged", "flag_rate", "expected_flag_rate")},
@@ -204,6 +213,7 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
             "training rows (normal)": split["rows_train"],
             "held-out normal rows": split["rows_holdout_normal"],
             "held-out labelled anomalies": split["rows_holdout_anomalies"],
+            "rows without a label (left out)": split.get("rows_unlabelled", 0),
             "epochs run": history["epochs_run"],
             "best epoch": history["best_epoch"],
             "fit seconds": history["fit_seconds"],
@@ -225,5 +235,5 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
 
 def publish_version(staging: Path) -> Path:
     """Drop the staging folder's working files and rename it to its version folder."""
-    shutil.rmtree(staging / WORK_DIR, ignore_errors=True)
+    storage.remove_tree(staging / WORK_DIR)
     return publish_bundle(staging)

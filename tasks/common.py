@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from data.storage import is_transient
 
-def retry_on_os_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only transient file-system trouble (OSError); bad input fails at once."""
+
+def retry_on_transient_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only transient trouble (an I/O error of the disk or network file system); bad input fails at once."""
     try:
         state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return bool(getattr(exc, "transient", False)) or is_transient(exc)
     return False
+
+
+# Task options of every task that touches files: two retries, two seconds apart, of transient errors only.
+RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_on_transient_error}

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from models import reports
-from tasks.common import retry_on_os_error
+from tasks.common import RETRIES
 
 
 def artifact_key(*parts: str) -> str:
@@ -19,7 +19,7 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
-@task(name="write-evaluation-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_os_error)
+@task(name="write-evaluation-report", cache_policy=NO_CACHE, **RETRIES)
 def write_evaluation_report(summary: dict[str, Any], directory: str, stem: str, title: str, context: dict[str, Any]) -> dict[str, str]:
     """Write an evaluation report (JSON, Markdown, PNG)."""
     return reports.write_evaluation_report(summary, Path(directory), stem, title, context)

@@ -10,10 +10,10 @@ from prefect.cache_policies import NO_CACHE
 
 from models import bundle, promotion, training
 from models.config import AutoencoderConfig
-from tasks.common import retry_on_os_error
+from tasks.common import RETRIES
 
 
-@task(name="split-training-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_os_error)
+@task(name="split-training-data", cache_policy=NO_CACHE, **RETRIES)
 def split_training_data(source: str, staging: str, label_column: str, normal_label: str, all_rows_normal: bool, holdout_fraction: float, percentile: float, seed: int) -> dict[str, Any]:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
     split = training.split_training_data(source, Path(staging), label_column, normal_label, all_rows_normal, holdout_fraction, percentile, seed)
@@ -50,7 +50,7 @@ def fix_threshold(errors_path: str, percentile: float) -> dict[str, Any]:
     return threshold
 
 
-@task(name="save-model-bundle", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_os_error)
+@task(name="save-model-bundle", cache_policy=NO_CACHE, **RETRIES)
 def save_model_bundle(staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], config: dict[str, Any], preset: str, label_column: str, normal_label: str) -> str:
     """Write bundle.json beside the model."""
     settings = AutoencoderConfig.model_validate(config)

@@ -9,9 +9,10 @@ A test asks for a fault by creating a file in the folder named by DASK_FAULTS_DI
 
 from __future__ import annotations
 
+import errno
 import os
 
-import models.scoring
+import models.units
 
 FAULTS_DIR = os.environ.get("DASK_FAULTS_DIR", "")
 
@@ -25,15 +26,15 @@ def _claim(fault: str) -> bool:
 
 
 # Dask may run a preload more than once in a process; wrap the real function only once.
-if FAULTS_DIR and not hasattr(models.scoring.score_unit, "unfaulted"):
-    unfaulted = models.scoring.score_unit
+if FAULTS_DIR and not hasattr(models.units.score_unit, "unfaulted"):
+    unfaulted = models.units.score_unit
 
     def score_unit_with_faults(workspace_root, run_date, batch, *args, **kwargs):
-        if _claim("exit") or os.path.exists(os.path.join(FAULTS_DIR, f"poison-{batch}")):
+        if _claim("exit") or os.path.exists(os.path.join(FAULTS_DIR, f"poison-{batch.name}")):
             os._exit(17)  # the worker process dies mid-unit, as on a lost machine
         if _claim("oserror"):
-            raise OSError("disk went away for a moment")
+            raise OSError(errno.EIO, "disk went away for a moment")
         return unfaulted(workspace_root, run_date, batch, *args, **kwargs)
 
     score_unit_with_faults.unfaulted = unfaulted
-    models.scoring.score_unit = score_unit_with_faults
+    models.units.score_unit = score_unit_with_faults

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import classification_report
 
-from data.batches import Batch, already_scored, batch_name, find_batches, write_record
+from data import storage
+from data.batches import Batch, already_scored, awaits_scoring, batch_name, find_batches, withdraw_record, write_record, write_rejection
 from data.errors import NoBatchesError, ParameterError
 from data.workspace import Workspace, check_path_part, resolve_run_date
-from models.reports import combine_summaries, metrics_from_confusion, render_markdown, summarize_errors
+from models.error_summary import classification_report_from_confusion, combine, summarize_errors
+from models.reports import render_markdown
 from tests.conftest import RUN_DATE, make_rows, write_rows
 
 
@@ -46,12 +48,35 @@ def test_manifest_skips_only_unchanged_batches_scored_by_the_same_model(tmp_path
     path = write_rows(make_rows(10, 0), tmp_path / "in" / "n.parquet")
     batch = Batch("n", path)
     assert not already_scored(ws, RUN_DATE, batch, "v1")
-    write_record(ws, RUN_DATE, batch, "v1", {"rows_scored": 10})
+    write_record(ws, RUN_DATE, batch, "v1", storage.fingerprint(path), {"rows_scored": 10})
     assert already_scored(ws, RUN_DATE, batch, "v1")
     assert not already_scored(ws, RUN_DATE, batch, "v2")
     write_rows(make_rows(10, 1), path)
     os.utime(path, ns=(1, 1))
     assert not already_scored(ws, RUN_DATE, batch, "v1")
+    assert withdraw_record(ws, RUN_DATE, "n") and not withdraw_record(ws, RUN_DATE, "n")
+
+
+def test_a_record_of_an_older_format_is_scored_again(tmp_path):
+    ws = Workspace.at(tmp_path)
+    path = write_rows(make_rows(10, 0), tmp_path / "in" / "n.parquet")
+    record = write_record(ws, RUN_DATE, Batch("n", path), "v1", storage.fingerprint(path), {})
+    storage.write_json(record, {**storage.read_json(record), "format": 1})
+    assert not already_scored(ws, RUN_DATE, Batch("n", path), "v1")
+
+
+def test_late_files_await_scoring_until_recorded_and_a_rejected_file_until_it_is_replaced(tmp_path):
+    ws = Workspace.at(tmp_path)
+    path = write_rows(make_rows(10, 0), ws.incoming_for(RUN_DATE) / "late.parquet")
+    batch = Batch("late", path)
+    assert awaits_scoring(ws, RUN_DATE, batch)
+    write_rejection(ws, RUN_DATE, batch, {"code": "corrupt", "error": "x"})
+    assert not awaits_scoring(ws, RUN_DATE, batch), "a file rejected as it is now is not retried every night"
+    write_rows(make_rows(11, 1), path)
+    assert awaits_scoring(ws, RUN_DATE, batch), "a file replaced after its rejection is caught up"
+    write_record(ws, RUN_DATE, batch, "v1", storage.fingerprint(path), {})
+    assert not awaits_scoring(ws, RUN_DATE, batch)
+    assert not (ws.output_partition("rejected", RUN_DATE) / "late.json").exists(), "a scored file is rejected no more"
 
 
 @pytest.mark.parametrize("bad", ["..", "../x", "/etc", "a/b", ""])
@@ -60,11 +85,12 @@ def test_path_parts_cannot_escape_the_workspace(bad):
         check_path_part(bad, "batch")
 
 
-def test_resolve_run_date_uses_the_timezone_and_names_a_bad_one():
-    assert resolve_run_date(RUN_DATE, "nowhere") == RUN_DATE
+def test_resolve_run_date_uses_the_timezone_and_names_a_bad_one_even_with_a_date():
+    assert resolve_run_date(RUN_DATE, "Europe/Paris") == RUN_DATE
     assert resolve_run_date(None, "UTC") is not None
-    with pytest.raises(ParameterError, match="timezone='Mars/Olympus'"):
-        resolve_run_date(None, "Mars/Olympus")
+    for run_date in (None, RUN_DATE):
+        with pytest.raises(ParameterError, match="timezone='Mars/Olympus'"):
+            resolve_run_date(run_date, "Mars/Olympus")
 
 
 def test_metrics_from_confusion_match_sklearn():
@@ -74,7 +100,7 @@ def test_metrics_from_confusion_match_sklearn():
     expected = classification_report(truth, predicted, output_dict=True, zero_division=0)
     tn, fp = int((~truth & ~predicted).sum()), int((~truth & predicted).sum())
     fn, tp = int((truth & ~predicted).sum()), int((truth & predicted).sum())
-    ours = metrics_from_confusion([[tn, fp], [fn, tp]])
+    ours = classification_report_from_confusion([[tn, fp], [fn, tp]])
     for ours_name, their_name in (("normal", "False"), ("anomaly", "True")):
         for key in ("precision", "recall", "f1-score"):
             assert ours[ours_name][key] == pytest.approx(expected[their_name][key])
@@ -83,10 +109,10 @@ def test_metrics_from_confusion_match_sklearn():
 def test_combined_summaries_add_up_to_the_whole():
     rng = np.random.default_rng(1)
     errors = rng.exponential(size=2000)
-    truth = rng.random(2000) < 0.05
+    truth = (rng.random(2000) < 0.05).astype(np.int8)
     whole = summarize_errors(errors, 3.0, 98.0, truth)
     parts = [summarize_errors(errors[s], 3.0, 98.0, truth[s]) for s in (slice(0, 700), slice(700, 2000))]
-    combined = combine_summaries(parts, 3.0, 98.0)
+    combined = combine(parts, 3.0, 98.0)
     assert combined["rows_scored"] == 2000 and combined["rows_flagged"] == whole["rows_flagged"]
     assert combined["histogram"]["counts"] == whole["histogram"]["counts"]
     assert combined["labels"]["confusion_matrix"] == whole["labels"]["confusion_matrix"]

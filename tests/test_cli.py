@@ -15,7 +15,7 @@ from flows.cli import build_parser, main
     [
         ("demo", ["--workspace", "--preset", "--run-date", "--batches"]),
         ("retrain", ["--training-data", "--preset", "--percentile", "--label-column", "--normal-label", "--all-rows-normal", "--holdout-fraction", "--epochs", "--batch-size", "--learning-rate", "--seed", "--no-promote"]),
-        ("score", ["--run-date", "--timezone", "--force", "--no-scores", "--model-version", "--chunk-rows", "--max-bad-row-share", "--dask-workers", "--dask-threads-per-worker", "--dask-address", "--rows-per-unit"]),
+        ("score", ["--run-date", "--timezone", "--catch-up-days", "--force", "--no-scores", "--model-version", "--chunk-rows", "--max-bad-row-share", "--dask-workers", "--dask-threads-per-worker", "--dask-address", "--rows-per-unit"]),
     ],
 )
 def test_help_documents_every_option(command, options, capsys):
@@ -89,3 +89,28 @@ def test_promoting_a_missing_version_fails_with_one_line(workspace_copy, capsys)
     assert "20990101T000000Z/bundle.json: missing" in capsys.readouterr().err
     assert main(["promote", "../../etc", "--workspace", str(workspace_copy)]) == 1
     assert "not a plain name" in capsys.readouterr().err
+
+
+def test_an_unexpected_exception_still_ends_with_the_json_line_and_a_traceback(capsys):
+    def crashing_run(command, args):
+        raise KeyError("surprise")
+
+    assert main(["score", "--run-date", "2026-11-27"], run=crashing_run) == 1
+    captured = capsys.readouterr()
+    assert "Traceback (most recent call last)" in captured.err and "KeyError: 'surprise'" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1]) == {"command": "score", "status": "crashed"}
+
+
+def test_promote_waits_for_a_running_retraining_and_says_so_when_it_does_not_end(workspace_copy, capsys, monkeypatch):
+    import flows.cli
+    from data.locks import retraining_lock
+    from data.workspace import Workspace
+
+    first = json.loads((workspace_copy / "models" / "current.json").read_text())["model_version"]
+    monkeypatch.setattr(flows.cli, "PROMOTE_LOCK_TIMEOUT_S", 0.2)
+    with retraining_lock(Workspace.at(workspace_copy)):
+        assert main(["promote", first, "--workspace", str(workspace_copy)]) == 1
+    captured = capsys.readouterr()
+    assert "retrain.lock: another run has held this lock" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "failed"
+    assert main(["promote", first, "--workspace", str(workspace_copy)]) == 0

@@ -56,7 +56,9 @@ def test_retraining_writes_a_promoted_bundle_and_its_report(retrained):
     for name in ("training-report.json", "training-report.md", "loss-curves.png", "holdout-error-histogram.png", "holdout-evaluation.json"):
         assert (version_dir / "report" / name).stat().st_size > 0, name
     report = json.loads((version_dir / "report" / "training-report.json").read_text())
-    assert report["holdout_normal"]["flag_rate"] == pytest.approx(0.02, abs=0.005)
+    # Fixed on one half of the held-out normal rows, the threshold flags about 2% of the other half.
+    cross_check = json.loads((version_dir / "promotion.json").read_text())["checks"]["flag_rate_cross_check"]
+    assert all(abs(rate - 0.02) <= cross_check["tolerance"] for rate in cross_check["rates"])
     assert report["history"]["epochs_run"] == 6
     assert not (version_dir / "_work").exists()
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.errors import BatchFileError, SchemaError, TrainingDataError
-from data.parquet import check_batch_schema, feature_matrix, iter_record_batches, read_training_rows, resolve_parquet_files
+from data.parquet import ANOMALY, NORMAL, UNLABELLED, check_batch_schema, feature_matrix, iter_record_batches, read_training_rows, resolve_parquet_files
 from tests.conftest import FEATURES, make_rows, write_rows
 
 
@@ -86,10 +86,26 @@ def test_read_training_rows_splits_normal_and_requires_label(tmp_path):
     rows = read_training_rows(path, "label", "0")
     assert rows.feature_names == FEATURES
     assert rows.features.shape == (200, len(FEATURES))
-    assert rows.is_normal.sum() == (pq.read_table(path).column("label").to_numpy() == 0).sum()
+    assert (rows.classes == NORMAL).sum() == (pq.read_table(path).column("label").to_numpy() == 0).sum()
     with pytest.raises(TrainingDataError, match="label column 'target' is missing.*all_rows_normal"):
         read_training_rows(path, "target", "0")
-    assert read_training_rows(path, "target", "0", all_rows_normal=True, exclude_columns=("row_id", "label")).is_normal.all()
+    assert read_training_rows(path, "target", "0", all_rows_normal=True, exclude_columns=("row_id", "label")).classes.tolist() == [NORMAL] * 200
+
+
+def test_training_rows_without_a_label_are_neither_normal_nor_anomalous(tmp_path):
+    table = make_rows(100, 0, anomaly_share=0.2)
+    labels = table.column("label").to_pylist()
+    labels[:10] = [None] * 10
+    path = write_rows(table.set_column(7, "label", pa.array(labels, type=pa.int64())), tmp_path / "t.parquet")
+    rows = read_training_rows(path, "label", "0")
+    assert (rows.classes == UNLABELLED).sum() == 10
+    assert (rows.classes == ANOMALY).sum() == sum(1 for v in labels[10:] if v == 1)
+
+
+def test_a_feature_named_like_an_output_column_is_refused_at_training(tmp_path):
+    path = write_rows(make_rows(50, 0).rename_columns(["row_id", "threshold", "f1", "f2", "f3", "f4", "f5", "label"]), tmp_path / "t.parquet")
+    with pytest.raises(TrainingDataError, match="column 'threshold': a feature may not be named like a column the outputs add"):
+        read_training_rows(path, "label", "0")
 
 
 def test_read_training_rows_refuses_missing_values_and_empty_source(tmp_path):

@@ -1,0 +1,159 @@
+"""Streaming one Parquet file through the model: check, score, flag and quarantine, chunk by chunk, in bounded memory."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from data.errors import BatchFileError, SchemaError
+from data.output_schema import TIMESTAMP, flagged_schema, output_metadata, quarantine_schema, scores_schema
+from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, label_classes, open_parquet, parquet_writer
+from models.bundle import LoadedBundle
+from models.error_summary import ErrorDistribution
+from models.publishing import StagedOutputs
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class StreamCounts:
+    """What one pass over a file (or some of its row groups) counted, with its error distribution."""
+
+    rows_read: int
+    rows_scored: int
+    rows_flagged: int
+    rows_quarantined: int
+    distribution: ErrorDistribution
+
+
+def stream_batch_file(
+    bundle: LoadedBundle,
+    source: Path,
+    batch: str,
+    staged: StagedOutputs,
+    *,
+    scored_at: dt.datetime,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    id_columns: Sequence[str] | None = None,
+    row_groups: Sequence[int] | None = None,
+) -> StreamCounts:
+    """Score ``source`` (or only ``row_groups`` of it) into ``staged`` outputs, which the caller publishes or discards."""
+    features = bundle.feature_names
+    schema = check_batch_schema(source, features)
+    keep = list(id_columns) if id_columns is not None else schema.passthrough_columns
+    missing_ids = [c for c in keep if c not in schema.columns]
+    if missing_ids:
+        raise SchemaError(source, "identifying column requested for the scores output is missing", column=missing_ids[0], code="missing_column")
+    label = bundle.label_column if bundle.label_column in schema.columns else None
+
+    scorer = bundle.scorer
+    threshold = bundle.threshold
+    metadata = output_metadata(bundle.version, threshold, bundle.percentile)
+    input_schema = open_parquet(source).schema_arrow
+    flagged_out = flagged_schema(input_schema, metadata)
+    scores_out = scores_schema(input_schema, keep, metadata)
+    quarantine_out = quarantine_schema(input_schema, metadata)
+    distribution = ErrorDistribution(threshold)
+    rows_read = rows_scored = rows_flagged = rows_quarantined = 0
+
+    with contextlib.ExitStack() as writers:
+        flagged_writer = writers.enter_context(parquet_writer(staged.flagged.tmp, flagged_out))
+        scores_writer = writers.enter_context(parquet_writer(staged.scores.tmp, scores_out)) if staged.scores is not None else None
+        quarantine_writer = None
+
+        for record_batch in iter_record_batches(source, chunk_rows, row_groups):
+            rows_read += record_batch.num_rows
+            matrix = feature_matrix(record_batch, features)
+            finite = np.isfinite(matrix)
+            if not finite.all():
+                good = finite.all(axis=1)
+                if quarantine_writer is None:
+                    quarantine_writer = writers.enter_context(parquet_writer(staged.stage_quarantine(), quarantine_out))
+                bad_rows = record_batch.filter(pa.array(~good))
+                quarantine_writer.write_batch(_quarantine_rows(bad_rows, features, batch, bundle.version, scored_at, quarantine_out))
+                rows_quarantined += bad_rows.num_rows
+                record_batch = record_batch.filter(pa.array(good))
+                matrix = matrix[good]
+                if record_batch.num_rows == 0:
+                    continue
+            n = record_batch.num_rows
+            errors = scorer(matrix)
+            distribution.add(errors, label_classes(record_batch.column(label), bundle.normal_label) if label else None)
+            is_anomaly = errors > threshold
+            error_array = pa.array(errors, type=pa.float64())
+            flag_array = pa.array(is_anomaly, type=pa.bool_())
+            version_array = _constant(bundle.version, pa.string(), n)
+            batch_array = _constant(batch, pa.string(), n)
+            n_flagged = int(is_anomaly.sum())
+            if n_flagged:
+                picked = pa.array(np.flatnonzero(is_anomaly))
+                flagged_writer.write_batch(
+                    pa.RecordBatch.from_arrays(
+                        [c.take(picked) for c in record_batch.columns]
+                        + [
+                            error_array.take(picked),
+                            _constant(threshold, pa.float64(), n_flagged),
+                            flag_array.take(picked),
+                            version_array.take(picked),
+                            batch_array.take(picked),
+                            _constant(scored_at, TIMESTAMP, n_flagged),
+                        ],
+                        schema=flagged_out,
+                    )
+                )
+            if scores_writer is not None:
+                scores_writer.write_batch(
+                    pa.RecordBatch.from_arrays([record_batch.column(c) for c in keep] + [error_array, flag_array, version_array, batch_array], schema=scores_out)
+                )
+            rows_scored += n
+            rows_flagged += n_flagged
+    return StreamCounts(rows_read, rows_scored, rows_flagged, rows_quarantined, distribution)
+
+
+def check_bad_row_share(source: Path, rows_read: int, rows_quarantined: int, max_bad_row_share: float) -> None:
+    """Fail the whole file when more than ``max_bad_row_share`` of its rows could not be scored."""
+    if rows_read and rows_quarantined / rows_read > max_bad_row_share:
+        raise BatchFileError(
+            source,
+            f"{rows_quarantined} of {rows_read} rows have missing, infinite or out-of-range feature values, more than "
+            f"max_bad_row_share={max_bad_row_share:g}; fix the file or raise the parameter",
+            code="too_many_bad_rows",
+        )
+
+
+def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
+    return pa.repeat(pa.scalar(value, type=type_), n)
+
+
+def bad_value_reasons(rows: pa.RecordBatch, features: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Return, for each row holding a bad feature, why (``missing_value``, ``infinite_value``, ``out_of_range``) and the first such feature."""
+    values = feature_matrix(rows, features, dtype=np.float64)
+    # Scoring is float32: a finite float64 beyond its range cannot be scored either.
+    bad = ~np.isfinite(values) | (np.abs(values) > FLOAT32_MAX)
+    first = np.argmax(bad, axis=1)
+    first_values = values[np.arange(len(values)), first]
+    codes = np.where(np.isnan(first_values), "missing_value", np.where(np.isinf(first_values), "infinite_value", "out_of_range"))
+    return codes.tolist(), [features[i] for i in first]
+
+
+def _quarantine_rows(rows: pa.RecordBatch, features: Sequence[str], batch: str, version: str, when: dt.datetime, schema: pa.Schema) -> pa.RecordBatch:
+    codes, columns = bad_value_reasons(rows, features)
+    n = rows.num_rows
+    return pa.RecordBatch.from_arrays(
+        list(rows.columns)
+        + [
+            pa.array(codes, type=pa.string()),
+            pa.array(columns, type=pa.string()),
+            _constant(batch, pa.string(), n),
+            _constant(version, pa.string(), n),
+            _constant(when, TIMESTAMP, n),
+        ],
+        schema=schema,
+    )

@@ -1,0 +1,125 @@
+"""One file split across workers: planning units of row groups, scoring each into private parts, merging them in order."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data import batches, storage
+from data.batches import Batch
+from data.parquet import DEFAULT_CHUNK_ROWS, concatenate_parquet, plan_row_group_units
+from data.storage import Fingerprint
+from data.workspace import Workspace, check_path_part
+from models.bundle import load_bundle
+from models.error_summary import ErrorDistribution
+from models.publishing import BatchOutputs, StagedOutputs, batch_outputs
+from models.scoring import BatchResult, batch_summary, check_unchanged, read_fingerprint
+from models.streaming import check_bad_row_share, stream_batch_file
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """The row-group units a file is scored in, and the fingerprint of its bytes when they were planned."""
+
+    units: list[list[int]]
+    fingerprint: Fingerprint
+
+
+@dataclass
+class UnitResult:
+    """What scoring one unit wrote into its private part files."""
+
+    unit: int
+    rows_read: int
+    rows_scored: int
+    rows_flagged: int
+    rows_quarantined: int
+    parts: dict[str, str | None]
+    distribution: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
+    """Fingerprint a file, then split it into units of whole row groups of about ``rows_per_unit`` rows."""
+    fingerprint = read_fingerprint(batch.path)
+    return UnitPlan(plan_row_group_units(batch.path, rows_per_unit), fingerprint)
+
+
+def parts_dir(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
+    """Return the private folder holding the per-unit outputs of one file split across workers."""
+    return workspace.state_dir / "parts" / f"date={run_date.isoformat()}" / check_path_part(batch, "batch")
+
+
+def score_unit(
+    workspace_root: str,
+    run_date: dt.date,
+    batch: Batch,
+    model_version: str,
+    *,
+    unit: int,
+    row_groups: Sequence[int],
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    scored_at: dt.datetime | None = None,
+) -> UnitResult:
+    """Score some row groups of a file into private part files; the worker loads the model once per process."""
+    workspace = Workspace.at(workspace_root)
+    bundle = load_bundle(workspace.version_dir(model_version))
+    folder = parts_dir(workspace, run_date, batch.name) / f"unit-{unit:05d}"
+    targets = BatchOutputs(flagged=folder / "flagged.parquet", scores=folder / "scores.parquet", quarantine=folder / "quarantine.parquet")
+    with StagedOutputs(targets) as staged:
+        counts = stream_batch_file(bundle, batch.path, batch.name, staged, scored_at=scored_at or dt.datetime.now(dt.UTC), chunk_rows=chunk_rows, row_groups=row_groups)
+        parts = staged.publish()
+    return UnitResult(unit, counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, parts, counts.distribution.to_json())
+
+
+def merge_units(
+    workspace_root: str,
+    run_date: dt.date,
+    batch: Batch,
+    model_version: str,
+    *,
+    plan: UnitPlan,
+    unit_results: Sequence[UnitResult],
+    write_scores: bool = True,
+    max_bad_row_share: float = 0.1,
+) -> BatchResult:
+    """Join a file's units, in row-group order, into its published outputs; the parts go only once that succeeded."""
+    workspace = Workspace.at(workspace_root)
+    bundle = load_bundle(workspace.version_dir(model_version))
+    units = sorted(unit_results, key=lambda r: r.unit)
+    rows_read = sum(r.rows_read for r in units)
+    rows_quarantined = sum(r.rows_quarantined for r in units)
+    check_bad_row_share(batch.path, rows_read, rows_quarantined, max_bad_row_share)
+    distribution = ErrorDistribution(bundle.threshold)
+    for result in units:
+        distribution.merge(ErrorDistribution.from_json(result.distribution))
+    with StagedOutputs(batch_outputs(workspace, run_date, batch.name), write_scores) as staged:
+        concatenate_parquet([Path(r.parts["flagged"]) for r in units], staged.flagged.tmp)
+        if staged.scores is not None:
+            concatenate_parquet([Path(r.parts["scores"]) for r in units], staged.scores.tmp)
+        quarantine_parts = [Path(r.parts["quarantine"]) for r in units if r.parts["quarantine"]]
+        if quarantine_parts:
+            concatenate_parquet(quarantine_parts, staged.stage_quarantine())
+        check_unchanged(batch.path, plan.fingerprint)
+        batches.withdraw_record(workspace, run_date, batch.name)
+        published = staged.publish()
+    discard_units(workspace_root, run_date, batch.name)
+    return BatchResult(
+        batch=batch.name,
+        source=str(batch.path),
+        run_date=run_date,
+        rows_read=rows_read,
+        rows_scored=sum(r.rows_scored for r in units),
+        rows_flagged=sum(r.rows_flagged for r in units),
+        rows_quarantined=rows_quarantined,
+        outputs=published,
+        fingerprint=plan.fingerprint,
+        summary=batch_summary(distribution, bundle.percentile, rows_read, rows_quarantined),
+    )
+
+
+def discard_units(workspace_root: str, run_date: dt.date, batch: str) -> None:
+    """Remove the part files of one file's units (after a merge, or after the file finally failed)."""
+    storage.remove_tree(parts_dir(Workspace.at(workspace_root), run_date, batch))

@@ -4,6 +4,7 @@ A test asks for a fault by creating a file in the folder named by DASK_FAULTS_DI
 
 - ``exit`` or ``oserror``: the first unit to remove the file kills its process or raises OSError, so
   the request strikes exactly once;
+- ``merge-oserror``: the first merge of units to remove the file raises OSError half-way, once;
 - ``poison-<batch>``: every unit of that batch kills its process, as a file that exhausts memory would.
 """
 
@@ -38,3 +39,15 @@ if FAULTS_DIR and not hasattr(models.units.score_unit, "unfaulted"):
 
     score_unit_with_faults.unfaulted = unfaulted
     models.units.score_unit = score_unit_with_faults
+
+
+if FAULTS_DIR and not hasattr(models.units.concatenate_parquet, "unfaulted"):
+    unfaulted_concatenate = models.units.concatenate_parquet
+
+    def concatenate_with_faults(parts, target):
+        if _claim("merge-oserror"):
+            raise OSError(errno.EIO, "disk went away in the middle of a merge")
+        return unfaulted_concatenate(parts, target)
+
+    concatenate_with_faults.unfaulted = unfaulted_concatenate
+    models.units.concatenate_parquet = concatenate_with_faults

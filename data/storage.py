@@ -96,6 +96,26 @@ class Fingerprint:
         return {"size": self.size, "mtime_ns": self.mtime_ns, "content_sha256": self.sha256}
 
 
+@dataclass(frozen=True)
+class FileState:
+    """What changes whenever a file's bytes do: its inode, size, and modification and status-change times.
+
+    The status-change time cannot be set back by a user, so an unchanged state means unchanged bytes
+    without reading them again.
+    """
+
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def file_state(path: str | os.PathLike[str]) -> FileState:
+    """Return a file's current state, without reading its bytes."""
+    stat = os.stat(path)
+    return FileState(stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def size_and_mtime(path: str | os.PathLike[str]) -> tuple[int, int]:
     """Return a file's size in bytes and modification time in nanoseconds."""
     stat = os.stat(path)

@@ -84,8 +84,8 @@ def _score_whole_files(runner: TaskRunner, root: str, work: Work, version: str, 
 
 def _score_in_units(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any], rows_per_unit: int) -> list[State]:
     logger = get_run_logger()
-    # Planning fingerprints each file, so it runs on the workers, side by side.
-    plans = [_settled(runner.submit(plan_units, parameters={"batch": batch, "rows_per_unit": rows_per_unit})) for _, batch in work]
+    # Planning reads only file metadata: it runs here, and the workers hash the files as they finish them.
+    plans = [plan_units(batch, rows_per_unit, return_state=True) for _, batch in work]
     unit_options = {"chunk_rows": options["chunk_rows"], "scored_at": options["scored_at"]}
     pending: list[list[PrefectFuture] | PrefectFuture | State] = []
     for (date, batch), plan in zip(work, plans, strict=True):
@@ -96,7 +96,7 @@ def _score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opt
         logger.info("Batch %s: %d unit(s) of row groups", batch.name, len(units))
         if len(units) == 1:
             # A file small enough for one unit is scored straight into its outputs, with nothing to join.
-            pending.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, **options, "before": plan.result().fingerprint}))
+            pending.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, **options, "before": plan.result().before}))
             continue
         pending.append([
             runner.submit(score_unit, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit": i, "row_groups": groups, **unit_options})
@@ -110,15 +110,14 @@ def _score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opt
         states = [_settled(f) for f in futures]
         failure = next((s for s in states if not s.is_completed()), None)
         if failure is not None:
-            discard_units(root, date, batch)
             merges.append(failure)
             continue
         merge_options = {"write_scores": options["write_scores"], "max_bad_row_share": options["max_bad_row_share"]}
         merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "plan": plan.result(), "unit_results": [s.result() for s in states], **merge_options}))
     states = [m if isinstance(m, State) else _settled(m) for m in merges]
-    for (date, batch), plan, state in zip(work, plans, states, strict=True):
-        if plan.is_completed() and not state.is_completed():
-            # The merge keeps its parts while it may be retried; once it has finally failed they go.
+    for (date, batch), futures, state in zip(work, pending, states, strict=True):
+        if isinstance(futures, list) and not state.is_completed():
+            # A merge keeps its parts while it may be retried; once the file has finally failed they go.
             discard_units(root, date, batch)
     return states
 

@@ -17,7 +17,7 @@ from data import batches, storage
 from data.batches import Batch
 from data.errors import BatchFileError
 from data.parquet import DEFAULT_CHUNK_ROWS, open_parquet, read_error
-from data.storage import Fingerprint
+from data.storage import FileState, Fingerprint
 from data.workspace import Workspace
 from models.bundle import LoadedBundle, current_version, load_bundle
 from models.error_summary import summarize
@@ -68,22 +68,26 @@ def resolve_model(workspace_root: str, model_version: str | None) -> ModelFacts:
     return ModelFacts(loaded.version, loaded.threshold, loaded.percentile, loaded.feature_names)
 
 
-def read_fingerprint(path: Path) -> Fingerprint:
-    """Return a source file's fingerprint, turning a failure into an error that names the file."""
+def read_state(path: Path) -> FileState:
+    """Return a source file's state before it is scored, turning a failure into an error that names the file."""
     try:
-        return storage.fingerprint(path)
+        return storage.file_state(path)
     except OSError as exc:
         raise read_error(path, exc, "file could not be read", "unreadable") from exc
 
 
-def check_unchanged(path: Path, before: Fingerprint) -> None:
-    """Refuse to publish outputs of a file whose bytes changed while it was scored."""
+def fingerprint_unchanged(path: Path, before: FileState) -> Fingerprint:
+    """Return the fingerprint (with SHA-256) of a file just scored, refusing one whose bytes changed since ``before``."""
     try:
-        after = storage.fingerprint(path)
+        fingerprint = storage.fingerprint(path)
+        after = storage.file_state(path)
     except FileNotFoundError:
         after = None
+    except OSError as exc:
+        raise read_error(path, exc, "file could not be read", "unreadable") from exc
     if after != before:
-        raise BatchFileError(path, "file changed while it was scored (size, modification time or SHA-256 differ); nothing was published, the next run scores it again", code="changed_during_scoring")
+        raise BatchFileError(path, "file changed while it was scored (size, modification or status-change time differ); nothing was published, the next run scores it again", code="changed_during_scoring")
+    return fingerprint
 
 
 def batch_summary(distribution: Any, percentile: float, rows_read: int, rows_quarantined: int) -> dict[str, Any]:
@@ -136,18 +140,20 @@ def score_batch(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_bad_row_share: float = 0.1,
     scored_at: dt.datetime | None = None,
-    before: Fingerprint | None = None,
+    before: FileState | None = None,
 ) -> BatchResult:
     """Score one whole file with a model version of the workspace and publish its outputs (not its record).
 
-    ``before`` is the file's fingerprint when it was planned; it is taken here otherwise.
+    ``before`` is the file's state when it was planned; it is taken here otherwise. The SHA-256 the
+    record keeps is taken after scoring, and holds for the bytes scored because the state is unchanged.
     """
     workspace = Workspace.at(workspace_root)
     bundle = load_bundle(workspace.version_dir(model_version))
-    before = before or read_fingerprint(batch.path)
+    before = before or read_state(batch.path)
+    scored_bytes: list[Fingerprint] = []
 
     def unchanged_and_withdrawn() -> None:
-        check_unchanged(batch.path, before)
+        scored_bytes.append(fingerprint_unchanged(batch.path, before))
         batches.withdraw_record(workspace, run_date, batch.name)
 
     scored = score_file(
@@ -170,7 +176,7 @@ def score_batch(
         rows_flagged=scored.rows_flagged,
         rows_quarantined=scored.rows_quarantined,
         outputs=scored.outputs,
-        fingerprint=before,
+        fingerprint=scored_bytes[0],
         summary=scored.summary,
     )
 

@@ -11,21 +11,21 @@ from typing import Any
 from data import batches, storage
 from data.batches import Batch
 from data.parquet import DEFAULT_CHUNK_ROWS, concatenate_parquet, plan_row_group_units
-from data.storage import Fingerprint
+from data.storage import FileState
 from data.workspace import Workspace, check_path_part
 from models.bundle import load_bundle
 from models.error_summary import ErrorDistribution
 from models.publishing import BatchOutputs, StagedOutputs, batch_outputs
-from models.scoring import BatchResult, batch_summary, check_unchanged, read_fingerprint
+from models.scoring import BatchResult, batch_summary, fingerprint_unchanged, read_state
 from models.streaming import check_bad_row_share, stream_batch_file
 
 
 @dataclass(frozen=True)
 class UnitPlan:
-    """The row-group units a file is scored in, and the fingerprint of its bytes when they were planned."""
+    """The row-group units a file is scored in, and the file's state when they were planned."""
 
     units: list[list[int]]
-    fingerprint: Fingerprint
+    before: FileState
 
 
 @dataclass
@@ -42,9 +42,9 @@ class UnitResult:
 
 
 def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
-    """Fingerprint a file, then split it into units of whole row groups of about ``rows_per_unit`` rows."""
-    fingerprint = read_fingerprint(batch.path)
-    return UnitPlan(plan_row_group_units(batch.path, rows_per_unit), fingerprint)
+    """Note a file's state, then split it into units of whole row groups of about ``rows_per_unit`` rows."""
+    before = read_state(batch.path)
+    return UnitPlan(plan_row_group_units(batch.path, rows_per_unit), before)
 
 
 def parts_dir(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
@@ -102,7 +102,7 @@ def merge_units(
         quarantine_parts = [Path(r.parts["quarantine"]) for r in units if r.parts["quarantine"]]
         if quarantine_parts:
             concatenate_parquet(quarantine_parts, staged.stage_quarantine())
-        check_unchanged(batch.path, plan.fingerprint)
+        fingerprint = fingerprint_unchanged(batch.path, plan.before)
         batches.withdraw_record(workspace, run_date, batch.name)
         published = staged.publish()
     discard_units(workspace_root, run_date, batch.name)
@@ -115,7 +115,7 @@ def merge_units(
         rows_flagged=sum(r.rows_flagged for r in units),
         rows_quarantined=rows_quarantined,
         outputs=published,
-        fingerprint=plan.fingerprint,
+        fingerprint=fingerprint,
         summary=batch_summary(distribution, bundle.percentile, rows_read, rows_quarantined),
     )
 

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from data import batches, storage
 from data.batches import Batch
 from data.output_schema import OUTPUT_KINDS
-from data.storage import Fingerprint
+from data.storage import FileState
 from data.workspace import Workspace
 from models import reports, run_summary, scoring, units
 from models.publishing import batch_report_dir
@@ -56,7 +56,7 @@ def withdraw_records(workspace_root: str, work: list[tuple[dt.date, Batch]]) -> 
 
 @task(name="score-batch", cache_policy=NO_CACHE, **RETRIES)
 def score_batch(
-    workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, write_scores: bool, chunk_rows: int, max_bad_row_share: float, scored_at: dt.datetime, before: Fingerprint | None = None
+    workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, write_scores: bool, chunk_rows: int, max_bad_row_share: float, scored_at: dt.datetime, before: FileState | None = None
 ) -> BatchResult:
     """Score one batch file; publish its flagged rows, scores and quarantined rows."""
     result = scoring.score_batch(workspace_root, run_date, batch, model_version, write_scores=write_scores, chunk_rows=chunk_rows, max_bad_row_share=max_bad_row_share, scored_at=scored_at, before=before)
@@ -100,7 +100,8 @@ def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -
 def remove_stale_temporaries(workspace_root: str, run_date: dt.date) -> list[str]:
     """Delete temporary files a killed run left in the date's output partitions."""
     workspace = Workspace.at(workspace_root)
-    folders = [workspace.output_partition(kind, run_date) for kind in OUTPUT_KINDS] + [batch_report_dir(workspace, run_date)]
+    folders = [workspace.output_partition(kind, run_date) for kind in (*OUTPUT_KINDS, "rejected", "reports")]
+    folders += [batch_report_dir(workspace, run_date), batches.record_path(workspace, run_date, "any").parent]
     removed = [p for folder in folders for p in storage.remove_stale_temporaries(folder)]
     if removed:
         get_run_logger().warning("Removed %d temporary file(s) left by a run that died: %s", len(removed), [p.name for p in removed])
@@ -109,7 +110,7 @@ def remove_stale_temporaries(workspace_root: str, run_date: dt.date) -> list[str
 
 @task(name="plan-units", cache_policy=NO_CACHE, **RETRIES)
 def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
-    """Fingerprint a file and split it into row-group units, so that no worker holds a whole large file."""
+    """Note a file's state and split it into row-group units, so that no worker holds a whole large file."""
     return units.plan_units(batch, rows_per_unit)
 
 

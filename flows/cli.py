@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-scores", dest="write_scores", action="store_false", help="do not write every row's score (outputs/scores/)")
     score.add_argument("--model-version", default=None, help="model version to use (default: models/current.json)")
     score.add_argument("--catch-up-days", type=int, default=3, help="also score files of this many earlier dates that have no record yet, under their own dates; 0 turns it off (default: %(default)s)")
+    score.add_argument("--reason-count", type=int, default=3, help="features each flagged row names as its reasons, 0 to 10 (default: %(default)s)")
     score.add_argument("--chunk-rows", type=int, default=131_072, help="rows read and scored at a time (default: %(default)s)")
     score.add_argument("--max-bad-row-share", type=float, default=0.1, help="share of rows with missing/infinite features above which a batch fails (default: %(default)s)")
     score.add_argument("--dask-workers", type=int, default=0, help="score on a local Dask cluster of this many worker processes (default: 0, no Dask)")
@@ -137,6 +138,7 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
         model_version=args.model_version,
         timezone=args.timezone or DEFAULT_TIMEZONE,
         catch_up_days=args.catch_up_days,
+        reason_count=args.reason_count,
         chunk_rows=args.chunk_rows,
         max_bad_row_share=args.max_bad_row_share,
         dask_address=args.dask_address,
@@ -150,7 +152,7 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "retrain": ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
     "models": ("current", "versions"),
     "promote": ("model_version", "previous_version"),
-    "score": ("date", "model_version", "threshold", "rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "rows_unlabelled", "flag_rate", "expected_flag_rate", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "catch_up_batches", "flagged_dir", "scores_dir", "report", "failed"),
+    "score": ("date", "model_version", "threshold", "rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "rows_unlabelled", "flag_rate", "expected_flag_rate", "flag_rate_band", "flag_rate_verdict", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "catch_up_batches", "flagged_dir", "scores_dir", "report", "failed"),
 }
 SUMMARY_KEYS["demo"] = SUMMARY_KEYS["score"] + ("promoted", "promotion_refused", "percentile", "model_dir", "training_report")
 

@@ -22,6 +22,7 @@ from data import storage
 from data.batches import Batch
 from data.errors import AnomalyJobError
 from data.locks import LockBusyError, scoring_lock
+from data.output_schema import MAX_REASONS
 from data.workspace import Workspace, default_workspace, resolve_run_date
 from models.reports import anomaly_class_metrics
 from models.scoring import BatchResult, describe_failure
@@ -86,7 +87,7 @@ def _score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opt
     logger = get_run_logger()
     # Planning reads only file metadata: it runs here, and the workers hash the files as they finish them.
     plans = [plan_units(batch, rows_per_unit, return_state=True) for _, batch in work]
-    unit_options = {"chunk_rows": options["chunk_rows"], "scored_at": options["scored_at"]}
+    unit_options = {"chunk_rows": options["chunk_rows"], "scored_at": options["scored_at"], "reason_count": options["reason_count"]}
     pending: list[list[PrefectFuture] | PrefectFuture | State] = []
     for (date, batch), plan in zip(work, plans, strict=True):
         if not plan.is_completed():
@@ -179,6 +180,7 @@ def score_flow(
     model_version: Annotated[Annotated[str, Field(min_length=1)] | None, Field(json_schema_extra={"title": "Model version"})] = None,
     timezone: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Time zone"})] = DEFAULT_TIMEZONE,
     catch_up_days: Annotated[int, Field(ge=0, le=31, json_schema_extra={"title": "Days of late files to catch up"})] = 3,
+    reason_count: Annotated[int, Field(ge=0, le=MAX_REASONS, json_schema_extra={"title": "Reasons per flagged row"})] = 3,
     chunk_rows: Annotated[int, Field(ge=1024, le=10_000_000, json_schema_extra={"title": "Rows per chunk"})] = 131_072,
     max_bad_row_share: Annotated[float, Field(ge=0, le=1, json_schema_extra={"title": "Maximum share of bad rows"})] = 0.1,
     dask_address: Annotated[str | None, Field(json_schema_extra={"title": "Dask scheduler address"})] = None,
@@ -197,6 +199,7 @@ def score_flow(
         model_version: Model version to score with. Empty means the current one (models/current.json).
         timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris.
         catch_up_days: Also score files of this many earlier dates that have no record yet (late arrivals, files replaced after a rejection), under their own dates; 0 turns it off.
+        reason_count: How many features each flagged row names as its reasons (reason_1..k, with share and direction); 0 writes none.
         chunk_rows: Rows read and scored at a time; bounds memory whatever the file size.
         max_bad_row_share: Share of rows with missing or infinite features above which a batch fails instead of being scored.
         dask_address: Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) to score on. Empty means ANOMALY_DASK_ADDRESS, or no Dask.
@@ -241,7 +244,7 @@ def score_flow(
         withdraw_records(root, work)
 
         # Step 3: score; one bad file does not stop the others.
-        options = {"write_scores": write_scores, "chunk_rows": chunk_rows, "max_bad_row_share": max_bad_row_share, "scored_at": scored_at}
+        options = {"write_scores": write_scores, "chunk_rows": chunk_rows, "max_bad_row_share": max_bad_row_share, "scored_at": scored_at, "reason_count": reason_count}
         distributed = bool(dask_address or dask_workers)
         with _api_shared_with_workers(distributed), task_runner(dask_address, dask_workers, dask_threads_per_worker) as runner:
             if distributed:
@@ -305,6 +308,8 @@ def score_flow(
         "rows_unlabelled": summary["rows_unlabelled"] if summary["labels"] else None,
         "flag_rate": summary["flag_rate"] if summary["rows_scored"] else None,
         "expected_flag_rate": summary["expected_flag_rate"],
+        "flag_rate_band": summary["flag_rate_band"],
+        "flag_rate_verdict": summary["flag_rate_verdict"],
         **anomaly_class_metrics(summary),
         "catch_up_batches": caught_up,
         "flagged_dir": os.fspath(ws.output_partition("flagged", date)),

@@ -124,7 +124,16 @@ class ErrorScorer:
             target = scaling(x) if scaling is not None else x
             return tf.reduce_mean(reduce(model(x, training=False) - target), axis=1)
 
+        @tf.function(input_signature=[tf.TensorSpec([None, n_features], tf.float32), tf.TensorSpec([], tf.float64)], reduce_retracing=True)
+        def errors_and_flagged_residuals(x: tf.Tensor, threshold: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            target = scaling(x) if scaling is not None else x
+            residuals = target - model(x, training=False)
+            row_errors = tf.reduce_mean(reduce(residuals), axis=1)
+            # Compared in float64, as the caller compares the returned errors, so both pick the same rows.
+            return row_errors, tf.boolean_mask(residuals, tf.cast(row_errors, tf.float64) > threshold)
+
         self._errors = errors
+        self._errors_and_flagged_residuals = errors_and_flagged_residuals
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """Return the reconstruction error of each row of ``features`` as float64."""
@@ -134,6 +143,23 @@ class ErrorScorer:
             stop = min(start + self.chunk_rows, len(features))
             out[start:stop] = self._errors(features[start:stop]).numpy()
         return out
+
+    def with_flagged_residuals(self, features: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Return each row's error (float64) and, for the rows above ``threshold`` in order, input minus reconstruction on the error's scale.
+
+        The residuals come from the same forward pass as the errors: explaining flagged rows costs no second pass.
+        """
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        out = np.empty(len(features), dtype=np.float64)
+        flagged = []
+        limit = tf.constant(threshold, dtype=tf.float64)
+        for start in range(0, len(features), self.chunk_rows):
+            stop = min(start + self.chunk_rows, len(features))
+            chunk_errors, chunk_residuals = self._errors_and_flagged_residuals(features[start:stop], limit)
+            out[start:stop] = chunk_errors.numpy()
+            flagged.append(chunk_residuals.numpy())
+        residuals = np.concatenate(flagged) if len(flagged) != 1 else flagged[0]
+        return out, residuals.reshape(-1, features.shape[1])
 
 
 _SCORERS: weakref.WeakKeyDictionary[keras.Model, dict[str, ErrorScorer]] = weakref.WeakKeyDictionary()

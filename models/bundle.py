@@ -154,6 +154,11 @@ class LoadedBundle:
         return float(self.metadata["threshold"]["percentile"])
 
     @property
+    def exceedance_beta(self) -> tuple[float, float]:
+        """Parameters (a, b) of the Beta law of the rate at which normal rows exceed the threshold."""
+        return exceedance_beta(self.metadata)
+
+    @property
     def loss(self) -> str:
         return str(self.metadata["config"]["loss"])
 
@@ -164,6 +169,19 @@ class LoadedBundle:
     @property
     def normal_label(self) -> str:
         return str(self.metadata.get("normal_label", "0"))
+
+
+def exceedance_beta(metadata: dict[str, Any]) -> tuple[float, float]:
+    """Return (a, b) of the Beta law of the normal flag rate, from bundle.json (derived from the held-out rows for older bundles)."""
+    from models.threshold import order_statistic
+
+    threshold = metadata["threshold"]
+    if "uncertainty" in threshold:
+        law = threshold["uncertainty"]["exceedance_rate_beta"]
+        return float(law["a"]), float(law["b"])
+    rows = int(threshold["rows"])
+    k = order_statistic(rows, float(threshold["percentile"]))
+    return float(rows - k + 1), float(k)
 
 
 def load_bundle(version_dir: str | os.PathLike[str]) -> LoadedBundle:

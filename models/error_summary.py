@@ -238,8 +238,17 @@ def summarize_errors(errors: np.ndarray, threshold: float, percentile: float, cl
 
 
 def combine(summaries: list[dict[str, Any]], threshold: float, percentile: float) -> dict[str, Any]:
-    """Add up summaries of several batches scored with one threshold into one summary."""
+    """Add up summaries of several batches scored with one threshold into one summary (reasons too, where they have them)."""
+    from models.reasons import ReasonTally
+
     total = ErrorDistribution(float(threshold))
+    reasons: ReasonTally | None = None
     for summary in summaries:
         total.merge(ErrorDistribution.from_json(summary["error_distribution"]))
-    return summarize(total, percentile)
+        if summary.get("reasons"):
+            tally = ReasonTally.from_json(summary["reasons"])
+            reasons = tally if reasons is None else reasons.merge(tally)
+    combined = summarize(total, percentile)
+    if reasons is not None:
+        combined["reasons"] = reasons.to_json()
+    return combined

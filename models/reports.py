@@ -28,12 +28,16 @@ def anomaly_class_metrics(summary: dict[str, Any]) -> dict[str, float | None]:
 
 
 def plot_error_histogram(summary: dict[str, Any], path: Path, title: str) -> Path:
-    """Draw the error histogram with the threshold line as a PNG."""
+    """Draw the error histogram with the threshold line (and its interval), and the flag rate against its all-normal band, as a PNG."""
     plt = _pyplot()
     edges = np.asarray(summary["histogram"]["edges"])
     counts = np.asarray(summary["histogram"]["counts"])
     by_class = summary["histogram"].get("counts_by_class") or {}
-    fig, ax = plt.subplots(figsize=(7, 4))
+    band = summary.get("flag_rate_band")
+    if band:
+        fig, (ax, rate_ax) = plt.subplots(2, 1, figsize=(7, 5), height_ratios=[4, 1])
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if "normal" in by_class and "anomaly" in by_class:
         # Labelled rows: the two classes overlaid, as the tutorial draws them.
         for name, color in (("normal", "#4C78A8"), ("anomaly", "#F58518"), ("unlabelled", "#9D9D9D")):
@@ -42,11 +46,38 @@ def plot_error_histogram(summary: dict[str, Any], path: Path, title: str) -> Pat
     else:
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4C78A8", edgecolor="white", linewidth=0.3)
     ax.axvline(summary["threshold"], color="#E45756", linewidth=2, label=f"threshold {summary['threshold']:.4g} (p{summary['percentile']:g})")
+    if summary.get("threshold_interval"):
+        low, high = summary["threshold_interval"]
+        ax.axvspan(low, high, color="#E45756", alpha=0.15, label=f"95% interval of the threshold [{low:.4g}, {high:.4g}]")
     ax.set_yscale("symlog")
     ax.set_xlabel("reconstruction error (last bin holds everything beyond)")
     ax.set_ylabel("rows")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
+    if band:
+        low, high = band
+        observed = summary["flag_rate"]
+        rate_ax.axvspan(low, high, color="#54A24B", alpha=0.3, label=f"{summary.get('flag_rate_band_level', 0.99):.0%} band of an all-normal batch")
+        rate_ax.plot([observed], [0.5], "o", color="#E45756" if summary.get("flag_rate_verdict") != "within" else "#222222", label=f"observed {observed:.3%}: {summary.get('flag_rate_verdict')}")
+        span = max(high, observed) - min(low, observed)
+        rate_ax.set_xlim(max(0.0, min(low, observed) - 0.3 * span - 1e-4), max(high, observed) + 0.3 * span + 1e-4)
+        rate_ax.set_yticks([])
+        rate_ax.set_xlabel("flag rate")
+        rate_ax.legend(fontsize=8, loc="upper right")
+    return _save_figure(fig, path)
+
+
+def plot_reasons(reasons: dict[str, Any], path: Path, title: str, most: int = 15) -> Path:
+    """Draw, per feature, how often it is the first reason of flagged rows and its mean share of their error, as a PNG."""
+    plt = _pyplot()
+    rows = reasons["table"][:most][::-1]
+    names = [row["feature"] for row in rows]
+    fig, (first, share) = plt.subplots(1, 2, figsize=(9, 0.35 * len(rows) + 1.5), sharey=True)
+    first.barh(names, [row["reason_1_share_of_flagged"] for row in rows], color="#E45756")
+    first.set_xlabel("share of flagged rows where it is reason_1")
+    share.barh(names, [row["mean_share"] for row in rows], color="#4C78A8")
+    share.set_xlabel("mean share of a flagged row's error")
+    fig.suptitle(title)
     return _save_figure(fig, path)
 
 
@@ -126,11 +157,20 @@ def write_report_files(report: dict[str, Any], markdown: str, directory: Path, s
     return {"json": os.fspath(json_path), "markdown": os.fspath(md_path)}
 
 
+def _band_text(summary: dict[str, Any]) -> str | None:
+    band = summary.get("flag_rate_band")
+    return f"[{band[0]:.4%}, {band[1]:.4%}] ({summary.get('flag_rate_band_level', 0.99):.0%})" if band else None
+
+
 def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str, title: str, context: dict[str, Any]) -> dict[str, str]:
     """Write one evaluation report as JSON, Markdown and an error-histogram PNG; return their paths."""
     png = plot_error_histogram(summary, directory / f"{stem}-error-histogram.png", title)
+    images = {"error_histogram": png.name}
+    reasons = summary.get("reasons") or {}
+    if reasons.get("rows_flagged"):
+        images["reasons"] = plot_reasons(reasons, directory / f"{stem}-reasons.png", f"Why rows were flagged: {title}").name
     anomaly = anomaly_class_metrics(summary)
-    report = {"kind": "evaluation", **context, **summary, "anomaly_class": anomaly, "images": {"error_histogram": png.name}}
+    report = {"kind": "evaluation", **context, **summary, "anomaly_class": anomaly, "images": images}
     sections: dict[str, Any] = {
         "Summary": {
             **context,
@@ -139,6 +179,8 @@ def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str,
             "rows without a label": summary.get("rows_unlabelled", 0) if summary.get("labels") else None,
             "flag rate": summary["flag_rate"],
             "expected flag rate": summary["expected_flag_rate"],
+            "flag rate band of an all-normal batch": _band_text(summary),
+            "verdict": summary.get("flag_rate_verdict"),
             "threshold": summary["threshold"],
         }
     }
@@ -150,5 +192,10 @@ def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str,
             {"true \\ predicted": "anomaly", "normal": fn, "anomaly": tp},
         ]
         sections["Ranking quality (anomaly class)"] = {"ROC-AUC": anomaly.get("roc_auc"), "PR-AUC": anomaly.get("pr_auc")}
-    markdown = render_markdown(title, sections, [os.fspath(png)])
+    if reasons.get("rows_flagged"):
+        sections["Why rows were flagged (most frequent first reason)"] = [
+            {"feature": row["feature"], "reason_1 rows": row["reason_1_rows"], "share of flagged rows": row["reason_1_share_of_flagged"], "mean share of error": row["mean_share"]}
+            for row in reasons["table"][:15]
+        ]
+    markdown = render_markdown(title, sections, [os.fspath(directory / name) for name in images.values()])
     return {**write_report_files(report, markdown, directory, stem), "error_histogram": os.fspath(png)}

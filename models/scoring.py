@@ -19,10 +19,12 @@ from data.errors import BatchFileError
 from data.parquet import DEFAULT_CHUNK_ROWS, open_parquet, read_error
 from data.storage import FileState, Fingerprint
 from data.workspace import Workspace
-from models.bundle import LoadedBundle, current_version, load_bundle
-from models.error_summary import summarize
+from models.bundle import LoadedBundle, current_version, exceedance_beta, load_bundle
+from models.error_summary import ErrorDistribution, summarize
 from models.publishing import BatchOutputs, StagedOutputs, batch_outputs, withdraw_outputs
-from models.streaming import check_bad_row_share, stream_batch_file
+from models.reasons import ReasonTally
+from models.streaming import DEFAULT_REASON_COUNT, check_bad_row_share, stream_batch_file
+from models.threshold import BAND_LEVEL, flag_rate_band, flag_rate_verdict
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,21 @@ def fingerprint_unchanged(path: Path, before: FileState) -> Fingerprint:
     return fingerprint
 
 
-def batch_summary(distribution: Any, percentile: float, rows_read: int, rows_quarantined: int) -> dict[str, Any]:
-    """Return a batch's summary from its error distribution and counts."""
-    return {**summarize(distribution, percentile), "rows_read": rows_read, "rows_quarantined": rows_quarantined}
+def batch_summary(distribution: ErrorDistribution, reasons: ReasonTally, bundle: LoadedBundle, rows_read: int, rows_quarantined: int) -> dict[str, Any]:
+    """Return a batch's summary from its error distribution, reasons and counts, with its flag-rate verdict."""
+    summary = {**summarize(distribution, bundle.percentile), "reasons": reasons.to_json(), "rows_read": rows_read, "rows_quarantined": rows_quarantined}
+    return with_flag_rate_verdict(summary, bundle.metadata)
+
+
+def with_flag_rate_verdict(summary: dict[str, Any], bundle_metadata: dict[str, Any]) -> dict[str, Any]:
+    """Add the band of flag rates an all-normal batch of the summary's size would show, where the observed rate falls, and the threshold's interval."""
+    band = flag_rate_band(summary["rows_scored"], *exceedance_beta(bundle_metadata))
+    uncertainty = bundle_metadata["threshold"].get("uncertainty")
+    summary["threshold_interval"] = uncertainty["confidence_interval"] if uncertainty else None
+    summary["flag_rate_band"] = list(band)
+    summary["flag_rate_band_level"] = BAND_LEVEL
+    summary["flag_rate_verdict"] = flag_rate_verdict(summary["rows_flagged"], summary["rows_scored"], band)
+    return summary
 
 
 @dataclass
@@ -117,16 +131,17 @@ def score_file(
     write_scores: bool = True,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_bad_row_share: float = 0.1,
+    reason_count: int = DEFAULT_REASON_COUNT,
     before_publish: Callable[[], None] | None = None,
 ) -> FileScore:
     """Score a whole file into staged outputs and publish them together once all of it succeeded (and ``before_publish`` passed)."""
     with StagedOutputs(targets, write_scores) as staged:
-        counts = stream_batch_file(bundle, source, batch, staged, scored_at=scored_at, chunk_rows=chunk_rows)
+        counts = stream_batch_file(bundle, source, batch, staged, scored_at=scored_at, chunk_rows=chunk_rows, reason_count=reason_count)
         check_bad_row_share(source, counts.rows_read, counts.rows_quarantined, max_bad_row_share)
         if before_publish is not None:
             before_publish()
         published = staged.publish()
-    summary = batch_summary(counts.distribution, bundle.percentile, counts.rows_read, counts.rows_quarantined)
+    summary = batch_summary(counts.distribution, counts.reasons, bundle, counts.rows_read, counts.rows_quarantined)
     return FileScore(counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, published, summary)
 
 
@@ -140,6 +155,7 @@ def score_batch(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_bad_row_share: float = 0.1,
     scored_at: dt.datetime | None = None,
+    reason_count: int = DEFAULT_REASON_COUNT,
     before: FileState | None = None,
 ) -> BatchResult:
     """Score one whole file with a model version of the workspace and publish its outputs (not its record).
@@ -165,6 +181,7 @@ def score_batch(
         write_scores=write_scores,
         chunk_rows=chunk_rows,
         max_bad_row_share=max_bad_row_share,
+        reason_count=reason_count,
         before_publish=unchanged_and_withdrawn,
     )
     return BatchResult(

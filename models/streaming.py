@@ -18,19 +18,22 @@ from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix,
 from models.bundle import LoadedBundle
 from models.error_summary import ErrorDistribution
 from models.publishing import StagedOutputs
+from models.reasons import ReasonTally, explain_rows
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+DEFAULT_REASON_COUNT = 3
 
 
 @dataclass
 class StreamCounts:
-    """What one pass over a file (or some of its row groups) counted, with its error distribution."""
+    """What one pass over a file (or some of its row groups) counted, with its error distribution and reasons."""
 
     rows_read: int
     rows_scored: int
     rows_flagged: int
     rows_quarantined: int
     distribution: ErrorDistribution
+    reasons: ReasonTally
 
 
 def stream_batch_file(
@@ -43,8 +46,12 @@ def stream_batch_file(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     id_columns: Sequence[str] | None = None,
     row_groups: Sequence[int] | None = None,
+    reason_count: int = DEFAULT_REASON_COUNT,
 ) -> StreamCounts:
-    """Score ``source`` (or only ``row_groups`` of it) into ``staged`` outputs, which the caller publishes or discards."""
+    """Score ``source`` (or only ``row_groups`` of it) into ``staged`` outputs, which the caller publishes or discards.
+
+    Flagged rows get ``reason_count`` reasons (0: none), from the residuals of the same forward pass.
+    """
     features = bundle.feature_names
     schema = check_batch_schema(source, features)
     keep = list(id_columns) if id_columns is not None else schema.passthrough_columns
@@ -57,10 +64,12 @@ def stream_batch_file(
     threshold = bundle.threshold
     metadata = output_metadata(bundle.version, threshold, bundle.percentile)
     input_schema = open_parquet(source).schema_arrow
-    flagged_out = flagged_schema(input_schema, metadata)
+    reason_count = min(reason_count, len(features))
+    flagged_out = flagged_schema(input_schema, metadata, reason_count)
     scores_out = scores_schema(input_schema, keep, metadata)
     quarantine_out = quarantine_schema(input_schema, metadata)
     distribution = ErrorDistribution(threshold)
+    tally = ReasonTally(list(features))
     rows_read = rows_scored = rows_flagged = rows_quarantined = 0
 
     with contextlib.ExitStack() as writers:
@@ -84,7 +93,10 @@ def stream_batch_file(
                 if record_batch.num_rows == 0:
                     continue
             n = record_batch.num_rows
-            errors = scorer(matrix)
+            if reason_count:
+                errors, flagged_residuals = scorer.with_flagged_residuals(matrix, threshold)
+            else:
+                errors = scorer(matrix)
             distribution.add(errors, label_classes(record_batch.column(label), bundle.normal_label) if label else None)
             is_anomaly = errors > threshold
             error_array = pa.array(errors, type=pa.float64())
@@ -94,6 +106,12 @@ def stream_batch_file(
             n_flagged = int(is_anomaly.sum())
             if n_flagged:
                 picked = pa.array(np.flatnonzero(is_anomaly))
+                reason_arrays: list[pa.Array] = []
+                if reason_count:
+                    reasons = explain_rows(flagged_residuals, bundle.loss, features, reason_count)
+                    tally.add(reasons, features)
+                    for k in range(reason_count):
+                        reason_arrays += [pa.array(reasons.features[:, k], type=pa.string()), pa.array(reasons.shares[:, k], type=pa.float64()), pa.array(reasons.directions[:, k], type=pa.string())]
                 flagged_writer.write_batch(
                     pa.RecordBatch.from_arrays(
                         [c.take(picked) for c in record_batch.columns]
@@ -104,6 +122,7 @@ def stream_batch_file(
                             version_array.take(picked),
                             batch_array.take(picked),
                             _constant(scored_at, TIMESTAMP, n_flagged),
+                            *reason_arrays,
                         ],
                         schema=flagged_out,
                     )
@@ -114,7 +133,7 @@ def stream_batch_file(
                 )
             rows_scored += n
             rows_flagged += n_flagged
-    return StreamCounts(rows_read, rows_scored, rows_flagged, rows_quarantined, distribution)
+    return StreamCounts(rows_read, rows_scored, rows_flagged, rows_quarantined, distribution, tally)
 
 
 def check_bad_row_share(source: Path, rows_read: int, rows_quarantined: int, max_bad_row_share: float) -> None:

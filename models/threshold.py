@@ -56,3 +56,56 @@ def calibration_stats(holdout_errors: np.ndarray) -> dict[str, object]:
         "max": float(errors.max()),
         "quantiles": {f"{q:g}": float(np.percentile(errors, q)) for q in CALIBRATION_QUANTILES},
     }
+
+
+BAND_LEVEL = 0.99
+INTERVAL_LEVEL = 0.95
+
+
+def order_statistic(rows: int, percentile: float) -> int:
+    """Return k, the rank (1-based) of the order statistic of ``rows`` errors that the percentile threshold stands at."""
+    return min(rows, max(1, math.ceil(percentile / 100.0 * rows)))
+
+
+def threshold_uncertainty(holdout_errors: np.ndarray, percentile: float) -> dict[str, object]:
+    """Return how sure the threshold is: a distribution-free 95% interval of the percentile, and the Beta law of the normal flag rate.
+
+    With m held-out rows and the threshold at order statistic k, the share of normal rows above it
+    follows Beta(m - k + 1, k), whatever the errors' distribution; the interval comes from the
+    binomial law of how many of the m rows fall below the true percentile.
+    """
+    from scipy.stats import binom
+
+    errors = np.sort(np.asarray(holdout_errors, dtype=np.float64))
+    m = len(errors)
+    p = percentile / 100.0
+    k = order_statistic(m, percentile)
+    tail = (1.0 - INTERVAL_LEVEL) / 2.0
+    lower = int(max(1, binom.ppf(tail, m, p)))
+    upper = int(min(m, binom.ppf(1.0 - tail, m, p) + 1))
+    return {
+        "order_statistic": k,
+        "confidence_level": INTERVAL_LEVEL,
+        "confidence_interval": [float(errors[lower - 1]), float(errors[upper - 1])],
+        "confidence_interval_ranks": [lower, upper],
+        "exceedance_rate_beta": {"a": m - k + 1, "b": k},
+    }
+
+
+def flag_rate_band(rows: int, beta_a: float, beta_b: float, level: float = BAND_LEVEL) -> tuple[float, float]:
+    """Return the ``level`` band of the flag rate an all-normal batch of ``rows`` rows shows (beta-binomial: the threshold's uncertainty and the batch's own noise)."""
+    from scipy.stats import betabinom
+
+    if rows <= 0:
+        return (0.0, 0.0)
+    tail = (1.0 - level) / 2.0
+    law = betabinom(rows, beta_a, beta_b)
+    return (float(law.ppf(tail)) / rows, float(law.ppf(1.0 - tail)) / rows)
+
+
+def flag_rate_verdict(rows_flagged: int, rows: int, band: tuple[float, float]) -> str:
+    """Return ``within``, ``above`` or ``below``: where the observed flag rate falls against the all-normal band."""
+    if rows <= 0:
+        return "within"
+    rate = rows_flagged / rows
+    return "above" if rate > band[1] else "below" if rate < band[0] else "within"

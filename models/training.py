@@ -30,7 +30,7 @@ from models.reports import (
     write_report_files,
 )
 from models.runtime import keras
-from models.threshold import calibration_stats, check_percentile, fix_threshold, min_holdout_rows
+from models.threshold import calibration_stats, check_percentile, fix_threshold, min_holdout_rows, threshold_uncertainty
 
 WORK_DIR = "_work"
 REPORT_DIR = "report"
@@ -145,7 +145,13 @@ def fix_threshold_from_errors(errors_path: str, percentile: float) -> dict[str, 
     normal = ~table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
     holdout_normal = errors[normal]
     threshold = fix_threshold(holdout_normal, percentile)
-    return {"value": threshold, "percentile": float(percentile), "rows": int(len(holdout_normal)), "calibration": calibration_stats(holdout_normal)}
+    return {
+        "value": threshold,
+        "percentile": float(percentile),
+        "rows": int(len(holdout_normal)),
+        "uncertainty": threshold_uncertainty(holdout_normal, percentile),
+        "calibration": calibration_stats(holdout_normal),
+    }
 
 
 def write_bundle(staging: Path, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], config: AutoencoderConfig, preset: str, label_column: str, normal_label: str) -> Path:
@@ -160,7 +166,7 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
         "features": [{"name": n, "dtype": "float64"} for n in split["feature_names"]],
         "label_column": label_column,
         "normal_label": normal_label,
-        "threshold": {k: threshold[k] for k in ("value", "percentile", "rows")} | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value"},
+        "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty")} | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value"},
         "calibration": threshold["calibration"],
         "preset": preset,
         "config": config.model_dump(),
@@ -221,6 +227,7 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
         "Threshold": {
             "value": threshold["value"],
             "percentile": threshold["percentile"],
+            **_uncertainty_rows(threshold),
             "held-out normal rows flagged": normal_summary["rows_flagged"],
             "flag rate": normal_summary["flag_rate"],
             "expected flag rate": normal_summary["expected_flag_rate"],
@@ -231,6 +238,18 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
     markdown = render_markdown(f"Training report: model {version}", sections, [os.fspath(loss_png), os.fspath(hist_png)])
     write_report_files(report, markdown, report_dir, "training-report")
     return {"report": report, "markdown": markdown}
+
+
+def _uncertainty_rows(threshold: dict[str, Any]) -> dict[str, Any]:
+    from scipy.stats import beta
+
+    uncertainty = threshold["uncertainty"]
+    a, b = uncertainty["exceedance_rate_beta"]["a"], uncertainty["exceedance_rate_beta"]["b"]
+    low, high = uncertainty["confidence_interval"]
+    return {
+        f"{uncertainty['confidence_level']:.0%} interval of the percentile (order statistics)": f"[{low:.6g}, {high:.6g}]",
+        "rate at which normal rows exceed it": f"Beta({a}, {b}): mean {a / (a + b):.4f}, 99% range [{beta.ppf(0.005, a, b):.4f}, {beta.ppf(0.995, a, b):.4f}]",
+    }
 
 
 def publish_version(staging: Path) -> Path:

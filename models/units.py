@@ -16,8 +16,9 @@ from data.workspace import Workspace, check_path_part
 from models.bundle import load_bundle
 from models.error_summary import ErrorDistribution
 from models.publishing import BatchOutputs, StagedOutputs, batch_outputs
+from models.reasons import ReasonTally
 from models.scoring import BatchResult, batch_summary, fingerprint_unchanged, read_state
-from models.streaming import check_bad_row_share, stream_batch_file
+from models.streaming import DEFAULT_REASON_COUNT, check_bad_row_share, stream_batch_file
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class UnitResult:
     rows_quarantined: int
     parts: dict[str, str | None]
     distribution: dict[str, Any] = field(repr=False, default_factory=dict)
+    reasons: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
 def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
@@ -62,6 +64,7 @@ def score_unit(
     row_groups: Sequence[int],
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     scored_at: dt.datetime | None = None,
+    reason_count: int = DEFAULT_REASON_COUNT,
 ) -> UnitResult:
     """Score some row groups of a file into private part files; the worker loads the model once per process."""
     workspace = Workspace.at(workspace_root)
@@ -69,9 +72,9 @@ def score_unit(
     folder = parts_dir(workspace, run_date, batch.name) / f"unit-{unit:05d}"
     targets = BatchOutputs(flagged=folder / "flagged.parquet", scores=folder / "scores.parquet", quarantine=folder / "quarantine.parquet")
     with StagedOutputs(targets) as staged:
-        counts = stream_batch_file(bundle, batch.path, batch.name, staged, scored_at=scored_at or dt.datetime.now(dt.UTC), chunk_rows=chunk_rows, row_groups=row_groups)
+        counts = stream_batch_file(bundle, batch.path, batch.name, staged, scored_at=scored_at or dt.datetime.now(dt.UTC), chunk_rows=chunk_rows, row_groups=row_groups, reason_count=reason_count)
         parts = staged.publish()
-    return UnitResult(unit, counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, parts, counts.distribution.to_json())
+    return UnitResult(unit, counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, parts, counts.distribution.to_json(), counts.reasons.to_json())
 
 
 def merge_units(
@@ -93,8 +96,10 @@ def merge_units(
     rows_quarantined = sum(r.rows_quarantined for r in units)
     check_bad_row_share(batch.path, rows_read, rows_quarantined, max_bad_row_share)
     distribution = ErrorDistribution(bundle.threshold)
+    reasons = ReasonTally(bundle.feature_names)
     for result in units:
         distribution.merge(ErrorDistribution.from_json(result.distribution))
+        reasons.merge(ReasonTally.from_json(result.reasons))
     with StagedOutputs(batch_outputs(workspace, run_date, batch.name), write_scores) as staged:
         concatenate_parquet([Path(r.parts["flagged"]) for r in units], staged.flagged.tmp)
         if staged.scores is not None:
@@ -116,7 +121,7 @@ def merge_units(
         rows_quarantined=rows_quarantined,
         outputs=published,
         fingerprint=fingerprint,
-        summary=batch_summary(distribution, bundle.percentile, rows_read, rows_quarantined),
+        summary=batch_summary(distribution, reasons, bundle, rows_read, rows_quarantined),
     )
 
 

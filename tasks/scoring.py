@@ -56,10 +56,22 @@ def withdraw_records(workspace_root: str, work: list[tuple[dt.date, Batch]]) -> 
 
 @task(name="score-batch", cache_policy=NO_CACHE, **RETRIES)
 def score_batch(
-    workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, write_scores: bool, chunk_rows: int, max_bad_row_share: float, scored_at: dt.datetime, before: FileState | None = None
+    workspace_root: str,
+    run_date: dt.date,
+    batch: Batch,
+    model_version: str,
+    write_scores: bool,
+    chunk_rows: int,
+    max_bad_row_share: float,
+    scored_at: dt.datetime,
+    reason_count: int,
+    before: FileState | None = None,
 ) -> BatchResult:
-    """Score one batch file; publish its flagged rows, scores and quarantined rows."""
-    result = scoring.score_batch(workspace_root, run_date, batch, model_version, write_scores=write_scores, chunk_rows=chunk_rows, max_bad_row_share=max_bad_row_share, scored_at=scored_at, before=before)
+    """Score one batch file; publish its flagged rows (with their reasons), scores and quarantined rows."""
+    result = scoring.score_batch(
+        workspace_root, run_date, batch, model_version,
+        write_scores=write_scores, chunk_rows=chunk_rows, max_bad_row_share=max_bad_row_share, scored_at=scored_at, reason_count=reason_count, before=before,
+    )
     get_run_logger().info(
         "Batch %s: %d rows scored, %d flagged (%.2f%%), %d quarantined",
         batch.name, result.rows_scored, result.rows_flagged, 100 * result.summary["flag_rate"], result.rows_quarantined,
@@ -115,9 +127,9 @@ def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
 
 
 @task(name="score-unit", cache_policy=NO_CACHE, **RETRIES)
-def score_unit(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, unit: int, row_groups: list[int], chunk_rows: int, scored_at: dt.datetime) -> UnitResult:
+def score_unit(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, unit: int, row_groups: list[int], chunk_rows: int, scored_at: dt.datetime, reason_count: int) -> UnitResult:
     """Score some row groups of one file into part files."""
-    result = units.score_unit(workspace_root, run_date, batch, model_version, unit=unit, row_groups=row_groups, chunk_rows=chunk_rows, scored_at=scored_at)
+    result = units.score_unit(workspace_root, run_date, batch, model_version, unit=unit, row_groups=row_groups, chunk_rows=chunk_rows, scored_at=scored_at, reason_count=reason_count)
     get_run_logger().info("Batch %s, unit %d (row groups %d-%d): %d rows scored", batch.name, unit, row_groups[0], row_groups[-1], result.rows_scored)
     return result
 

@@ -15,7 +15,7 @@ from flows.cli import build_parser, main
     [
         ("demo", ["--workspace", "--preset", "--run-date", "--batches"]),
         ("retrain", ["--training-data", "--preset", "--percentile", "--label-column", "--normal-label", "--all-rows-normal", "--holdout-fraction", "--epochs", "--batch-size", "--learning-rate", "--seed", "--no-promote"]),
-        ("score", ["--run-date", "--timezone", "--catch-up-days", "--force", "--no-scores", "--model-version", "--chunk-rows", "--max-bad-row-share", "--dask-workers", "--dask-threads-per-worker", "--dask-address", "--rows-per-unit"]),
+        ("score", ["--run-date", "--timezone", "--catch-up-days", "--reason-count", "--force", "--no-scores", "--model-version", "--chunk-rows", "--max-bad-row-share", "--dask-workers", "--dask-threads-per-worker", "--dask-address", "--rows-per-unit"]),
     ],
 )
 def test_help_documents_every_option(command, options, capsys):

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.errors import BatchFileError, SchemaError
-from data.output_schema import FLAGGED_COLUMNS
+from data.output_schema import FLAGGED_COLUMNS, reason_fields
 from data.workspace import Workspace
 from models import bundle
 from models.publishing import batch_outputs
@@ -36,7 +36,7 @@ def test_score_batch_file_writes_flagged_rows_and_scores_with_the_documented_sch
     np.testing.assert_array_equal(scores.column("is_anomaly").to_numpy(zero_copy_only=False), errors > loaded.threshold)
 
     flagged = pq.read_table(outputs.flagged)
-    assert flagged.column_names == ["row_id", *FEATURES, "label", *FLAGGED_COLUMNS]
+    assert flagged.column_names == ["row_id", *FEATURES, "label", *FLAGGED_COLUMNS, *(name for name, _ in reason_fields(3))]
     assert flagged.num_rows == result.rows_flagged == int((errors > loaded.threshold).sum())
     assert flagged.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
     assert set(flagged.column("model_version").to_pylist()) == {loaded.version}

@@ -1,0 +1,73 @@
+"""How sure the threshold is: its interval, the Beta law of the normal flag rate, and each night's band and verdict."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy.stats import beta
+
+from data.workspace import Workspace
+from models import bundle
+from models.publishing import batch_outputs
+from models.scoring import score_file
+from models.threshold import flag_rate_band, flag_rate_verdict, order_statistic, threshold_uncertainty
+from tests.conftest import FEATURES, RUN_DATE, make_rows, write_rows
+
+SCORED_AT = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.UTC)
+
+
+def test_the_normal_flag_rate_follows_the_beta_law_of_the_threshold_whatever_the_errors():
+    rng = np.random.default_rng(5)
+    m, percentile = 1000, 98.0
+    uncertainty = threshold_uncertainty(rng.lognormal(size=m), percentile)
+    a, b = uncertainty["exceedance_rate_beta"]["a"], uncertainty["exceedance_rate_beta"]["b"]
+    assert (a, b) == (m - order_statistic(m, percentile) + 1, order_statistic(m, percentile)) == (21, 980)
+    # Fix thresholds on many held-out samples; the rate at which fresh rows exceed them has that law.
+    rates = []
+    for _ in range(400):
+        holdout = rng.exponential(size=m)
+        threshold = np.sort(holdout)[order_statistic(m, percentile) - 1]
+        rates.append(np.exp(-threshold))  # exact exceedance probability of an exponential
+    assert np.mean(rates) == pytest.approx(beta.mean(a, b), rel=0.05)
+    assert np.std(rates) == pytest.approx(beta.std(a, b), rel=0.15)
+
+
+def test_the_percentile_interval_covers_the_true_percentile_about_95_percent_of_the_time():
+    rng = np.random.default_rng(6)
+    true = -np.log(0.02)  # the 98th percentile of Exp(1)
+    covered = [low <= true <= high for low, high in (threshold_uncertainty(rng.exponential(size=600), 98.0)["confidence_interval"] for _ in range(300))]
+    assert 0.92 <= np.mean(covered) <= 0.99
+
+
+def test_the_band_is_wider_than_binomial_for_large_batches_and_verdicts_follow_it():
+    a, b = 21, 980
+    low, high = flag_rate_band(1_000_000, a, b)
+    binomial_halfwidth = 2.58 * np.sqrt(0.02 * 0.98 / 1_000_000)
+    assert high - low > 10 * 2 * binomial_halfwidth, "the threshold's own uncertainty dominates large batches"
+    assert low < 0.021 < high
+    assert flag_rate_verdict(int(high * 1_000_000) + 1000, 1_000_000, (low, high)) == "above"
+    assert flag_rate_verdict(int(low * 1_000_000) - 1000, 1_000_000, (low, high)) == "below"
+    assert flag_rate_verdict(21_000, 1_000_000, (low, high)) == "within"
+
+
+def test_thirty_normal_nights_fall_within_the_band_and_a_shifted_night_is_above(workspace_copy):
+    ws = Workspace.at(workspace_copy)
+    loaded = bundle.load_bundle(ws.version_dir(bundle.current_version(ws.models_dir)))
+    assert "uncertainty" in loaded.metadata["threshold"]
+    verdicts = []
+    for night in range(30):
+        source = write_rows(make_rows(4000, seed=1000 + night), workspace_copy / "in" / f"night-{night}.parquet")
+        result = score_file(loaded, source, f"night-{night}", batch_outputs(ws, RUN_DATE, f"night-{night}"), scored_at=SCORED_AT, write_scores=False, reason_count=0)
+        verdicts.append(result.summary["flag_rate_verdict"])
+    assert verdicts.count("within") >= 28, verdicts
+
+    table = make_rows(4000, seed=2000)
+    for name in FEATURES[:3]:
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(table.column(name).to_numpy() + 1.0))
+    source = write_rows(table, workspace_copy / "in" / "shifted.parquet")
+    result = score_file(loaded, source, "shifted", batch_outputs(ws, RUN_DATE, "shifted"), scored_at=SCORED_AT, write_scores=False, reason_count=0)
+    assert result.summary["flag_rate_verdict"] == "above", result.summary["flag_rate"]
+    assert result.summary["flag_rate"] > result.summary["flag_rate_band"][1]

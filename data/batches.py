@@ -64,15 +64,25 @@ def incoming_batches(workspace: Workspace, run_date: dt.date) -> list[Batch]:
     return sorted((Batch(batch_name(f, folder), f) for f in files), key=lambda b: b.name)
 
 
+def records_dir(workspace: Workspace, run_date: dt.date) -> Path:
+    """Return the folder of a date's manifest records."""
+    return workspace.state_dir / "scored" / f"date={run_date.isoformat()}"
+
+
 def record_path(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
     """Return where the manifest record of one scored batch lives."""
-    return workspace.state_dir / "scored" / f"date={run_date.isoformat()}" / f"{batch}.json"
+    return records_dir(workspace, run_date) / f"{batch}.json"
+
+
+def rejections_dir(workspace: Workspace, run_date: dt.date) -> Path:
+    """Return the folder recording the files of a date that were rejected whole."""
+    # Beside, not inside, the quarantine partition: that one must stay a pure Parquet dataset for its readers.
+    return workspace.output_partition("rejected", run_date)
 
 
 def rejection_path(workspace: Workspace, run_date: dt.date, batch: str) -> Path:
     """Return where the reason a whole file was rejected on a date is recorded."""
-    # Beside, not inside, the quarantine partition: that one must stay a pure Parquet dataset for its readers.
-    return workspace.output_partition("rejected", run_date) / f"{batch}.json"
+    return rejections_dir(workspace, run_date) / f"{batch}.json"
 
 
 def read_record(workspace: Workspace, run_date: dt.date, batch: str) -> dict[str, Any] | None:
@@ -141,12 +151,6 @@ def awaits_scoring(workspace: Workspace, run_date: dt.date, batch: Batch) -> boo
 
 def recorded_batches(workspace: Workspace, run_date: dt.date, model_version: str | None = None) -> list[dict[str, Any]]:
     """Return the manifest records of a date (only those of ``model_version`` when given), by batch name."""
-    folder = record_path(workspace, run_date, "x").parent
-    records = [storage.read_json_if_present(path) for path in storage.list_files(folder, "*.json")]
+    records = [storage.read_json_if_present(path) for path in storage.list_files(records_dir(workspace, run_date), "*.json")]
     return [r for r in records if r and (model_version is None or r.get("model_version") == model_version)]
 
-
-def rejected_batches(workspace: Workspace, run_date: dt.date) -> list[dict[str, Any]]:
-    """Return the rejection records of a date, by batch name."""
-    folder = rejection_path(workspace, run_date, "x").parent
-    return [r for r in (storage.read_json_if_present(p) for p in storage.list_files(folder, "*.json")) if r]

@@ -67,6 +67,7 @@ class BatchSchema:
     """What a batch file holds, once checked against the model's features."""
 
     path: Path
+    arrow_schema: pa.Schema
     columns: list[str]
     passthrough_columns: list[str]
     num_rows: int
@@ -96,6 +97,7 @@ def check_batch_schema(path: Path, feature_names: Sequence[str], reserved: froze
     features = set(feature_names)
     return BatchSchema(
         path=path,
+        arrow_schema=schema,
         columns=names,
         passthrough_columns=[n for n in names if n not in features],
         num_rows=num_rows,

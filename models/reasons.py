@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 
 HIGH, LOW = "high", "low"
+# Shares are summed as integers in units of 2**-32, so that a file's tally is the same to the last
+# digit however its rows are grouped (in chunks, or in units on Dask workers).
+SHARE_UNITS = 2**32
 
 
 @dataclass
@@ -46,17 +49,17 @@ def explain_rows(residuals: np.ndarray, loss: str, feature_names: Sequence[str],
 
 @dataclass
 class ReasonTally:
-    """Over a set of flagged rows: how often each feature is the first reason, and the sum of its shares; mergeable."""
+    """Over a set of flagged rows: how often each feature is the first reason, and the sum of its shares; mergeable exactly."""
 
     features: list[str]
     first: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    share_sum: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
+    share_units: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     rows: int = 0
 
     def __post_init__(self) -> None:
         if len(self.first) != len(self.features):
             self.first = np.zeros(len(self.features), dtype=np.int64)
-            self.share_sum = np.zeros(len(self.features), dtype=np.float64)
+            self.share_units = np.zeros(len(self.features), dtype=np.int64)
 
     def add(self, reasons: RowReasons, feature_names: Sequence[str]) -> None:
         """Count the reasons of one chunk of flagged rows."""
@@ -65,7 +68,7 @@ class ReasonTally:
         index = {name: i for i, name in enumerate(feature_names)}
         firsts = np.fromiter((index[name] for name in reasons.features[:, 0]), dtype=np.intp, count=len(reasons.features))
         self.first += np.bincount(firsts, minlength=len(self.features))
-        self.share_sum += reasons.all_shares.sum(axis=0)
+        self.share_units += np.rint(reasons.all_shares * SHARE_UNITS).astype(np.int64).sum(axis=0)
         self.rows += len(reasons.all_shares)
 
     def merge(self, other: ReasonTally) -> ReasonTally:
@@ -73,7 +76,7 @@ class ReasonTally:
         if other.features != self.features:
             raise ValueError("cannot add reason tallies over different features")
         self.first += other.first
-        self.share_sum += other.share_sum
+        self.share_units += other.share_units
         self.rows += other.rows
         return self
 
@@ -84,14 +87,14 @@ class ReasonTally:
                 "feature": name,
                 "reason_1_rows": int(self.first[i]),
                 "reason_1_share_of_flagged": float(self.first[i] / self.rows) if self.rows else 0.0,
-                "mean_share": float(self.share_sum[i] / self.rows) if self.rows else 0.0,
+                "mean_share": float(self.share_units[i] / SHARE_UNITS / self.rows) if self.rows else 0.0,
             }
             for i, name in enumerate(self.features)
         ]
         table.sort(key=lambda row: (-row["reason_1_rows"], -row["mean_share"], row["feature"]))
-        return {"rows_flagged": self.rows, "features": self.features, "first": self.first.tolist(), "share_sum": self.share_sum.tolist(), "table": table}
+        return {"rows_flagged": self.rows, "features": self.features, "first": self.first.tolist(), "share_units": self.share_units.tolist(), "table": table}
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> ReasonTally:
         """Rebuild a tally written by :meth:`to_json`."""
-        return cls(list(payload["features"]), np.asarray(payload["first"], dtype=np.int64), np.asarray(payload["share_sum"], dtype=np.float64), int(payload["rows_flagged"]))
+        return cls(list(payload["features"]), np.asarray(payload["first"], dtype=np.int64), np.asarray(payload["share_units"], dtype=np.int64), int(payload["rows_flagged"]))

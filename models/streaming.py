@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from data.errors import BatchFileError, SchemaError
 from data.output_schema import TIMESTAMP, flagged_schema, output_metadata, quarantine_schema, scores_schema
-from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, label_classes, open_parquet, parquet_writer
+from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, label_classes, parquet_writer
 from models.bundle import LoadedBundle
 from models.error_summary import ErrorDistribution
 from models.publishing import StagedOutputs
@@ -63,7 +63,7 @@ def stream_batch_file(
     scorer = bundle.scorer
     threshold = bundle.threshold
     metadata = output_metadata(bundle.version, threshold, bundle.percentile)
-    input_schema = open_parquet(source).schema_arrow
+    input_schema = schema.arrow_schema
     reason_count = min(reason_count, len(features))
     flagged_out = flagged_schema(input_schema, metadata, reason_count)
     scores_out = scores_schema(input_schema, keep, metadata)

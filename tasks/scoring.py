@@ -113,7 +113,7 @@ def remove_stale_temporaries(workspace_root: str, run_date: dt.date) -> list[str
     """Delete temporary files a killed run left in the date's output partitions."""
     workspace = Workspace.at(workspace_root)
     folders = [workspace.output_partition(kind, run_date) for kind in (*OUTPUT_KINDS, "rejected", "reports")]
-    folders += [batch_report_dir(workspace, run_date), batches.record_path(workspace, run_date, "any").parent]
+    folders += [batch_report_dir(workspace, run_date), batches.records_dir(workspace, run_date)]
     removed = [p for folder in folders for p in storage.remove_stale_temporaries(folder)]
     if removed:
         get_run_logger().warning("Removed %d temporary file(s) left by a run that died: %s", len(removed), [p.name for p in removed])

@@ -71,3 +71,12 @@ def test_thirty_normal_nights_fall_within_the_band_and_a_shifted_night_is_above(
     result = score_file(loaded, source, "shifted", batch_outputs(ws, RUN_DATE, "shifted"), scored_at=SCORED_AT, write_scores=False, reason_count=0)
     assert result.summary["flag_rate_verdict"] == "above", result.summary["flag_rate"]
     assert result.summary["flag_rate"] > result.summary["flag_rate_band"][1]
+
+
+@pytest.mark.parametrize(("rows", "a", "b"), [(100, 21, 980), (4000, 21, 980), (50_000, 21, 980), (20_000, 3, 148), (20_000, 201, 9800)])
+def test_the_fast_band_equals_scipys_beta_binomial_quantiles(rows, a, b):
+    from scipy.stats import betabinom
+
+    law = betabinom(rows, a, b)
+    expected = (law.ppf(0.005) / rows, law.ppf(0.995) / rows)
+    assert flag_rate_band(rows, a, b) == pytest.approx(expected, abs=1.5 / rows)

@@ -17,6 +17,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 N_FEATURES = 6
 FEATURES = [f"f{j}" for j in range(N_FEATURES)]
 RUN_DATE = dt.date(2026, 11, 27)
+SCORED_AT = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.UTC)
 FAST_OVERRIDES = {"epochs": 8, "batch_size": 256, "encoder_units": [16, 5], "decoder_units": [16], "early_stopping_patience": None}
 
 
@@ -30,6 +31,15 @@ def make_rows(n: int, seed: int, anomaly_share: float = 0.0, start_id: int = 0) 
     columns.update({name: pa.array(x[:, j]) for j, name in enumerate(FEATURES)})
     columns["label"] = pa.array(labels)
     return pa.table(columns)
+
+
+def current_bundle(root: Path):
+    """Return a workspace and its current model bundle, loaded."""
+    from data.workspace import Workspace
+    from models import bundle
+
+    ws = Workspace.at(root)
+    return ws, bundle.load_bundle(ws.version_dir(bundle.current_version(ws.models_dir)))
 
 
 def write_rows(table: pa.Table, path: Path, row_group_size: int | None = None) -> Path:

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data.output_schema import reason_fields
-from data.workspace import Workspace
 from models import bundle
 from models.publishing import batch_outputs
 from models.reasons import ReasonTally, explain_rows
 from models.scoring import score_file
-from tests.conftest import FEATURES, RUN_DATE, make_rows, write_rows
-
-SCORED_AT = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.UTC)
-
-
-def _bundle(root):
-    ws = Workspace.at(root)
-    return ws, bundle.load_bundle(ws.version_dir(bundle.current_version(ws.models_dir)))
+from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 
 def test_shares_decompose_each_flagged_rows_error_exactly(workspace_copy):
-    _, loaded = _bundle(workspace_copy)
+    _, loaded = current_bundle(workspace_copy)
     rows = make_rows(5000, seed=70, anomaly_share=0.05)
     matrix = np.column_stack([rows.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
     errors, residuals = loaded.scorer.with_flagged_residuals(matrix, loaded.threshold)
@@ -83,7 +73,7 @@ def sensor_workspace(tmp_path_factory):
 
 
 def test_a_planted_offset_is_named_as_the_first_reason_with_its_direction(sensor_workspace):
-    ws, loaded = _bundle(sensor_workspace)
+    ws, loaded = current_bundle(sensor_workspace)
     rows = _sensor_rows(6000, seed=71)
     planted = np.arange(0, 6000, 5)
     which = planted % len(SENSORS)
@@ -109,7 +99,7 @@ def test_a_planted_offset_is_named_as_the_first_reason_with_its_direction(sensor
 
 
 def test_no_reasons_are_written_when_none_are_asked_for(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(2000, seed=72, anomaly_share=0.05), workspace_copy / "in" / "plain.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "plain")
     result = score_file(loaded, source, "plain", outputs, scored_at=SCORED_AT, reason_count=0)

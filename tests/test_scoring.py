@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import datetime as dt
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,22 +7,13 @@ import pytest
 
 from data.errors import BatchFileError, SchemaError
 from data.output_schema import FLAGGED_COLUMNS, reason_fields
-from data.workspace import Workspace
-from models import bundle
 from models.publishing import batch_outputs
 from models.scoring import score_file
-from tests.conftest import FEATURES, RUN_DATE, make_rows, write_rows
-
-SCORED_AT = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.UTC)
-
-
-def _bundle(root):
-    ws = Workspace.at(root)
-    return ws, bundle.load_bundle(ws.version_dir(bundle.current_version(ws.models_dir)))
+from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 
 def test_score_batch_file_writes_flagged_rows_and_scores_with_the_documented_schema(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(3000, seed=7, anomaly_share=0.02), workspace_copy / "in" / "night.parquet", row_group_size=700)
     outputs = batch_outputs(ws, RUN_DATE, "night")
     result = score_file(loaded, source, "night", outputs, scored_at=SCORED_AT, chunk_rows=1000)
@@ -56,7 +45,7 @@ def test_score_batch_file_writes_flagged_rows_and_scores_with_the_documented_sch
 
 
 def test_normal_rows_are_flagged_near_the_expected_rate(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(20_000, seed=11), workspace_copy / "in" / "normal.parquet")
     result = score_file(loaded, source, "normal", batch_outputs(ws, RUN_DATE, "normal"), scored_at=SCORED_AT, write_scores=False)
     assert result.summary["flag_rate"] == pytest.approx(0.02, abs=0.01)
@@ -64,7 +53,7 @@ def test_normal_rows_are_flagged_near_the_expected_rate(workspace_copy):
 
 
 def test_rows_with_missing_or_infinite_features_are_quarantined_with_a_reason(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     table = make_rows(1000, seed=3)
     f1 = table.column("f1").to_numpy().copy()
     f1[[10, 20]] = [np.nan, np.inf]
@@ -83,7 +72,7 @@ def test_rows_with_missing_or_infinite_features_are_quarantined_with_a_reason(wo
 
 
 def test_a_mostly_bad_batch_fails_and_publishes_nothing(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     table = make_rows(100, seed=3)
     table = table.set_column(1, "f0", pa.array([np.nan] * 50 + [0.0] * 50))
     source = write_rows(table, workspace_copy / "in" / "bad.parquet")
@@ -96,7 +85,7 @@ def test_a_mostly_bad_batch_fails_and_publishes_nothing(workspace_copy):
 
 
 def test_schema_errors_name_file_and_column_before_anything_is_written(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(100, seed=3).drop_columns(["f5"]), workspace_copy / "in" / "short.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "short")
     with pytest.raises(SchemaError, match=r"short.parquet, column 'f5': feature column is missing"):
@@ -105,7 +94,7 @@ def test_schema_errors_name_file_and_column_before_anything_is_written(workspace
 
 
 def test_an_input_column_named_like_an_output_column_is_refused(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     table = make_rows(100, seed=3).append_column("is_anomaly", pa.array([False] * 100))
     source = write_rows(table, workspace_copy / "in" / "clash.parquet")
     with pytest.raises(SchemaError, match="column 'is_anomaly'"):
@@ -113,7 +102,7 @@ def test_an_input_column_named_like_an_output_column_is_refused(workspace_copy):
 
 
 def test_rescoring_replaces_outputs(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(500, seed=5), workspace_copy / "in" / "again.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "again")
     score_file(loaded, source, "again", outputs, scored_at=SCORED_AT)
@@ -123,7 +112,7 @@ def test_rescoring_replaces_outputs(workspace_copy):
 
 
 def test_a_float64_beyond_float32s_range_is_quarantined_as_out_of_range(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     table = make_rows(200, seed=4)
     f3 = table.column("f3").to_numpy().copy()
     f3[[7, 8]] = [1e39, -np.inf]
@@ -139,7 +128,7 @@ def test_a_float64_beyond_float32s_range_is_quarantined_as_out_of_range(workspac
 def test_rows_with_a_null_or_nan_label_are_scored_but_left_out_of_every_metric(workspace_copy):
     from sklearn.metrics import roc_auc_score
 
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     table = make_rows(4000, seed=8, anomaly_share=0.05)
     labels = table.column("label").to_numpy().astype(np.float64)
     labels[::5] = np.nan
@@ -168,7 +157,7 @@ def test_every_name_the_outputs_use_is_refused_as_an_input_column(tmp_path, name
 
 
 def test_scoring_without_scores_removes_the_earlier_scores_file(workspace_copy):
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(500, seed=5), workspace_copy / "in" / "again.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "again")
     score_file(loaded, source, "again", outputs, scored_at=SCORED_AT)
@@ -183,7 +172,7 @@ def test_a_file_that_changes_while_it_is_scored_publishes_nothing(workspace_copy
     from data.storage import fingerprint
     from models.scoring import score_batch
 
-    ws, loaded = _bundle(workspace_copy)
+    ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(800, seed=9), ws.incoming_for(RUN_DATE) / "moving.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "moving")
     write_record(ws, RUN_DATE, Batch("moving", source), loaded.version, fingerprint(source), {})

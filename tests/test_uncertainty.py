@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 import numpy as np
 import pyarrow as pa
 import pytest
 from scipy.stats import beta
 
-from data.workspace import Workspace
-from models import bundle
 from models.publishing import batch_outputs
 from models.scoring import score_file
 from models.threshold import flag_rate_band, flag_rate_verdict, order_statistic, threshold_uncertainty
-from tests.conftest import FEATURES, RUN_DATE, make_rows, write_rows
-
-SCORED_AT = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.UTC)
+from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 
 def test_the_normal_flag_rate_follows_the_beta_law_of_the_threshold_whatever_the_errors():
@@ -54,8 +48,7 @@ def test_the_band_is_wider_than_binomial_for_large_batches_and_verdicts_follow_i
 
 
 def test_thirty_normal_nights_fall_within_the_band_and_a_shifted_night_is_above(workspace_copy):
-    ws = Workspace.at(workspace_copy)
-    loaded = bundle.load_bundle(ws.version_dir(bundle.current_version(ws.models_dir)))
+    ws, loaded = current_bundle(workspace_copy)
     assert "uncertainty" in loaded.metadata["threshold"]
     verdicts = []
     for night in range(30):

@@ -27,15 +27,27 @@ class DemoDataset:
     test_anomalies: int
 
 
-def make_tutorial_data(n_samples: int = 100_000, n_features: int = 32, class_sep: float = 0.5, weights: tuple[float, float] = (0.995, 0.005), random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Return the tutorial's ``make_classification`` data (its defaults reproduce it exactly)."""
+def make_tutorial_data(
+    n_samples: int = 100_000,
+    n_features: int = 32,
+    class_sep: float = 0.5,
+    weights: tuple[float, float] = (0.995, 0.005),
+    random_state: int = 0,
+    n_redundant: int = 0,
+    n_informative: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the tutorial's ``make_classification`` data (its defaults reproduce it exactly).
+
+    ``n_redundant`` features are linear combinations of the ``n_informative`` ones (default: all the
+    others); any features left over are noise.
+    """
     from sklearn.datasets import make_classification
 
     return make_classification(
         n_samples=n_samples,
         n_features=n_features,
-        n_informative=n_features,
-        n_redundant=0,
+        n_informative=n_features - n_redundant if n_informative is None else n_informative,
+        n_redundant=n_redundant,
         n_repeated=0,
         n_classes=2,
         n_clusters_per_class=1,

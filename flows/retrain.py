@@ -84,7 +84,7 @@ def retrain_flow(
             errors_path = compute_reconstruction_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
             threshold = fix_threshold(errors_path, percentile)
             # Step 4: bundle and reports, then the promotion gate, all inside the staging folder.
-            save_model_bundle(staging, version, split, history, threshold, config.model_dump(), preset, label_column, normal_label)
+            save_model_bundle(staging, version, split, history, threshold, preset, label_column, normal_label)
             training_report = write_training_report(staging, version, errors_path, history, threshold, split, preset)
             holdout_summary = training_report["report"]["holdout_evaluation"]
             write_evaluation_report(holdout_summary, os.fspath(Path(staging) / "report"), "holdout-evaluation", f"Held-out evaluation, model {version}", {"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
@@ -115,6 +115,7 @@ def retrain_flow(
         "preset": preset,
         "threshold": threshold["value"],
         "percentile": percentile,
+        "threshold_warning": threshold["warning"],
         "training_rows": split["rows_train"],
         "validation_rows": split["rows_holdout_normal"],
         "holdout_anomalies": split["rows_holdout_anomalies"],

@@ -15,6 +15,10 @@ SCALING_LAYER = "scaling"
 OUTPUT_LAYER = "reconstruction"
 DEFAULT_INFERENCE_ROWS = 65_536
 STEPS_PER_EXECUTION = 16
+# Added to the correlation matrix's eigenvalues before whitening (their mean is 1): a direction with far
+# less variance, such as an exact linear combination, is weighted at most 1/sqrt(floor) instead of inverted,
+# so the noise of nearly constant directions does not swamp the error.
+WHITENING_FLOOR = 0.1
 
 
 def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) -> keras.Model:
@@ -23,17 +27,45 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
     n_features = training_features.shape[1]
     inputs = keras.Input(shape=(n_features,), name="features")
     hidden = inputs
-    if config.scale_inputs:
-        mean = training_features.mean(axis=0)
-        # A constant feature has zero variance; dividing by 1 leaves it centred instead of infinite.
-        variance = np.where(training_features.var(axis=0) > 0, training_features.var(axis=0), 1.0)
-        hidden = keras.layers.Normalization(mean=mean.tolist(), variance=variance.tolist(), name=SCALING_LAYER)(hidden)
+    if config.scale_inputs and config.decorrelate_inputs:
+        # One fixed affine layer standardises and whitens: the model reproduces, and the error is measured on, decorrelated features.
+        mean, std = standardisation(training_features)
+        matrix = whitening_matrix(training_features)
+        scaling = keras.layers.Dense(n_features, name=SCALING_LAYER, trainable=False)
+        hidden = scaling(hidden)
+        kernel = matrix / std[:, None]
+        scaling.set_weights([kernel.astype(np.float32), (-(mean @ kernel)).astype(np.float32)])
+    elif config.scale_inputs:
+        mean, std = standardisation(training_features)
+        hidden = keras.layers.Normalization(mean=mean.tolist(), variance=(std**2).tolist(), name=SCALING_LAYER)(hidden)
+    if config.input_dropout:
+        hidden = keras.layers.Dropout(config.input_dropout, seed=config.seed, name="input_dropout")(hidden)
     for i, units in enumerate(config.encoder_units):
         hidden = keras.layers.Dense(units, activation=config.activation, name=f"encoder_{i}")(hidden)
     for i, units in enumerate(config.decoder_units):
         hidden = keras.layers.Dense(units, activation=config.activation, name=f"decoder_{i}")(hidden)
     outputs = keras.layers.Dense(n_features, activation=config.output_activation, name=OUTPUT_LAYER)(hidden)
     return keras.Model(inputs, outputs, name="autoencoder")
+
+
+def standardisation(training_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return each feature's mean and standard deviation; a constant feature gets 1, so it is centred instead of divided by zero."""
+    features = np.asarray(training_features, dtype=np.float64)
+    std = features.std(axis=0)
+    return features.mean(axis=0), np.where(std > 0, std, 1.0)
+
+
+def whitening_matrix(training_features: np.ndarray) -> np.ndarray:
+    """Return the matrix that whitens standardised features (ZCA): ``standardised @ matrix`` has about unit variance in every direction the rows vary in.
+
+    ZCA, the symmetric inverse square root of the correlation matrix, keeps each output closest to its
+    own input feature, so residuals still name features. Directions of (near) zero variance, such as
+    exact linear combinations, are damped by a floor instead of blown up.
+    """
+    _, std = standardisation(training_features)
+    correlation = np.atleast_2d(np.cov(training_features, rowvar=False)) / np.outer(std, std)
+    eigenvalues, eigenvectors = np.linalg.eigh(correlation)
+    return (eigenvectors / np.sqrt(np.clip(eigenvalues, 0.0, None) + WHITENING_FLOOR)) @ eigenvectors.T
 
 
 def scaled_targets(model: keras.Model, features: np.ndarray) -> np.ndarray:

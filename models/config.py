@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from data.errors import ParameterError
 
 Activation = Literal["relu", "elu", "gelu", "selu", "tanh", "linear", "sigmoid"]
+Auto = Literal["auto"]
+Widths = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+
+MAX_AUTO_WIDTH = 512
+MIN_AUTO_BATCH, MAX_AUTO_BATCH, ROWS_PER_AUTO_BATCH = 32, 1024, 50
+# Early stopping waits at least this many epochs, and longer when an epoch is only a few steps.
+MIN_AUTO_PATIENCE, MAX_AUTO_PATIENCE, AUTO_PATIENCE_STEPS = 4, 20, 160
 
 
 class AutoencoderConfig(BaseModel):
@@ -17,26 +25,54 @@ class AutoencoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scale_inputs: bool = Field(True, description="Standardise features with statistics learnt from training rows (saved in the model).")
-    encoder_units: list[int] = Field(default=[64, 32, 24], min_length=1, description="Units of each encoder layer; the last is the bottleneck.")
-    decoder_units: list[int] = Field(default=[32, 64], description="Units of each hidden decoder layer; the output layer always has one unit per feature.")
+    decorrelate_inputs: bool = Field(True, description="After standardising (needs scale_inputs), also whiten the features (ZCA, in the model), so that features that move together weigh once and a broken correlation shows in the error.")
+    input_dropout: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of inputs zeroed at random while training, so the network learns each feature from the others instead of copying it; an offset on one feature then stays in that feature's residual.",
+    )
+    encoder_units: Widths | Auto = Field("auto", description="Units of each encoder layer; the last is the bottleneck. 'auto': 2d, d and 3d/4 for d features (at most 512).")
+    decoder_units: list[Annotated[int, Field(ge=1)]] | Auto = Field("auto", description="Units of each hidden decoder layer; the output layer always has one unit per feature. 'auto': the encoder's in reverse, bottleneck left out.")
     activation: Activation = Field("relu", description="Activation of the hidden layers.")
     output_activation: Activation = Field("linear", description="Activation of the output layer.")
     loss: Literal["mse", "mae"] = Field("mse", description="Training loss; the per-row reconstruction error uses the same measure.")
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = Field("adam", description="Optimizer.")
     learning_rate: float = Field(5e-3, gt=0, le=1, description="Optimizer learning rate.")
     epochs: int = Field(60, ge=1, le=10_000, description="Most training epochs.")
-    batch_size: int = Field(1024, ge=1, le=1_000_000, description="Rows per training step.")
-    early_stopping_patience: int | None = Field(4, ge=1, description="Stop after this many epochs without validation improvement; None trains every epoch.")
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | Auto = Field("auto", description="Rows per training step. 'auto': a fiftieth of the training rows, between 32 and 1024.")
+    early_stopping_patience: Annotated[int, Field(ge=1)] | Auto | None = Field(
+        "auto", description="Stop after this many epochs without validation improvement; None trains every epoch. 'auto': 4, or more when an epoch is only a few steps (at most 20)."
+    )
     validation_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of training rows used only to decide early stopping.")
     seed: int = Field(42, description="Seed for weights, shuffling and splits.")
 
+    def sized_for(self, rows: int, features: int) -> AutoencoderConfig:
+        """Return this config with every 'auto' setting sized for ``rows`` training rows of ``features`` features."""
+        encoder = self.encoder_units
+        if encoder == "auto":
+            encoder = [min(MAX_AUTO_WIDTH, max(2, round(features * share))) for share in (2.0, 1.0, 0.75)]
+        decoder = list(reversed(encoder[:-1])) if self.decoder_units == "auto" else self.decoder_units
+        batch = self.batch_size
+        if batch == "auto":
+            batch = min(MAX_AUTO_BATCH, max(MIN_AUTO_BATCH, rows // ROWS_PER_AUTO_BATCH))
+        patience = self.early_stopping_patience
+        if patience == "auto":
+            steps_per_epoch = max(1, math.ceil(rows * (1.0 - self.validation_fraction) / batch))
+            patience = min(MAX_AUTO_PATIENCE, max(MIN_AUTO_PATIENCE, math.ceil(AUTO_PATIENCE_STEPS / steps_per_epoch)))
+        return self.model_copy(update={"encoder_units": encoder, "decoder_units": decoder, "batch_size": batch, "early_stopping_patience": patience})
+
 
 PRESETS: dict[str, AutoencoderConfig] = {
-    # Standardised inputs, a linear output and a bottleneck wide enough for independent features.
+    # Standardised and decorrelated inputs, with input dropout so that decorrelated features are
+    # predicted rather than copied; a linear output; widths from the feature count, batch size and
+    # patience from the training rows, so that a few hundred rows train as well as millions.
     "default": AutoencoderConfig(),
     # The tutorial's recipe as published: unscaled inputs, 4-unit bottleneck, sigmoid output, MAE, 20 epochs.
     "seed": AutoencoderConfig(
         scale_inputs=False,
+        decorrelate_inputs=False,
+        input_dropout=0.0,
         encoder_units=[16, 8, 4],
         decoder_units=[8, 16],
         activation="relu",

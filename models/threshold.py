@@ -8,13 +8,41 @@ import numpy as np
 
 from data.errors import ParameterError, TrainingDataError
 
-MIN_ROWS_ABOVE_THRESHOLD = 10
 CALIBRATION_QUANTILES = (50.0, 90.0, 95.0, 98.0, 99.0, 99.9)
+# The threshold is called uncertain when the 95% range of the rate at which normal rows exceed it
+# is wider than that rate itself (at p = 98: a range wider than 2 points, below about 750 held-out rows).
+WIDE_RANGE_TO_RATE = 1.0
 
 
 def min_holdout_rows(percentile: float) -> int:
-    """Return the held-out rows needed so that at least 10 lie above the ``percentile``."""
-    return math.ceil(MIN_ROWS_ABOVE_THRESHOLD / (1.0 - percentile / 100.0))
+    """Return the fewest held-out rows that can estimate the ``percentile`` at all: one row must lie above it (50 at p = 98)."""
+    return math.ceil(round(1.0 / (1.0 - percentile / 100.0), 9))
+
+
+def exceedance_range(rows: int, percentile: float) -> tuple[float, float]:
+    """Return the 95% range of the rate at which normal rows exceed a threshold fixed on ``rows`` held-out rows."""
+    from scipy.stats import beta
+
+    k = order_statistic(rows, percentile)
+    low, high = beta.ppf([0.025, 0.975], rows - k + 1, k)
+    return float(low), float(high)
+
+
+def threshold_is_wide(rows: int, percentile: float) -> bool:
+    """Return whether ``rows`` held-out rows leave the normal flag rate's 95% range wider than the rate itself."""
+    low, high = exceedance_range(rows, percentile)
+    return high - low > WIDE_RANGE_TO_RATE * (1.0 - percentile / 100.0)
+
+
+def comfortable_holdout_rows(percentile: float) -> int:
+    """Return the fewest held-out rows from which the threshold is no longer called uncertain."""
+    low, high = min_holdout_rows(percentile), min_holdout_rows(percentile)
+    while threshold_is_wide(high, percentile):
+        low, high = high, high * 2
+    while low < high:  # the width shrinks as rows grow, up to the order statistic's rounding: good enough for advice
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if threshold_is_wide(middle, percentile) else (low, middle)
+    return high
 
 
 def check_percentile(percentile: float) -> float:
@@ -31,7 +59,7 @@ def fix_threshold(holdout_errors: np.ndarray, percentile: float) -> float:
     needed = min_holdout_rows(percentile)
     if len(errors) < needed:
         raise TrainingDataError(
-            f"only {len(errors)} held-out normal rows; the {percentile:g}th percentile needs at least {needed} "
+            f"only {len(errors)} held-out normal rows; the {percentile:g}th percentile cannot be estimated from fewer than {needed} "
             f"(add normal training rows or raise holdout_fraction)"
         )
     if not np.isfinite(errors).all():
@@ -91,6 +119,21 @@ def threshold_uncertainty(holdout_errors: np.ndarray, percentile: float) -> dict
         "confidence_interval_ranks": [lower, upper],
         "exceedance_rate_beta": {"a": m - k + 1, "b": k},
     }
+
+
+def threshold_warning(uncertainty: dict[str, object], percentile: float) -> str | None:
+    """Return a warning when so few held-out rows fixed the threshold that the normal flag rate is unsure, else None."""
+    shape = uncertainty["exceedance_rate_beta"]
+    rows = shape["a"] + shape["b"] - 1
+    if not threshold_is_wide(rows, percentile):
+        return None
+    low, high = exceedance_range(rows, percentile)
+    expected = 1.0 - percentile / 100.0
+    return (
+        f"the threshold rests on {rows} held-out normal rows: normal rows will exceed it at a rate anywhere between "
+        f"{low:.2%} and {high:.2%} (95%), not exactly {expected:.2%}; from about {comfortable_holdout_rows(percentile)} "
+        "held-out normal rows on, that range is no wider than the rate itself"
+    )
 
 
 def flag_rate_band(rows: int, beta_a: float, beta_b: float, level: float = BAND_LEVEL) -> tuple[float, float]:

@@ -30,11 +30,12 @@ from models.reports import (
     write_report_files,
 )
 from models.runtime import keras
-from models.threshold import calibration_stats, check_percentile, fix_threshold, min_holdout_rows, threshold_uncertainty
+from models.threshold import calibration_stats, check_percentile, fix_threshold, min_holdout_rows, threshold_uncertainty, threshold_warning
 
 WORK_DIR = "_work"
 REPORT_DIR = "report"
-MIN_TRAINING_ROWS = 100
+# Fewer rows than this cannot train even the smallest network to anything but noise.
+MIN_TRAINING_ROWS = 20
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,14 @@ def split_training_data(
     rows_unlabelled = int(np.count_nonzero(rows.classes == UNLABELLED))
     n_holdout = int(round(len(normal) * holdout_fraction))
     needed_holdout = min_holdout_rows(percentile)
-    needed_total = max(int(np.ceil(needed_holdout / holdout_fraction)), needed_holdout + MIN_TRAINING_ROWS)
+    needed_total = max(int(np.ceil((needed_holdout - 0.5) / holdout_fraction)), int(np.ceil((MIN_TRAINING_ROWS - 0.5) / (1.0 - holdout_fraction))))
     if len(normal) == 0:
         raise TrainingDataError(f"training_data={source!r}: no rows have {label_column}={normal_label!r}; check label_column and normal_label")
     if n_holdout < needed_holdout or len(normal) - n_holdout < MIN_TRAINING_ROWS:
         raise TrainingDataError(
-            f"training_data={source!r}: {len(normal)} normal rows; a stable {percentile:g}th percentile with "
-            f"holdout_fraction={holdout_fraction:g} needs at least {needed_total}"
+            f"training_data={source!r}: {len(normal)} normal rows; the {percentile:g}th percentile cannot be estimated from fewer than "
+            f"{needed_holdout} held-out rows, and training needs {MIN_TRAINING_ROWS}: with holdout_fraction={holdout_fraction:g} "
+            f"that is at least {needed_total} normal rows"
         )
     order = np.random.default_rng(seed).permutation(len(normal))
     holdout_idx, train_idx = order[:n_holdout], order[n_holdout:]
@@ -108,11 +110,15 @@ def read_matrix(source: str | Path | pa.Table, names: Sequence[str]) -> np.ndarr
 
 
 def train_model(train_path: str, feature_names: Sequence[str], config: AutoencoderConfig, staging: Path, progress: Any = None) -> dict[str, Any]:
-    """Build the autoencoder from ``config``, train it on the training split and save it as ``staging/model.keras``."""
+    """Size ``config`` for the training split, build the autoencoder, train it and save it as ``staging/model.keras``.
+
+    The returned history carries the sized config under ``config``: that is what the bundle records.
+    """
     features = read_matrix(train_path, feature_names)
+    sized = config.sized_for(rows=len(features), features=features.shape[1])
     started = time.perf_counter()
-    model = build_autoencoder(config, features)
-    history = train_autoencoder(model, features, config, on_epoch_end=progress)
+    model = build_autoencoder(sized, features)
+    history = train_autoencoder(model, features, sized, on_epoch_end=progress)
     fit_seconds = time.perf_counter() - started
     if not np.isfinite(history.loss[-1]):
         raise TrainingDataError(f"training diverged (loss {history.loss[-1]}); lower learning_rate or check the features for extreme values")
@@ -125,6 +131,7 @@ def train_model(train_path: str, feature_names: Sequence[str], config: Autoencod
         "best_epoch": history.best_epoch,
         "stopped_early": history.stopped_early,
         "fit_seconds": round(fit_seconds, 3),
+        "config": sized.model_dump(),
     }
 
 
@@ -145,18 +152,21 @@ def fix_threshold_from_errors(errors_path: str, percentile: float) -> dict[str, 
     normal = ~table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
     holdout_normal = errors[normal]
     threshold = fix_threshold(holdout_normal, percentile)
+    uncertainty = threshold_uncertainty(holdout_normal, percentile)
     return {
         "value": threshold,
         "percentile": float(percentile),
         "rows": int(len(holdout_normal)),
-        "uncertainty": threshold_uncertainty(holdout_normal, percentile),
+        "uncertainty": uncertainty,
+        "warning": threshold_warning(uncertainty, percentile),
         "calibration": calibration_stats(holdout_normal),
     }
 
 
-def write_bundle(staging: Path, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], config: AutoencoderConfig, preset: str, label_column: str, normal_label: str) -> Path:
+def write_bundle(staging: Path, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, label_column: str, normal_label: str) -> Path:
     """Write bundle.json beside the staged model, with the model's checksum and everything scoring needs."""
     model_path = staging / MODEL_FILE
+    config = AutoencoderConfig.model_validate(history["config"])
     payload = {
         "format_version": BUNDLE_FORMAT,
         "model_version": version,
@@ -166,7 +176,7 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
         "features": [{"name": n, "dtype": "float64"} for n in split["feature_names"]],
         "label_column": label_column,
         "normal_label": normal_label,
-        "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty")} | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value"},
+        "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty", "warning")} | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value"},
         "calibration": threshold["calibration"],
         "preset": preset,
         "config": config.model_dump(),
@@ -220,6 +230,8 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
             "held-out normal rows": split["rows_holdout_normal"],
             "held-out labelled anomalies": split["rows_holdout_anomalies"],
             "rows without a label (left out)": split.get("rows_unlabelled", 0),
+            "network (encoder / decoder units)": f"{history['config']['encoder_units']} / {history['config']['decoder_units']}",
+            "batch size, early-stopping patience": f"{history['config']['batch_size']}, {history['config']['early_stopping_patience']}",
             "epochs run": history["epochs_run"],
             "best epoch": history["best_epoch"],
             "fit seconds": history["fit_seconds"],
@@ -228,6 +240,7 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
             "value": threshold["value"],
             "percentile": threshold["percentile"],
             **_uncertainty_rows(threshold),
+            **({"warning": threshold["warning"]} if threshold.get("warning") else {}),
             "held-out normal rows flagged": normal_summary["rows_flagged"],
             "flag rate": normal_summary["flag_rate"],
             "expected flag rate": normal_summary["expected_flag_rate"],

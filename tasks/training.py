@@ -32,7 +32,11 @@ def train_autoencoder(train_path: str, feature_names: list[str], config: dict[st
         logger.info("Epoch %d/%d: loss %.5f%s", epoch + 1, settings.epochs, logs.get("loss", float("nan")), val)
 
     history = training.train_model(train_path, feature_names, settings, Path(staging), progress=log_epoch)
-    logger.info("Trained %d epochs in %.1f s (best epoch %d)", history["epochs_run"], history["fit_seconds"], history["best_epoch"])
+    sized = history["config"]
+    logger.info(
+        "Trained %d epochs in %.1f s (best epoch %d); layers %s / %s, batch size %d, patience %s",
+        history["epochs_run"], history["fit_seconds"], history["best_epoch"], sized["encoder_units"], sized["decoder_units"], sized["batch_size"], sized["early_stopping_patience"],
+    )
     return history
 
 
@@ -46,15 +50,17 @@ def compute_reconstruction_errors(staging: str, holdout_path: str, feature_names
 def fix_threshold(errors_path: str, percentile: float) -> dict[str, Any]:
     """Fix the threshold at the percentile of held-out normal errors."""
     threshold = training.fix_threshold_from_errors(errors_path, percentile)
-    get_run_logger().info("Threshold %.6g at the %gth percentile of %d held-out normal rows", threshold["value"], percentile, threshold["rows"])
+    logger = get_run_logger()
+    logger.info("Threshold %.6g at the %gth percentile of %d held-out normal rows", threshold["value"], percentile, threshold["rows"])
+    if threshold["warning"]:
+        logger.warning("Uncertain threshold: %s", threshold["warning"])
     return threshold
 
 
 @task(name="save-model-bundle", cache_policy=NO_CACHE, **RETRIES)
-def save_model_bundle(staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], config: dict[str, Any], preset: str, label_column: str, normal_label: str) -> str:
-    """Write bundle.json beside the model."""
-    settings = AutoencoderConfig.model_validate(config)
-    return str(training.write_bundle(Path(staging), version, split, history, threshold, settings, preset, label_column, normal_label))
+def save_model_bundle(staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, label_column: str, normal_label: str) -> str:
+    """Write bundle.json beside the model, with the config it was trained with."""
+    return str(training.write_bundle(Path(staging), version, split, history, threshold, preset, label_column, normal_label))
 
 
 @task(name="write-training-report", cache_policy=NO_CACHE)

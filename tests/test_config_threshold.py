@@ -5,7 +5,17 @@ import pytest
 
 from data.errors import ParameterError, TrainingDataError
 from models.config import PRESETS, resolve_preset
-from models.threshold import calibration_stats, check_percentile, fix_threshold, min_holdout_rows
+from models.threshold import (
+    calibration_stats,
+    check_percentile,
+    comfortable_holdout_rows,
+    exceedance_range,
+    fix_threshold,
+    min_holdout_rows,
+    threshold_is_wide,
+    threshold_uncertainty,
+    threshold_warning,
+)
 
 
 def test_seed_preset_is_the_tutorial_recipe():
@@ -40,16 +50,41 @@ def test_fix_threshold_is_the_percentile_of_holdout_errors_and_flags_two_percent
     assert (unseen > threshold).mean() == pytest.approx(0.02, abs=0.005)
 
 
+def test_the_default_recipe_sizes_itself_from_the_features_and_rows():
+    default = resolve_preset("default")
+    large = default.sized_for(rows=64_000, features=32)
+    assert (large.encoder_units, large.decoder_units, large.batch_size, large.early_stopping_patience) == ([64, 32, 24], [32, 64], 1024, 4)
+    small = default.sized_for(rows=240, features=64)
+    assert (small.encoder_units, small.decoder_units, small.batch_size, small.early_stopping_patience) == ([128, 64, 48], [64, 128], 32, 20)
+    assert default.sized_for(rows=1_000, features=64).early_stopping_patience == 6
+    explicit = resolve_preset("default", batch_size=256, encoder_units=[8, 2], early_stopping_patience=7).sized_for(rows=240, features=64)
+    assert (explicit.encoder_units, explicit.decoder_units, explicit.batch_size, explicit.early_stopping_patience) == ([8, 2], [8], 256, 7)
+    assert resolve_preset("seed").sized_for(rows=240, features=64) == resolve_preset("seed")
+
+
 @pytest.mark.parametrize("errors", [np.zeros(1000), np.r_[np.zeros(990), np.ones(10)]])
 def test_fix_threshold_refuses_a_zero_threshold(errors):
     with pytest.raises(TrainingDataError, match="98th percentile of held-out reconstruction errors is 0.0"):
         fix_threshold(errors, 98.0)
 
 
-def test_fix_threshold_refuses_too_few_rows_with_the_number_needed():
-    assert min_holdout_rows(98.0) == 500
-    with pytest.raises(TrainingDataError, match="only 100 held-out normal rows; the 98th percentile needs at least 500"):
-        fix_threshold(np.ones(100), 98.0)
+def test_fix_threshold_refuses_only_rows_too_few_to_estimate_the_percentile():
+    assert (min_holdout_rows(98.0), min_holdout_rows(95.0), min_holdout_rows(99.9)) == (50, 20, 1000)
+    with pytest.raises(TrainingDataError, match="only 49 held-out normal rows; the 98th percentile cannot be estimated from fewer than 50"):
+        fix_threshold(np.linspace(1.0, 2.0, 49), 98.0)
+    assert fix_threshold(np.linspace(1.0, 2.0, 50), 98.0) > 1.9
+
+
+def test_an_uncertain_threshold_is_called_so_with_its_range_and_the_rows_that_would_settle_it():
+    comfortable = comfortable_holdout_rows(98.0)
+    assert 500 < comfortable < 1500
+    assert threshold_is_wide(comfortable - 1, 98.0) and not threshold_is_wide(comfortable, 98.0)
+    few = threshold_uncertainty(np.random.default_rng(0).random(260), 98.0)
+    warning = threshold_warning(few, 98.0)
+    low, high = exceedance_range(260, 98.0)
+    assert low < 0.01 and high > 0.04
+    assert "rests on 260 held-out normal rows" in warning and f"{low:.2%} and {high:.2%}" in warning and str(comfortable) in warning
+    assert threshold_warning(threshold_uncertainty(np.random.default_rng(0).random(5000), 98.0), 98.0) is None
 
 
 def test_fix_threshold_refuses_non_finite_errors():
@@ -69,3 +104,26 @@ def test_calibration_stats_summarise_errors():
     stats = calibration_stats(np.arange(1, 101, dtype=float))
     assert stats["rows"] == 100 and stats["min"] == 1 and stats["max"] == 100
     assert stats["quantiles"]["50"] == pytest.approx(50.5)
+
+
+def test_whitening_decorrelates_features_keeps_each_one_and_damps_exact_combinations():
+    from models.autoencoder import WHITENING_FLOOR, standardisation, whitening_matrix
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(20_000, 3))
+    moving_together = base[:, 0] + 0.75 * base[:, 1]
+    features = np.column_stack([base[:, 0], moving_together, base[:, 2], np.full(len(base), 7.0)])
+    mean, std = standardisation(features)
+    standardised = (features - mean) / std
+    whitened = standardised @ whitening_matrix(features)
+    before, after = np.corrcoef(standardised[:, :2], rowvar=False)[0, 1], np.corrcoef(whitened[:, :2], rowvar=False)[0, 1]
+    assert before > 0.75 and abs(after) < before / 3, "features that move together are decorrelated"
+    assert all(np.corrcoef(standardised[:, j], whitened[:, j])[0, 1] > 0.9 for j in range(3)), "each output stays closest to its own feature"
+    assert np.all(whitened[:, 3] == 0.0), "a constant feature stays centred"
+
+    with_combination = np.column_stack([features, 2.0 * features[:, 0] - features[:, 1]])
+    matrix = whitening_matrix(with_combination)
+    assert np.isfinite(matrix).all() and np.abs(matrix).max() <= 1.0 / np.sqrt(WHITENING_FLOOR), "an exact combination is damped, not inverted"
+    mean, std = standardisation(with_combination)
+    assert ((with_combination - mean) / std @ matrix).std(axis=0).max() <= 1.0
+

@@ -61,6 +61,7 @@ def test_retraining_writes_a_promoted_bundle_and_its_report(retrained):
     assert all(abs(rate - 0.02) <= cross_check["tolerance"] for rate in cross_check["rates"])
     assert report["history"]["epochs_run"] == 6
     assert not (version_dir / "_work").exists()
+    assert result["threshold_warning"] is None and bundle["threshold"]["warning"] is None
 
 
 def test_scoring_a_night_writes_outputs_reports_and_skips_on_rerun(retrained, tmp_path):
@@ -141,9 +142,29 @@ def test_retraining_refuses_too_few_normal_rows_and_keeps_the_current_model(retr
     shutil.copytree(base, root)
     features, labels, ids = rows
     small = root / "small.parquet"
-    pq.write_table(rows_table(features[:300], labels[:300], ids[:300]), small)
-    with pytest.raises(TrainingDataError, match=r"small.parquet'?: \d+ normal rows; a stable 98th percentile .* needs at least 2500"):
+    normal = np.flatnonzero(labels == 0)[:240]
+    pq.write_table(rows_table(features[normal], labels[normal], ids[normal]), small)
+    with pytest.raises(TrainingDataError, match=r"small.parquet'?: 240 normal rows; the 98th percentile cannot be estimated from fewer than 50 held-out rows.* holdout_fraction=0.2 that is at least 248 normal rows"):
         retrain_flow(workspace=str(root), training_data=str(small))
     ws = Workspace.at(root)
     assert json.loads((ws.models_dir / "current.json").read_text())["model_version"] == result["model_version"]
     assert not list(ws.models_dir.glob("*.partial"))
+
+
+def test_retraining_on_a_few_hundred_rows_trains_and_says_how_unsure_its_threshold_is(retrained, tmp_path):
+    from flows.retrain import retrain_flow
+
+    base, _, rows = retrained
+    root = tmp_path / "ws"
+    shutil.copytree(base, root)
+    features, labels, ids = rows
+    normal = np.flatnonzero(labels == 0)[:300]
+    small = root / "small.parquet"
+    pq.write_table(rows_table(features[normal], labels[normal], ids[normal]), small)
+    outcome = retrain_flow(workspace=str(root), training_data=str(small), promote=False)
+    assert (outcome["training_rows"], outcome["validation_rows"]) == (240, 60)
+    assert outcome["threshold_warning"].startswith("the threshold rests on 60 held-out normal rows: normal rows will exceed it at a rate anywhere between")
+    version_dir = Workspace.at(root).version_dir(outcome["model_version"])
+    assert json.loads((version_dir / "bundle.json").read_text())["threshold"]["warning"] == outcome["threshold_warning"]
+    assert json.loads((version_dir / "report" / "training-report.json").read_text())["threshold"]["warning"] == outcome["threshold_warning"]
+    assert outcome["threshold_warning"] in (version_dir / "report" / "training-report.md").read_text()

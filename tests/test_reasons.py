@@ -66,7 +66,7 @@ def sensor_workspace(tmp_path_factory):
     history = training.train_model(split["train_path"], split["feature_names"], config, staging)
     errors = training.compute_holdout_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
     threshold = training.fix_threshold_from_errors(errors, 98.0)
-    training.write_bundle(staging, "20260102T000000Z", split, history, threshold, config, "default", "label", "0")
+    training.write_bundle(staging, "20260102T000000Z", split, history, threshold, "default", "label", "0")
     training.publish_version(staging)
     bundle.promote(root / "models", "20260102T000000Z")
     return root

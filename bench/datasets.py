@@ -78,9 +78,24 @@ def write_training_file(features: np.ndarray, labels: np.ndarray, path: Path) ->
     return path
 
 
-def write_large_batch(path: Path, n_rows: int, n_features: int = 32, row_group_rows: int = 262_144, seed: int = 0, anomaly_share: float | None = None) -> Path:
+def normal_class(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the mean and a Cholesky factor of the covariance of ``features``: the Gaussian that ``write_large_batch`` can draw from."""
+    return features.mean(axis=0), np.linalg.cholesky(np.cov(features, rowvar=False))
+
+
+def write_large_batch(
+    path: Path,
+    n_rows: int,
+    n_features: int = 32,
+    row_group_rows: int = 262_144,
+    seed: int = 0,
+    anomaly_share: float | None = None,
+    distribution: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
     """Write ``n_rows`` of Gaussian float64 features plus ``row_id`` in row groups, never holding the whole file.
 
+    Rows are standard normal, or drawn from ``distribution`` (a mean and Cholesky factor, see
+    ``normal_class``) so that a model of that class flags about its usual share of them.
     With ``anomaly_share`` the file also has a ``label`` column (1 for that share of rows, shifted by 2 in every feature).
     """
     rng = np.random.default_rng(seed)
@@ -92,6 +107,8 @@ def write_large_batch(path: Path, n_rows: int, n_features: int = 32, row_group_r
         for start in range(0, n_rows, row_group_rows):
             n = min(row_group_rows, n_rows - start)
             block = rng.normal(size=(n, n_features))
+            if distribution is not None:
+                block = distribution[0] + block @ distribution[1].T
             arrays = [pa.array(np.arange(start, start + n, dtype=np.int64))]
             labels = None
             if anomaly_share is not None:

@@ -425,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
             row = quality_and_training(spec, work, scale, with_seed=spec is TUTORIAL and "quality" not in args.skip, log=log)
             default_run = row.pop("_default_run")
             if spec is TUTORIAL:
-                publish_for_scoring(default_run, work / spec.name / "models" / "default.partial", workspace)
                 # Nights scored below are drawn like the model's normal training rows, so about 2% are flagged, as on a real night.
                 rows_like = normal_class(split_rows(default_run[0])[0])
+                publish_for_scoring(default_run, work / spec.name / "models" / "default.partial", workspace)
             results["quality"].append(row)
         if "small" not in args.skip:
             results["small_real_data"] = small_real_data(work, log)

@@ -10,7 +10,7 @@ from data.errors import ParameterError, TrainingDataError
 
 CALIBRATION_QUANTILES = (50.0, 90.0, 95.0, 98.0, 99.0, 99.9)
 # The threshold is called uncertain when the 95% range of the rate at which normal rows exceed it
-# is wider than that rate itself (at p = 98: a range wider than 2 points, below about 750 held-out rows).
+# is wider than that rate itself (at p = 98: a range wider than 2 points, below about 770 held-out rows).
 WIDE_RANGE_TO_RATE = 1.0
 
 

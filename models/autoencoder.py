@@ -27,17 +27,16 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
     n_features = training_features.shape[1]
     inputs = keras.Input(shape=(n_features,), name="features")
     hidden = inputs
-    if config.scale_inputs and config.decorrelate_inputs:
-        # One fixed affine layer standardises and whitens: the model reproduces, and the error is measured on, decorrelated features.
+    if config.scale_inputs:
         mean, std = standardisation(training_features)
-        matrix = whitening_matrix(training_features)
-        scaling = keras.layers.Dense(n_features, name=SCALING_LAYER, trainable=False)
-        hidden = scaling(hidden)
-        kernel = matrix / std[:, None]
-        scaling.set_weights([kernel.astype(np.float32), (-(mean @ kernel)).astype(np.float32)])
-    elif config.scale_inputs:
-        mean, std = standardisation(training_features)
-        hidden = keras.layers.Normalization(mean=mean.tolist(), variance=(std**2).tolist(), name=SCALING_LAYER)(hidden)
+        if config.decorrelate_inputs:
+            # One fixed affine layer standardises and whitens: the model reproduces, and the error is measured on, decorrelated features.
+            kernel = whitening_matrix(training_features) / std[:, None]
+            scaling = keras.layers.Dense(n_features, name=SCALING_LAYER, trainable=False)
+            hidden = scaling(hidden)
+            scaling.set_weights([kernel.astype(np.float32), (-(mean @ kernel)).astype(np.float32)])
+        else:
+            hidden = keras.layers.Normalization(mean=mean.tolist(), variance=(std**2).tolist(), name=SCALING_LAYER)(hidden)
     if config.input_dropout:
         hidden = keras.layers.Dropout(config.input_dropout, seed=config.seed, name="input_dropout")(hidden)
     for i, units in enumerate(config.encoder_units):

@@ -17,6 +17,7 @@ from data.errors import BundleError
 from data.workspace import check_path_part
 from models.autoencoder import ErrorScorer
 from models.runtime import keras
+from models.threshold import order_statistic
 
 BUNDLE_FORMAT = 1
 MODEL_FILE = "model.keras"
@@ -173,8 +174,6 @@ class LoadedBundle:
 
 def exceedance_beta(metadata: dict[str, Any]) -> tuple[float, float]:
     """Return (a, b) of the Beta law of the normal flag rate, from bundle.json (derived from the held-out rows for older bundles)."""
-    from models.threshold import order_statistic
-
     threshold = metadata["threshold"]
     if "uncertainty" in threshold:
         law = threshold["uncertainty"]["exceedance_rate_beta"]

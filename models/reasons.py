@@ -1,7 +1,7 @@
 """Why a row was flagged: each feature's share of the row's reconstruction error, and which way the input is off.
 
 The error is the mean over features of each residual's square (MSE) or absolute value (MAE), on the
-scale the model computes it (standardised inputs for the default preset); a feature's share is its
+scale the model computes it (standardised and decorrelated inputs for the default preset); a feature's share is its
 term over the sum of all terms, so the shares of a row sum to 1 and decompose its score exactly.
 """
 
@@ -24,6 +24,7 @@ class RowReasons:
     """The top reasons of each flagged row, strongest first."""
 
     features: np.ndarray  # (rows, k) feature names
+    indices: np.ndarray  # (rows, k) the same features, as column indices
     shares: np.ndarray  # (rows, k) float64
     directions: np.ndarray  # (rows, k) "high" or "low"
     all_shares: np.ndarray  # (rows, features) every feature's share
@@ -41,6 +42,7 @@ def explain_rows(residuals: np.ndarray, loss: str, feature_names: Sequence[str],
     names = np.asarray(feature_names, dtype=object)
     return RowReasons(
         features=names[top],
+        indices=top,
         shares=np.take_along_axis(shares, top, axis=1),
         directions=np.where(np.take_along_axis(residuals, top, axis=1) > 0, HIGH, LOW),
         all_shares=shares,
@@ -61,13 +63,13 @@ class ReasonTally:
             self.first = np.zeros(len(self.features), dtype=np.int64)
             self.share_units = np.zeros(len(self.features), dtype=np.int64)
 
-    def add(self, reasons: RowReasons, feature_names: Sequence[str]) -> None:
-        """Count the reasons of one chunk of flagged rows."""
+    def add(self, reasons: RowReasons) -> None:
+        """Count the reasons of one chunk of flagged rows, explained over this tally's features in its order."""
+        if reasons.all_shares.shape[1:] != (len(self.features),):
+            raise ValueError("cannot add reasons over different features to a tally")
         if not len(reasons.all_shares):
             return
-        index = {name: i for i, name in enumerate(feature_names)}
-        firsts = np.fromiter((index[name] for name in reasons.features[:, 0]), dtype=np.intp, count=len(reasons.features))
-        self.first += np.bincount(firsts, minlength=len(self.features))
+        self.first += np.bincount(reasons.indices[:, 0], minlength=len(self.features))
         self.share_units += np.rint(reasons.all_shares * SHARE_UNITS).astype(np.int64).sum(axis=0)
         self.rows += len(reasons.all_shares)
 

@@ -109,7 +109,7 @@ def stream_batch_file(
                 reason_arrays: list[pa.Array] = []
                 if reason_count:
                     reasons = explain_rows(flagged_residuals, bundle.loss, features, reason_count)
-                    tally.add(reasons, features)
+                    tally.add(reasons)
                     for k in range(reason_count):
                         reason_arrays += [pa.array(reasons.features[:, k], type=pa.string()), pa.array(reasons.shares[:, k], type=pa.float64()), pa.array(reasons.directions[:, k], type=pa.string())]
                 flagged_writer.write_batch(

@@ -110,9 +110,9 @@ def test_no_reasons_are_written_when_none_are_asked_for(workspace_copy):
 def test_reason_tallies_add_up_and_refuse_other_features():
     residuals = np.random.default_rng(3).normal(size=(100, 3))
     whole, first, second = ReasonTally(["a", "b", "c"]), ReasonTally(["a", "b", "c"]), ReasonTally(["a", "b", "c"])
-    whole.add(explain_rows(residuals, "mse", ["a", "b", "c"], 1), ["a", "b", "c"])
-    first.add(explain_rows(residuals[:40], "mse", ["a", "b", "c"], 1), ["a", "b", "c"])
-    second.add(explain_rows(residuals[40:], "mse", ["a", "b", "c"], 1), ["a", "b", "c"])
+    whole.add(explain_rows(residuals, "mse", ["a", "b", "c"], 1))
+    first.add(explain_rows(residuals[:40], "mse", ["a", "b", "c"], 1))
+    second.add(explain_rows(residuals[40:], "mse", ["a", "b", "c"], 1))
     merged = ReasonTally.from_json(first.to_json()).merge(second)
     np.testing.assert_array_equal(merged.first, whole.first)
     np.testing.assert_array_equal(merged.share_units, whole.share_units)

@@ -160,6 +160,11 @@ class LoadedBundle:
         return exceedance_beta(self.metadata)
 
     @property
+    def drift_reference(self) -> dict[str, Any] | None:
+        """What nightly drift is measured against (None for bundles written before it was kept)."""
+        return self.metadata.get("drift_reference")
+
+    @property
     def loss(self) -> str:
         return str(self.metadata["config"]["loss"])
 

@@ -32,7 +32,8 @@ def display_edges(threshold: float) -> np.ndarray:
     return np.linspace(0.0, DISPLAY_SPAN * threshold, DISPLAY_BINS + 1)
 
 
-def _fine_index(errors: np.ndarray, threshold: float) -> np.ndarray:
+def fine_index(errors: np.ndarray, threshold: float) -> np.ndarray:
+    """Return the fine bin each error falls in."""
     # Single precision and in place: this runs on every chunk scored, and float32 places an error
     # within a thousandth of a bin.
     position = np.asarray(errors, dtype=np.float32) * np.float32(1.0 / threshold)
@@ -65,7 +66,7 @@ class ErrorDistribution:
     def add(self, errors: np.ndarray, classes: np.ndarray | None = None) -> None:
         """Count one chunk of errors; ``classes`` holds each row's label class (None: all unlabelled)."""
         errors = np.asarray(errors, dtype=np.float64)
-        index = _fine_index(errors, self.threshold)
+        index = fine_index(errors, self.threshold)
         above = errors > self.threshold
         if classes is None:
             self.fine["unlabelled"] += np.bincount(index, minlength=FINE_BINS)
@@ -238,7 +239,8 @@ def summarize_errors(errors: np.ndarray, threshold: float, percentile: float, cl
 
 
 def combine(summaries: list[dict[str, Any]], threshold: float, percentile: float) -> dict[str, Any]:
-    """Add up summaries of several batches scored with one threshold into one summary (reasons too, where they have them)."""
+    """Add up summaries of several batches scored with one threshold into one summary (reasons and feature bin counts too, where they have them)."""
+    from models.drift import merge_counts
     from models.reasons import ReasonTally
 
     total = ErrorDistribution(float(threshold))
@@ -249,6 +251,7 @@ def combine(summaries: list[dict[str, Any]], threshold: float, percentile: float
             tally = ReasonTally.from_json(summary["reasons"])
             reasons = tally if reasons is None else reasons.merge(tally)
     combined = summarize(total, percentile)
+    combined["feature_bins"] = merge_counts([s.get("feature_bins") for s in summaries])
     if reasons is not None:
         combined["reasons"] = reasons.to_json()
     return combined

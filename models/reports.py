@@ -81,6 +81,32 @@ def plot_reasons(reasons: dict[str, Any], path: Path, title: str, most: int = 15
     return _save_figure(fig, path)
 
 
+def plot_drift(drift: dict[str, Any], path: Path, title: str, most: int = 4) -> Path:
+    """Draw the most drifted features' and the score's shares of rows per reference bin, night against reference, as a PNG."""
+    plt = _pyplot()
+    panels = [(row["feature"], row) for row in drift["features"][:most]] + [("reconstruction error", drift["score"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for ax, (name, row) in zip(axes[0], panels, strict=True):
+        bins = np.arange(len(row["reference_share"]))
+        ax.bar(bins - 0.2, row["reference_share"], width=0.4, color="#9D9D9D", label="reference")
+        ax.bar(bins + 0.2, row["night_share"], width=0.4, color="#E45756" if row["drifted"] else "#4C78A8", label="this night")
+        ax.set_title(f"{name}\nPSI {row['psi']:.3f} (cut-off {row['cutoff']:.3g})", fontsize=9)
+        ax.set_xlabel("reference decile")
+        ax.set_xticks(bins)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("share of rows")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
+def drift_table(drift: dict[str, Any], most: int = 15) -> list[dict[str, Any]]:
+    """Return the rows of a report's drift table: the score, then the most drifted features."""
+    rows = [{"measure of": "reconstruction error", "PSI": drift["score"]["psi"], "cut-off": drift["score"]["cutoff"], "drift": "yes" if drift["score"]["drifted"] else "no"}]
+    rows += [{"measure of": row["feature"], "PSI": row["psi"], "cut-off": row["cutoff"], "drift": "yes" if row["drifted"] else "no"} for row in drift["features"][:most]]
+    return rows
+
+
 def plot_loss_curves(loss: Sequence[float], val_loss: Sequence[float], path: Path, title: str) -> Path:
     """Draw training and validation loss per epoch as a PNG."""
     plt = _pyplot()
@@ -169,6 +195,9 @@ def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str,
     reasons = summary.get("reasons") or {}
     if reasons.get("rows_flagged"):
         images["reasons"] = plot_reasons(reasons, directory / f"{stem}-reasons.png", f"Why rows were flagged: {title}").name
+    drift = summary.get("drift")
+    if drift:
+        images["drift"] = plot_drift(drift, directory / f"{stem}-drift.png", f"Drift against the training rows: {title}").name
     anomaly = anomaly_class_metrics(summary)
     report = {"kind": "evaluation", **context, **summary, "anomaly_class": anomaly, "images": images}
     sections: dict[str, Any] = {
@@ -182,6 +211,7 @@ def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str,
             "flag rate band of an all-normal batch": _band_text(summary),
             "verdict": summary.get("flag_rate_verdict"),
             "threshold": summary["threshold"],
+            **({"alarm": ", ".join(summary["alarm_reasons"]) or "no"} if "alarm_reasons" in summary else {}),
         }
     }
     if summary.get("labels"):
@@ -197,5 +227,7 @@ def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str,
             {"feature": row["feature"], "reason_1 rows": row["reason_1_rows"], "share of flagged rows": row["reason_1_share_of_flagged"], "mean share of error": row["mean_share"]}
             for row in reasons["table"][:15]
         ]
+    if drift:
+        sections[f"Drift against the training rows (PSI, {drift['rows_sampled_for_features']:,} rows sampled for the features)"] = drift_table(drift)
     markdown = render_markdown(title, sections, [os.fspath(directory / name) for name in images.values()])
     return {**write_report_files(report, markdown, directory, stem), "error_histogram": os.fspath(png)}

@@ -8,6 +8,7 @@ from typing import Any
 from data import batches, storage
 from data.workspace import Workspace
 from models.bundle import read_bundle_json
+from models.drift import with_drift
 from models.error_summary import combine
 from models.publishing import batch_report_dir
 from models.scoring import with_flag_rate_verdict
@@ -24,4 +25,4 @@ def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -
     summary["rows_read"] = sum(int(r.get("rows_read", r.get("rows_scored", 0))) for r in records)
     summary["rows_quarantined"] = sum(int(r.get("rows_quarantined", 0)) for r in records)
     summary["batches"] = [r["batch"] for r in records]
-    return with_flag_rate_verdict(summary, meta)
+    return with_drift(with_flag_rate_verdict(summary, meta), meta)

@@ -20,6 +20,7 @@ from data.parquet import DEFAULT_CHUNK_ROWS, open_parquet, read_error
 from data.storage import FileState, Fingerprint
 from data.workspace import Workspace
 from models.bundle import LoadedBundle, current_version, exceedance_beta, load_bundle
+from models.drift import FeatureBins
 from models.error_summary import ErrorDistribution, summarize
 from models.publishing import BatchOutputs, StagedOutputs, batch_outputs, withdraw_outputs
 from models.reasons import ReasonTally
@@ -92,9 +93,15 @@ def fingerprint_unchanged(path: Path, before: FileState) -> Fingerprint:
     return fingerprint
 
 
-def batch_summary(distribution: ErrorDistribution, reasons: ReasonTally, bundle: LoadedBundle, rows_read: int, rows_quarantined: int) -> dict[str, Any]:
-    """Return a batch's summary from its error distribution, reasons and counts, with its flag-rate verdict."""
-    summary = {**summarize(distribution, bundle.percentile), "reasons": reasons.to_json(), "rows_read": rows_read, "rows_quarantined": rows_quarantined}
+def batch_summary(distribution: ErrorDistribution, reasons: ReasonTally, feature_bins: FeatureBins | None, bundle: LoadedBundle, rows_read: int, rows_quarantined: int) -> dict[str, Any]:
+    """Return a batch's summary from its error distribution, reasons, feature bin counts and row counts, with its flag-rate verdict."""
+    summary = {
+        **summarize(distribution, bundle.percentile),
+        "reasons": reasons.to_json(),
+        "feature_bins": feature_bins.to_json() if feature_bins is not None else None,
+        "rows_read": rows_read,
+        "rows_quarantined": rows_quarantined,
+    }
     return with_flag_rate_verdict(summary, bundle.metadata)
 
 
@@ -141,7 +148,7 @@ def score_file(
         if before_publish is not None:
             before_publish()
         published = staged.publish()
-    summary = batch_summary(counts.distribution, counts.reasons, bundle, counts.rows_read, counts.rows_quarantined)
+    summary = batch_summary(counts.distribution, counts.reasons, counts.feature_bins, bundle, counts.rows_read, counts.rows_quarantined)
     return FileScore(counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, published, summary)
 
 

@@ -16,6 +16,7 @@ from data.errors import BatchFileError, SchemaError
 from data.output_schema import TIMESTAMP, flagged_schema, output_metadata, quarantine_schema, scores_schema
 from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, label_classes, parquet_writer
 from models.bundle import LoadedBundle
+from models.drift import FeatureBins
 from models.error_summary import ErrorDistribution
 from models.publishing import StagedOutputs
 from models.reasons import ReasonTally, explain_rows
@@ -34,6 +35,7 @@ class StreamCounts:
     rows_quarantined: int
     distribution: ErrorDistribution
     reasons: ReasonTally
+    feature_bins: FeatureBins | None
 
 
 def stream_batch_file(
@@ -70,6 +72,7 @@ def stream_batch_file(
     quarantine_out = quarantine_schema(input_schema, metadata)
     distribution = ErrorDistribution(threshold)
     tally = ReasonTally(list(features))
+    feature_bins = FeatureBins.for_reference(bundle.drift_reference) if bundle.drift_reference else None
     rows_read = rows_scored = rows_flagged = rows_quarantined = 0
 
     with contextlib.ExitStack() as writers:
@@ -98,6 +101,8 @@ def stream_batch_file(
             else:
                 errors = scorer(matrix)
             distribution.add(errors, label_classes(record_batch.column(label), bundle.normal_label) if label else None)
+            if feature_bins is not None:
+                feature_bins.add(matrix)
             is_anomaly = errors > threshold
             error_array = pa.array(errors, type=pa.float64())
             flag_array = pa.array(is_anomaly, type=pa.bool_())
@@ -133,7 +138,7 @@ def stream_batch_file(
                 )
             rows_scored += n
             rows_flagged += n_flagged
-    return StreamCounts(rows_read, rows_scored, rows_flagged, rows_quarantined, distribution, tally)
+    return StreamCounts(rows_read, rows_scored, rows_flagged, rows_quarantined, distribution, tally, feature_bins)
 
 
 def check_bad_row_share(source: Path, rows_read: int, rows_quarantined: int, max_bad_row_share: float) -> None:

@@ -20,6 +20,7 @@ from data.parquet import ANOMALY, NORMAL, UNLABELLED, feature_matrix, read_train
 from models.autoencoder import build_autoencoder, reconstruction_errors, train_autoencoder
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import AutoencoderConfig
+from models.drift import drift_reference, feature_reference, score_reference
 from models.error_summary import summarize_errors
 from models.reports import (
     anomaly_class_metrics,
@@ -160,6 +161,7 @@ def fix_threshold_from_errors(errors_path: str, percentile: float) -> dict[str, 
         "uncertainty": uncertainty,
         "warning": threshold_warning(uncertainty, percentile),
         "calibration": calibration_stats(holdout_normal),
+        "error_reference": score_reference(holdout_normal),
     }
 
 
@@ -178,6 +180,8 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
         "normal_label": normal_label,
         "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty", "warning")} | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value"},
         "calibration": threshold["calibration"],
+        # What nightly drift is measured against: the training rows' feature deciles and the held-out errors'.
+        "drift_reference": drift_reference(feature_reference(read_matrix(split["train_path"], split["feature_names"]), split["feature_names"]), threshold["error_reference"]),
         "preset": preset,
         "config": config.model_dump(),
         "seed": config.seed,

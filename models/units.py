@@ -14,6 +14,7 @@ from data.parquet import DEFAULT_CHUNK_ROWS, concatenate_parquet, plan_row_group
 from data.storage import FileState
 from data.workspace import Workspace, check_path_part
 from models.bundle import load_bundle
+from models.drift import FeatureBins
 from models.error_summary import ErrorDistribution
 from models.publishing import BatchOutputs, StagedOutputs, batch_outputs
 from models.reasons import ReasonTally
@@ -41,6 +42,7 @@ class UnitResult:
     parts: dict[str, str | None]
     distribution: dict[str, Any] = field(repr=False, default_factory=dict)
     reasons: dict[str, Any] = field(repr=False, default_factory=dict)
+    feature_bins: list[list[int]] | None = field(repr=False, default=None)
 
 
 def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
@@ -74,7 +76,8 @@ def score_unit(
     with StagedOutputs(targets) as staged:
         counts = stream_batch_file(bundle, batch.path, batch.name, staged, scored_at=scored_at or dt.datetime.now(dt.UTC), chunk_rows=chunk_rows, row_groups=row_groups, reason_count=reason_count)
         parts = staged.publish()
-    return UnitResult(unit, counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, parts, counts.distribution.to_json(), counts.reasons.to_json())
+    feature_bins = counts.feature_bins.to_json() if counts.feature_bins is not None else None
+    return UnitResult(unit, counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, parts, counts.distribution.to_json(), counts.reasons.to_json(), feature_bins)
 
 
 def merge_units(
@@ -97,9 +100,12 @@ def merge_units(
     check_bad_row_share(batch.path, rows_read, rows_quarantined, max_bad_row_share)
     distribution = ErrorDistribution(bundle.threshold)
     reasons = ReasonTally(bundle.feature_names)
+    feature_bins = FeatureBins.for_reference(bundle.drift_reference) if bundle.drift_reference else None
     for result in units:
         distribution.merge(ErrorDistribution.from_json(result.distribution))
         reasons.merge(ReasonTally.from_json(result.reasons))
+        if feature_bins is not None:
+            feature_bins.merge(FeatureBins.from_counts(bundle.drift_reference, result.feature_bins))
     with StagedOutputs(batch_outputs(workspace, run_date, batch.name), write_scores) as staged:
         concatenate_parquet([Path(r.parts["flagged"]) for r in units], staged.flagged.tmp)
         if staged.scores is not None:
@@ -121,7 +127,7 @@ def merge_units(
         rows_quarantined=rows_quarantined,
         outputs=published,
         fingerprint=fingerprint,
-        summary=batch_summary(distribution, reasons, bundle, rows_read, rows_quarantined),
+        summary=batch_summary(distribution, reasons, feature_bins, bundle, rows_read, rows_quarantined),
     )
 
 

@@ -36,7 +36,7 @@ def _add_workspace(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="anomaly", description="Autoencoder anomaly detection as Prefect flows. Each command ends with one JSON line summarising the run.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,retrain,score,models,promote}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,retrain,score,models,promote,alerts}")
 
     demo = commands.add_parser("demo", help="write the tutorial's dataset, retrain and score one night", description="Write the tutorial's dataset into the workspace, retrain on its training split and score its test split as one night's batches.")
     _add_workspace(demo)
@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     promote = commands.add_parser("promote", help="make a model version current (roll back or forward)", description="Point models/current.json at VERSION after checking that its bundle loads. Use it to roll back to an earlier version.")
     _add_workspace(promote)
     promote.add_argument("version", help="model version folder name, e.g. 20261128T112156Z (see: anomaly models)")
+
+    commands.add_parser(
+        "alerts",
+        help="create or update the alerting automations on the Prefect server",
+        description="Create or update, by name, the automations that notify on an alarmed night, a failed or crashed run and a missing nightly run, "
+        "on the server PREFECT_API_URL points at. Notifications go to $ANOMALY_ALERT_WEBHOOK_URL (Slack-compatible JSON); without it none are sent.",
+    )
     return parser
 
 
@@ -103,6 +110,13 @@ def _run_model_command(command: str, args: argparse.Namespace) -> dict[str, Any]
 
 
 def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    if command == "alerts":
+        from flows.automations import apply_automations
+
+        outcome = apply_automations()
+        if outcome["warning"]:
+            print(f"warning: {outcome['warning']}", file=sys.stderr)
+        return outcome
     if command in ("models", "promote"):
         return _run_model_command(command, args)
     if command == "demo":
@@ -152,7 +166,8 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "retrain": ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
     "models": ("current", "versions"),
     "promote": ("model_version", "previous_version"),
-    "score": ("date", "model_version", "threshold", "rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "rows_unlabelled", "flag_rate", "expected_flag_rate", "flag_rate_band", "flag_rate_verdict", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "catch_up_batches", "flagged_dir", "scores_dir", "report", "failed"),
+    "alerts": ("api_url", "automations", "notifications", "warning"),
+    "score": ("date", "model_version", "threshold", "rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "rows_unlabelled", "flag_rate", "expected_flag_rate", "flag_rate_band", "flag_rate_verdict", "alarm", "alarm_reasons", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "catch_up_batches", "flagged_dir", "scores_dir", "report", "failed"),
 }
 SUMMARY_KEYS["demo"] = SUMMARY_KEYS["score"] + ("promoted", "promotion_refused", "percentile", "model_dir", "training_report")
 

@@ -13,6 +13,7 @@ from data.locks import retraining_lock
 from data.workspace import Workspace, default_workspace
 from models.bundle import discard_staging, new_version, staging_dir
 from models.config import resolve_preset
+from tasks.events import emit_model_event
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.training import (
     check_promotion_gate,
@@ -108,7 +109,7 @@ def retrain_flow(
         f"Training report of model {version}",
     )
     anomaly = training_report["report"]["anomaly_class"]
-    return {
+    outcome = {
         "model_version": version,
         "promoted": promoted,
         "promotion_refused": gate["reasons"],
@@ -127,6 +128,8 @@ def retrain_flow(
         "report": os.fspath(report_dir / "training-report.md"),
         "report_json": os.fspath(report_dir / "training-report.json"),
     }
+    emit_model_event(os.fspath(ws.root), outcome)
+    return outcome
 
 
 def _training_table(report: dict[str, Any]) -> dict[str, Any]:

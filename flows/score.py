@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
-from pydantic import Field
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from data import storage
 from data.batches import Batch
@@ -24,8 +24,10 @@ from data.errors import AnomalyJobError
 from data.locks import LockBusyError, scoring_lock
 from data.output_schema import MAX_REASONS
 from data.workspace import Workspace, default_workspace, resolve_run_date
+from models.drift import with_alarm
 from models.reports import anomaly_class_metrics
 from models.scoring import BatchResult, describe_failure
+from tasks.events import emit_night_events
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.scoring import (
     already_scored,
@@ -47,6 +49,14 @@ from tasks.scoring import (
 
 DEFAULT_TIMEZONE = os.environ.get("ANOMALY_TIMEZONE", "UTC")
 DASK_ADDRESS_ENV = "ANOMALY_DASK_ADDRESS"
+# The run date is a plain date field in the UI's Custom run form: the schema of `date | None` would
+# add a type toggle ("Property is type None"), and a null default would fail the form's own check of
+# a string field. So the form's default is "", which an empty field sends and which means today.
+RUN_DATE_SCHEMA = WithJsonSchema({"type": "string", "format": "date"})
+
+
+def _empty_means_today(value: Any) -> Any:
+    return None if value == "" else value
 
 
 class BatchesFailedError(AnomalyJobError):
@@ -173,7 +183,7 @@ def _run_name() -> str:
 @flow(name="score-batches", flow_run_name=_run_name, timeout_seconds=4 * 3600)
 def score_flow(
     workspace: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Workspace"})] = default_workspace(),
-    run_date: Annotated[dt.date | None, Field(json_schema_extra={"title": "Run date"})] = None,
+    run_date: Annotated[dt.date | None, BeforeValidator(_empty_means_today), RUN_DATE_SCHEMA, Field(json_schema_extra={"title": "Run date", "default": ""})] = None,
     batch_paths: Annotated[list[str] | None, Field(json_schema_extra={"title": "Batch paths"})] = None,
     force: Annotated[bool, Field(json_schema_extra={"title": "Force re-scoring"})] = False,
     write_scores: Annotated[bool, Field(json_schema_extra={"title": "Write every row's score"})] = True,
@@ -274,6 +284,7 @@ def score_flow(
         for day in [date, *sorted({r.run_date for r in scored} - {date})]:
             summary = summarize_date(root, day, version)
             summary["failed_batches"] = [f for f in failed if f["date"] == day.isoformat()]
+            with_alarm(summary)
             context = {
                 "date": day.isoformat(),
                 "model_version": version,
@@ -310,6 +321,8 @@ def score_flow(
         "expected_flag_rate": summary["expected_flag_rate"],
         "flag_rate_band": summary["flag_rate_band"],
         "flag_rate_verdict": summary["flag_rate_verdict"],
+        "alarm": summary["alarm"],
+        "alarm_reasons": summary["alarm_reasons"],
         **anomaly_class_metrics(summary),
         "catch_up_batches": caught_up,
         "flagged_dir": os.fspath(ws.output_partition("flagged", date)),
@@ -318,6 +331,7 @@ def score_flow(
         "report_json": report_paths["json"],
         "failed": failed,
     }
+    emit_night_events(root, outcome)
     if failed:
         names = "; ".join(f["error"] for f in failed)
         raise BatchesFailedError(f"{len(failed)} of {len(work)} batch(es) failed and were not published: {names}", outcome)

@@ -9,6 +9,8 @@
 # Settings (environment):
 #   ANOMALY_PREFECT_PORT  port of the local server (default 4200); it listens on 127.0.0.1 only
 #   ANOMALY_STACK_DIR     folder of the server's database, the PID files and the logs (default .prefect-home)
+#   ANOMALY_ALERT_WEBHOOK_URL  where the alerting automations send notifications (Slack-compatible JSON);
+#                         without it the automations exist but send nothing
 #   PREFECT_API_URL       when set (to another address than the local server's), no server is started:
 #                         the work pool, the deployments and the worker use that server
 #   VENV                  the virtual environment holding prefect (default .venv)
@@ -218,6 +220,26 @@ serve() {
         exit 1
     fi
     grep -o "Deployment '[^']*'" "$LOG_DIR/deploy.log" | sed 's/^/  /'
+
+    # The alerting automations of flows/automations.py, created or updated by name.
+    echo "automations: anomaly alerts (output in $LOG_DIR/alerts.log)"
+    if ! "$BIN/anomaly" alerts >"$LOG_DIR/alerts.log" 2>&1; then
+        echo "error: the automations could not be applied; the output:" >&2
+        cat "$LOG_DIR/alerts.log" >&2
+        exit 1
+    fi
+    "$PYTHON" -c '
+import json
+import sys
+
+outcome = json.loads(sys.stdin.read().strip().splitlines()[-1])
+for automation in outcome["automations"]:
+    print("  %s: %s" % (automation["action"], automation["name"]))
+if outcome.get("notifications"):
+    print("  notifications: %s (ANOMALY_ALERT_WEBHOOK_URL)" % outcome["notifications"])
+else:
+    print("  notifications: NONE will be sent; set ANOMALY_ALERT_WEBHOOK_URL and run make serve again")
+' <"$LOG_DIR/alerts.log"
 
     if is_running worker; then
         echo "worker: already running (PID $(cat "$STACK_DIR/worker.pid"))"

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -37,6 +40,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class AlertReceiver:
+    """A webhook on loopback that keeps the JSON bodies POSTed to it, as a Slack incoming webhook would receive them."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                bodies.append(json.loads(raw))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/anomaly"
+
+    def wait_for(self, matches: Callable[[str], bool], timeout_s: float = 120) -> str:
+        """Return the text of the first notification ``matches`` accepts, waiting for it to arrive."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for body in list(self.bodies):
+                if matches(body.get("text", "")):
+                    return body["text"]
+            time.sleep(0.5)
+        pytest.fail(f"no matching notification within {timeout_s:.0f}s; received: {[b.get('text', '')[:120] for b in self.bodies]}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass
 class PrefectStack:
     """Where the stack lives and how to talk to it."""
@@ -45,6 +88,8 @@ class PrefectStack:
     port: int
     env: dict[str, str]
     started: list[int] = field(default_factory=list)
+    serve_output: str = ""
+    alerts: AlertReceiver | None = None
 
     @property
     def api_url(self) -> str:
@@ -137,7 +182,7 @@ class PrefectStack:
         assert not survivors, f"scripts/stack.sh stop left processes running (now killed): {survivors}"
 
 
-def start_stack(home: Path) -> PrefectStack:
+def start_stack(home: Path, alert_webhook_url: str | None = None) -> PrefectStack:
     """Run ``scripts/stack.sh serve`` on a free port with ``home`` as PREFECT_HOME; return the running stack."""
     # The user's own Prefect settings (a profile, an API URL, a key) must not leak into the test stack.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -152,6 +197,9 @@ def start_stack(home: Path) -> PrefectStack:
         PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="3",
         TF_CPP_MIN_LOG_LEVEL="2",
     )
+    env.pop("ANOMALY_ALERT_WEBHOOK_URL", None)
+    if alert_webhook_url:
+        env["ANOMALY_ALERT_WEBHOOK_URL"] = alert_webhook_url
     stack = PrefectStack(home=home, port=int(env["ANOMALY_PREFECT_PORT"]), env=env)
     started = time.monotonic()
     try:
@@ -163,6 +211,7 @@ def start_stack(home: Path) -> PrefectStack:
         stack.stop()
         pytest.fail(f"scripts/stack.sh serve failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n--- server log ---\n{server_log}")
     print(f"\nPrefect stack up in {time.monotonic() - started:.0f}s at {stack.ui_url} (home {home})\n{result.stdout}")
+    stack.serve_output = result.stdout
     return stack
 
 
@@ -181,7 +230,15 @@ def prefect_stack_fixture(request: pytest.FixtureRequest, tmp_path_factory: pyte
     # Each importing module registers its own copy of this fixture; the stash makes them share one stack.
     shared = request.config.stash.get(_SHARED, None)
     if shared is None:
-        shared = _Shared(start_stack(tmp_path_factory.mktemp("prefect-home")))
+        # Every notification the stack's automations send lands here.
+        receiver = AlertReceiver()
+        try:
+            stack = start_stack(tmp_path_factory.mktemp("prefect-home"), receiver.url)
+        except BaseException:
+            receiver.close()
+            raise
+        stack.alerts = receiver
+        shared = _Shared(stack)
         request.config.stash[_SHARED] = shared
     shared.users += 1
     try:
@@ -190,7 +247,11 @@ def prefect_stack_fixture(request: pytest.FixtureRequest, tmp_path_factory: pyte
         shared.users -= 1
         if shared.users == 0:
             del request.config.stash[_SHARED]
-            shared.stack.stop()
+            try:
+                shared.stack.stop()
+            finally:
+                if shared.stack.alerts is not None:
+                    shared.stack.alerts.close()
 
 
 def as_utc(value: dt.datetime) -> dt.datetime:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -170,3 +173,68 @@ def test_two_runs_of_a_night_at_once_run_one_after_the_other_and_write_once(pref
 
     scores = pd.read_parquet(ws.output_partition("scores", SECOND_NIGHT))
     assert len(scores) == nights[SECOND_NIGHT] and scores["row_id"].is_unique
+
+
+ALARM_NIGHT = dt.date(2026, 11, 25)
+FAILED_NIGHT = dt.date(2026, 11, 24)
+
+
+def test_make_serve_applied_the_automations_once_each_with_a_26_hour_proactive_trigger(prefect_stack):
+    from prefect.events.actions import SendNotification
+
+    from flows.automations import ALARM_NAME, FAILURE_NAME, MISSING_NAME, WEBHOOK_BLOCK
+
+    assert f"notifications: webhook block {WEBHOOK_BLOCK}" in prefect_stack.serve_output
+    # Applying again (the documented command against a running server) updates them in place.
+    env = {**prefect_stack.env, "PREFECT_API_URL": prefect_stack.api_url}
+    again = subprocess.run([str(REPO / ".venv" / "bin" / "anomaly"), "alerts"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert [a["action"] for a in json.loads(again.stdout.splitlines()[-1])["automations"]] == ["updated"] * 3
+    with prefect_stack.client() as client:
+        found = {name: client.read_automations_by_name(name) for name in (ALARM_NAME, FAILURE_NAME, MISSING_NAME)}
+        block = client.read_block_document_by_name(WEBHOOK_BLOCK, "custom-webhook")
+    assert {name: len(automations) for name, automations in found.items()} == dict.fromkeys(found, 1)
+    [missing] = found[MISSING_NAME]
+    assert missing.trigger.posture == "Proactive" and missing.trigger.within == dt.timedelta(hours=26)
+    assert missing.trigger.expect == {"prefect.flow-run.Completed"}
+    assert missing.trigger.match_related.model_dump()["prefect.resource.name"] == ["nightly-scoring"]
+    for [automation] in found.values():
+        assert automation.enabled and isinstance(automation.actions[0], SendNotification) and automation.actions[0].block_document_id == block.id
+
+
+def test_a_shifted_night_and_a_corrupt_night_reach_the_webhook(prefect_stack, retrained, workspace):
+    root, _ = workspace
+    ws = Workspace.at(root)
+    rows = pq.read_table(ws.training_dir / "training.parquet").slice(0, 1000)
+    normal = rows.filter(pa.compute.equal(rows.column("label"), 0))
+    shifted = normal.set_column(1, "f00", pa.compute.add(normal.column("f00"), 3 * float(np.std(normal.column("f00")))))
+    ws.incoming_for(ALARM_NIGHT).mkdir(parents=True)
+    pq.write_table(shifted, ws.incoming_for(ALARM_NIGHT) / "shifted.parquet")
+    ws.incoming_for(FAILED_NIGHT).mkdir(parents=True)
+    (ws.incoming_for(FAILED_NIGHT) / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file")
+
+    alarm_id = prefect_stack.run_deployment(SCORING, {"workspace": str(root), "run_date": ALARM_NIGHT.isoformat(), "catch_up_days": 0})
+    failed_id = prefect_stack.run_deployment(SCORING, {"workspace": str(root), "run_date": FAILED_NIGHT.isoformat(), "catch_up_days": 0})
+    alarm_run, failed_run = prefect_stack.wait_until_final(alarm_id, failed_id)
+    assert alarm_run.state.is_completed() and failed_run.state.is_failed(), (alarm_run.state, failed_run.state)
+
+    report = json.loads((ws.output_partition("reports", ALARM_NIGHT) / "run-report.json").read_text())
+    assert report["alarm"] and "input_drift:f00" in report["alarm_reasons"]
+    assert report["drift"]["drifted_features"][0] == "f00" and (ws.output_partition("reports", ALARM_NIGHT) / "run-report-drift.png").stat().st_size > 5_000
+
+    alarm = prefect_stack.alerts.wait_for(lambda text: f"Anomaly alarm for {ALARM_NIGHT}" in text)
+    assert "input_drift:f00" in alarm and f"/runs/flow-run/{alarm_id}" in alarm
+    failure = prefect_stack.alerts.wait_for(lambda text: f"score-{FAILED_NIGHT}" in text and "Failed" in text)
+    assert f"Date: {FAILED_NIGHT}" in failure and f"/runs/flow-run/{failed_id}" in failure and "corrupt.parquet" in failure
+
+    # The events behind them name the workspace and the date; retraining announced its promotion.
+    with prefect_stack.client() as client:
+        response = client._client.post("/events/filter", json={"filter": {"event": {"prefix": ["anomaly."]}}, "limit": 200})
+    events = response.json()["events"]
+    nights = {(e["event"], e["resource"]["anomaly.date"]): e for e in events if e["event"].startswith("anomaly.night.")}
+    scored = nights[("anomaly.night.scored", FAILED_NIGHT.isoformat())]
+    assert scored["resource"]["anomaly.workspace"] == str(root) and scored["payload"]["batches_failed"] == 1
+    assert nights[("anomaly.night.alarm", FAILED_NIGHT.isoformat())]["payload"]["alarm_reasons"] == ["batches_failed"]
+    assert nights[("anomaly.night.alarm", ALARM_NIGHT.isoformat())]["payload"]["alarm"] is True
+    [promoted] = [e for e in events if e["event"] == "anomaly.model.promoted"]
+    assert promoted["payload"]["promoted"] is True and promoted["resource"]["anomaly.workspace"] == str(root)

@@ -6,7 +6,9 @@ Without it the module is skipped, except under CI (the CI variable set), where t
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import time
 from pathlib import Path
 
@@ -73,6 +75,12 @@ def _labels(page) -> set[str]:
     return {text.replace("(Optional)", "").strip() for text in page.locator("label").all_inner_texts()}
 
 
+def _property(page, ui: str, title: str) -> str:
+    """Return the text of one parameter's block in the Custom run form: label, description and field."""
+    block = page.locator("div.group" if ui == V2 else "div.schema-form-property").filter(has=page.locator("label", has_text=title))
+    return block.last.inner_text()
+
+
 def _screenshot(page, name: str) -> Path:
     path = ARTIFACTS / name
     page.screenshot(path=str(path), full_page=True)
@@ -105,6 +113,10 @@ def test_the_custom_run_form_shows_every_parameter_titled_described_with_its_def
     # The fields hold the deployment's defaults (V1 does not tie its labels to the inputs).
     values = page.locator("input, textarea").evaluate_all("fields => fields.map(f => f.value)")
     assert {scoring.parameters["workspace"], scoring.parameters["timezone"], str(properties["chunk_rows"]["default"])} <= set(values), values
+    # The run date is a plain, empty date picker: no `date | None` type toggle, no "Property is type None".
+    run_date = _property(page, ui, "Run date")
+    assert ("Pick a date" if ui == V2 else "Select date") in run_date
+    assert "Property is type" not in run_date and "None" not in run_date, run_date
     assert _screenshot(page, f"ui-custom-run-nightly-scoring-{ui.strip('/') or 'v1'}.png").stat().st_size > 10_000
 
 
@@ -123,12 +135,21 @@ def test_the_form_refuses_an_out_of_range_value_and_creates_no_run(prefect_stack
     assert prefect_stack.flow_run_ids(SCORING) == before
 
 
-def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(prefect_stack, scoring, page, tmp_path):
+@pytest.mark.parametrize("pick_date", [False, True], ids=["date-left-empty", "date-picked"])
+def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(prefect_stack, scoring, page, tmp_path, pick_date):
+    from playwright.sync_api import expect
+
     empty_workspace = tmp_path / "no-model-yet"
     before = prefect_stack.flow_run_ids(SCORING)
     page.goto(f"{prefect_stack.ui_url}{V2}/deployments/deployment/{scoring.id}/run")
     page.get_by_label("Workspace").fill(str(empty_workspace))
     page.get_by_label("Force re-scoring").click()
+    if pick_date:
+        # The picker opens on the browser's current month; its first day is the one picked.
+        first_of_month = dt.date.today().replace(day=1)
+        page.get_by_label("Run date").click()
+        page.get_by_role("dialog").get_by_role("button", name=re.compile(r"\b1(st)?\b")).first.click()
+        expect(page.get_by_label("Run date")).not_to_have_text("Pick a date")
     page.get_by_role("button", name="Submit").click()
 
     deadline = time.monotonic() + 30
@@ -137,5 +158,8 @@ def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(pre
     assert len(new) == 1, "submitting the form created one flow run"
     [run] = prefect_stack.wait_until_final(*new)
     assert run.parameters["workspace"] == str(empty_workspace) and run.parameters["force"] is True
+    # A picked date arrives as the ISO date the flow expects; an empty field sends "", which the flow reads as today.
+    assert run.parameters.get("run_date") == (first_of_month.isoformat() if pick_date else ""), run.parameters
+    assert run.name == f"score-{first_of_month.isoformat() if pick_date else 'today'}"
     # The workspace has no model: the run fails at once and says which file it looked for.
     assert run.state.is_failed() and f"{empty_workspace}/models/current.json" in run.state.message

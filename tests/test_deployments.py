@@ -229,7 +229,7 @@ def test_a_shifted_night_and_a_corrupt_night_reach_the_webhook(prefect_stack, re
 
     # The events behind them name the workspace and the date; retraining announced its promotion.
     with prefect_stack.client() as client:
-        response = client._client.post("/events/filter", json={"filter": {"event": {"prefix": ["anomaly."]}}, "limit": 200})
+        response = client._client.post("/events/filter", json={"filter": {"event": {"prefix": ["anomaly."]}}, "limit": 50})
     events = response.json()["events"]
     nights = {(e["event"], e["resource"]["anomaly.date"]): e for e in events if e["event"].startswith("anomaly.night.")}
     scored = nights[("anomaly.night.scored", FAILED_NIGHT.isoformat())]

@@ -28,13 +28,16 @@ WEBHOOK_ENV = "ANOMALY_ALERT_WEBHOOK_URL"
 WEBHOOK_BLOCK = "anomaly-alert-webhook"
 SCORING_DEPLOYMENT = "nightly-scoring"
 RETRAINING_DEPLOYMENT = "weekly-retraining"
+EVALUATION_DEPLOYMENT = "nightly-evaluation"
 # The nightly schedule plus two hours of slack for a slow or queued run.
 MISSING_RUN_WINDOW = dt.timedelta(hours=26)
 TAG = "anomaly"
 
 ALARM_NAME = "anomaly: night alarmed"
-FAILURE_NAME = "anomaly: scoring or retraining run failed"
+FAILURE_NAME = "anomaly: scoring, retraining or evaluation run failed"
 MISSING_NAME = "anomaly: no completed nightly scoring in 26 hours"
+# Names earlier definitions had: applying removes them, so that a renamed automation does not notify twice.
+RETIRED_NAMES = ("anomaly: scoring or retraining run failed",)
 
 ALARM_SUBJECT = "Anomaly alarm for {{ event.payload.date }}"
 ALARM_BODY = """Date: {{ event.payload.date }}
@@ -77,9 +80,15 @@ def automation_definitions(block_id: UUID | None) -> list[AutomationCore]:
         ),
         AutomationCore(
             name=FAILURE_NAME,
-            description=f"A {SCORING_DEPLOYMENT} or {RETRAINING_DEPLOYMENT} run ended Failed or Crashed." + where,
+            description=f"A {SCORING_DEPLOYMENT}, {RETRAINING_DEPLOYMENT} or {EVALUATION_DEPLOYMENT} run ended Failed or Crashed." + where,
             tags=[TAG],
-            trigger=EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}, **_deployment_runs(SCORING_DEPLOYMENT, RETRAINING_DEPLOYMENT), posture=Posture.Reactive, threshold=1, within=dt.timedelta(0)),
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+                **_deployment_runs(SCORING_DEPLOYMENT, RETRAINING_DEPLOYMENT, EVALUATION_DEPLOYMENT),
+                posture=Posture.Reactive,
+                threshold=1,
+                within=dt.timedelta(0),
+            ),
             actions=notify(FAILURE_SUBJECT, FAILURE_BODY),
         ),
         AutomationCore(
@@ -118,6 +127,10 @@ def apply_automations(webhook_url: str | None = None) -> dict[str, Any]:
                 applied.append({"name": definition.name, "id": str(existing[0].id), "action": "updated"})
             else:
                 applied.append({"name": definition.name, "id": str(client.create_automation(definition)), "action": "created"})
+        for name in RETIRED_NAMES:
+            for retired in client.read_automations_by_name(name):
+                client.delete_automation(retired.id)
+                applied.append({"name": name, "id": str(retired.id), "action": "deleted"})
         api_url = str(client.api_url)
     return {
         "api_url": api_url,

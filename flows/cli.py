@@ -36,7 +36,7 @@ def _add_workspace(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="anomaly", description="Autoencoder anomaly detection as Prefect flows. Each command ends with one JSON line summarising the run.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,retrain,score,models,promote,alerts}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,retrain,score,evaluate,models,promote,alerts}")
 
     demo = commands.add_parser("demo", help="write the tutorial's dataset, retrain and score one night", description="Write the tutorial's dataset into the workspace, retrain on its training split and score its test split as one night's batches.")
     _add_workspace(demo)
@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dask-threads-per-worker", type=int, default=1, help="threads of each local Dask worker (default: %(default)s)")
     score.add_argument("--dask-address", default=None, help="score on an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: $ANOMALY_DASK_ADDRESS, or no Dask)")
     score.add_argument("--rows-per-unit", type=int, default=1_000_000, help="on Dask, split files into units of whole row groups of about this many rows (default: %(default)s)")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="join labels that arrived later to what was scored and report realised quality",
+        description="Join the label files in <workspace>/labels/ to the scores outputs of the last --window-days dates by id; write each date's realised "
+        "precision, recall, F1, ROC-AUC and PR-AUC per model version under outputs/evaluation/ and a trend report.",
+    )
+    _add_workspace(evaluate)
+    evaluate.add_argument("--end-date", type=_date, default=None, help="last scored date evaluated, YYYY-MM-DD (default: today in --timezone)")
+    evaluate.add_argument("--window-days", type=int, default=30, help="scored dates evaluated, ending at --end-date (default: %(default)s)")
+    evaluate.add_argument("--id-column", dest="id_columns", action="append", default=None, help="column identifying a row in the labels and the scores outputs; repeat for several (default: row_id)")
+    evaluate.add_argument("--timezone", default=None, help="IANA time zone deciding 'today' (default: $ANOMALY_TIMEZONE or UTC)")
 
     models = commands.add_parser("models", help="list model versions, the current one and their promotion decisions", description="List every model version in the workspace with its threshold, whether it is current, and its promotion gate's decision.")
     _add_workspace(models)
@@ -119,6 +131,11 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
         return outcome
     if command in ("models", "promote"):
         return _run_model_command(command, args)
+    if command == "evaluate":
+        from flows.evaluate import evaluate_flow
+        from flows.score import DEFAULT_TIMEZONE
+
+        return evaluate_flow(workspace=args.workspace, end_date=args.end_date, window_days=args.window_days, id_columns=args.id_columns or ["row_id"], timezone=args.timezone or DEFAULT_TIMEZONE)
     if command == "demo":
         from flows.demo import demo_flow
 
@@ -167,6 +184,7 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "models": ("current", "versions"),
     "promote": ("model_version", "previous_version"),
     "alerts": ("api_url", "automations", "notifications", "warning"),
+    "evaluate": ("first_date", "last_date", "dates_evaluated", "label_files", "label_rows", "evaluation_dir", "trend_report", "evaluations"),
     "score": ("date", "model_version", "threshold", "rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "rows_unlabelled", "flag_rate", "expected_flag_rate", "flag_rate_band", "flag_rate_verdict", "alarm", "alarm_reasons", "precision", "recall", "f1", "roc_auc", "pr_auc", "batches_scored", "batches_skipped", "batches_failed", "catch_up_batches", "flagged_dir", "scores_dir", "report", "failed"),
 }
 SUMMARY_KEYS["demo"] = SUMMARY_KEYS["score"] + ("promoted", "promotion_refused", "percentile", "model_dir", "training_report")

@@ -55,7 +55,8 @@ DASK_ADDRESS_ENV = "ANOMALY_DASK_ADDRESS"
 RUN_DATE_SCHEMA = WithJsonSchema({"type": "string", "format": "date"})
 
 
-def _empty_means_today(value: Any) -> Any:
+def empty_means_today(value: Any) -> Any:
+    """Read an empty date field of the run form as no date."""
     return None if value == "" else value
 
 
@@ -183,7 +184,7 @@ def _run_name() -> str:
 @flow(name="score-batches", flow_run_name=_run_name, timeout_seconds=4 * 3600)
 def score_flow(
     workspace: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Workspace"})] = default_workspace(),
-    run_date: Annotated[dt.date | None, BeforeValidator(_empty_means_today), RUN_DATE_SCHEMA, Field(json_schema_extra={"title": "Run date", "default": ""})] = None,
+    run_date: Annotated[dt.date | None, BeforeValidator(empty_means_today), RUN_DATE_SCHEMA, Field(json_schema_extra={"title": "Run date", "default": ""})] = None,
     batch_paths: Annotated[list[str] | None, Field(json_schema_extra={"title": "Batch paths"})] = None,
     force: Annotated[bool, Field(json_schema_extra={"title": "Force re-scoring"})] = False,
     write_scores: Annotated[bool, Field(json_schema_extra={"title": "Write every row's score"})] = True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +106,26 @@ def drift_table(drift: dict[str, Any], most: int = 15) -> list[dict[str, Any]]:
     rows = [{"measure of": "reconstruction error", "PSI": drift["score"]["psi"], "cut-off": drift["score"]["cutoff"], "drift": "yes" if drift["score"]["drifted"] else "no"}]
     rows += [{"measure of": row["feature"], "PSI": row["psi"], "cut-off": row["cutoff"], "drift": "yes" if row["drifted"] else "no"} for row in drift["features"][:most]]
     return rows
+
+
+def plot_trend(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Draw precision, recall and flag rate per scored date, with a line where the model version changes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    dates = [dt.date.fromisoformat(r["scored_date"]) for r in rows]
+    for key, color in (("precision", "#4C78A8"), ("recall", "#F58518"), ("flag_rate", "#54A24B")):
+        values = [np.nan if r[key] is None else r[key] for r in rows]
+        ax.plot(dates, values, "o-", color=color, label=key.replace("_", " "))
+    for previous, row, date in zip(rows, rows[1:], dates[1:], strict=False):
+        if row["model_version"] != previous["model_version"]:
+            ax.axvline(date, color="#9D9D9D", linestyle="--", linewidth=1)
+            ax.annotate(f"model {row['model_version']}", (date, 1.0), fontsize=7, rotation=90, va="top", ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("scored date")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    return _save_figure(fig, path)
 
 
 def plot_loss_curves(loss: Sequence[float], val_loss: Sequence[float], path: Path, title: str) -> Path:

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 RETRAINING = "retrain-autoencoder/weekly-retraining"
 SCORING = "score-batches/nightly-scoring"
+EVALUATION = "evaluate-labels/nightly-evaluation"
 FIRST_NIGHT = dt.date(2026, 11, 27)
 SECOND_NIGHT = dt.date(2026, 11, 28)
 
@@ -62,7 +63,7 @@ def _deployment(stack, name: str):
 
 def test_deployments_are_registered_as_prefect_yaml_declares(prefect_stack):
     declared = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
-    for name in (RETRAINING, SCORING):
+    for name in (RETRAINING, SCORING, EVALUATION):
         deployment = _deployment(prefect_stack, name)
         spec = declared[deployment.name]
         assert deployment.work_pool_name == "anomaly-process-pool"
@@ -85,7 +86,7 @@ def test_deployments_are_registered_as_prefect_yaml_declares(prefect_stack):
 
 
 def test_every_parameter_has_a_title_a_type_and_a_description(prefect_stack):
-    for name in (RETRAINING, SCORING):
+    for name in (RETRAINING, SCORING, EVALUATION):
         schema = _deployment(prefect_stack, name).parameter_openapi_schema
         assert schema["properties"], name
         for parameter, spec in schema["properties"].items():
@@ -238,3 +239,25 @@ def test_a_shifted_night_and_a_corrupt_night_reach_the_webhook(prefect_stack, re
     assert nights[("anomaly.night.alarm", ALARM_NIGHT.isoformat())]["payload"]["alarm"] is True
     [promoted] = [e for e in events if e["event"] == "anomaly.model.promoted"]
     assert promoted["payload"]["promoted"] is True and promoted["resource"]["anomaly.workspace"] == str(root)
+
+
+def test_the_evaluation_deployment_joins_later_labels_to_the_scored_nights(prefect_stack, retrained, workspace):
+    root, nights = workspace
+    ws = Workspace.at(root)
+    run_id = prefect_stack.run_deployment(SCORING, {"workspace": str(root), "run_date": FIRST_NIGHT.isoformat()})
+    prefect_stack.wait_for(run_id)
+    # Labels of the first night's rows arrive later, in the labels/ folder.
+    _, labels = make_tutorial_data(n_samples=8000, random_state=5)
+    (ws.root / "labels").mkdir(exist_ok=True)
+    pq.write_table(pa.table({"row_id": np.arange(6000, 7000), "label": labels[6000:7000]}), ws.root / "labels" / "reviews.parquet")
+
+    run_id = prefect_stack.run_deployment(EVALUATION, {"workspace": str(root), "end_date": SECOND_NIGHT.isoformat(), "window_days": 7})
+    [run] = prefect_stack.wait_for(run_id)
+    first = pq.read_table(ws.output_partition("evaluation", FIRST_NIGHT)).to_pylist()
+    [row] = first
+    assert row["rows_scored"] == nights[FIRST_NIGHT] and row["rows_labelled"] == nights[FIRST_NIGHT] and row["recall_known"]
+    assert 0 < row["precision"] <= 1 and 0 < row["recall"] <= 1 and row["roc_auc"] > 0.5
+    assert (ws.outputs_dir / "reports" / "evaluation-trend" / "evaluation-trend.png").stat().st_size > 5_000
+    with prefect_stack.client() as client:
+        artifact = client.read_latest_artifacts()
+    assert any(a.key == f"evaluation-trend-{SECOND_NIGHT.isoformat()}" for a in artifact)

@@ -1,0 +1,96 @@
+"""Labels that arrive after scoring: the workspace's labels/ folder, checked file by file, and the latest label of each row.
+
+A label file holds the id columns the scores output carries (default ``row_id``), the model's label
+column and, optionally, ``labelled_at``. Where several files label one row, the latest ``labelled_at``
+wins, then the file modified last (then the later name). Labels are compared as text with the
+model's normal value, as in training; a null or NaN label labels nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data import storage
+from data.errors import SchemaError
+from data.parquet import is_numeric_type, label_classes, open_parquet, read_error
+from data.workspace import Workspace
+
+LABELLED_AT = "labelled_at"
+LABEL_CLASS = "label_class"
+FILE_RANK = "label_file_rank"
+LATEST_LABELS = "latest-labels.parquet"
+
+
+def labels_dir(workspace: Workspace) -> Path:
+    """Return the folder where labels are dropped."""
+    return workspace.root / "labels"
+
+
+def label_files(workspace: Workspace) -> list[Path]:
+    """Return the label files, oldest first (modification time, then name): later ones win ties."""
+    files = storage.list_files(labels_dir(workspace), "*.parquet")
+    return sorted(files, key=lambda path: (storage.size_and_mtime(path)[1], path.name))
+
+
+def check_label_file(path: Path, id_columns: Sequence[str], label_column: str) -> pq.ParquetFile:
+    """Open a label file after checking it has the id columns, the label column and a timestamp ``labelled_at`` if any."""
+    parquet = open_parquet(path)
+    schema = parquet.schema_arrow
+    for column in [*id_columns, label_column]:
+        if column not in schema.names:
+            what = "label" if column == label_column else "id"
+            raise SchemaError(path, f"{what} column is missing; a label file holds {list(id_columns)}, {label_column!r} and optionally {LABELLED_AT!r}", column=column, code="missing_column")
+    if LABELLED_AT in schema.names and not pa.types.is_timestamp(schema.field(LABELLED_AT).type):
+        raise SchemaError(path, f"must be a timestamp, found {schema.field(LABELLED_AT).type}", column=LABELLED_AT, code="wrong_type")
+    label_type = schema.field(label_column).type
+    if not (is_numeric_type(label_type) or pa.types.is_string(label_type) or pa.types.is_large_string(label_type) or pa.types.is_boolean(label_type)):
+        raise SchemaError(path, f"label must be a number, text or boolean, found {label_type}", column=label_column, code="wrong_type")
+    return parquet
+
+
+def stage_labels(workspace: Workspace, id_columns: Sequence[str], label_column: str, normal_label: str, target: Path) -> dict[str, object]:
+    """Check every label file, then write their rows (ids, label class, labelled_at, file rank) into ``target``.
+
+    Every file is checked before anything is written, so one bad file applies none of them.
+    """
+    files = label_files(workspace)
+    opened = [check_label_file(path, id_columns, label_column) for path in files]
+    schema = None
+    rows = 0
+    with storage.staged_path(target) as tmp:
+        writer = None
+        try:
+            for rank, (path, parquet) in enumerate(zip(files, opened, strict=True)):
+                columns = [*id_columns, label_column] + ([LABELLED_AT] if LABELLED_AT in parquet.schema_arrow.names else [])
+                try:
+                    for batch in parquet.iter_batches(columns=columns, batch_size=262_144):
+                        table = _labelled_rows(batch, id_columns, label_column, normal_label, rank)
+                        if schema is None:
+                            schema = table.schema
+                            writer = pq.ParquetWriter(tmp, schema)
+                        writer.write_table(table.cast(schema))
+                        rows += table.num_rows
+                except (pa.ArrowException, OSError) as exc:
+                    raise read_error(path, exc, "label file could not be read", "unreadable") from exc
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            pq.write_table(pa.table({**{c: pa.array([], pa.int64()) for c in id_columns}, LABEL_CLASS: pa.array([], pa.int8()), LABELLED_AT: pa.array([], pa.timestamp("us", tz="UTC")), FILE_RANK: pa.array([], pa.int32())}), tmp)
+    return {"files": [os.fspath(p) for p in files], "rows": rows}
+
+
+def _labelled_rows(batch: pa.RecordBatch, id_columns: Sequence[str], label_column: str, normal_label: str, rank: int) -> pa.Table:
+    n = batch.num_rows
+    labelled_at = batch.column(LABELLED_AT).cast(pa.timestamp("us", tz="UTC")) if LABELLED_AT in batch.schema.names else pa.nulls(n, pa.timestamp("us", tz="UTC"))
+    return pa.table({
+        **{c: batch.column(c) for c in id_columns},
+        LABEL_CLASS: pa.array(label_classes(batch.column(label_column), normal_label), pa.int8()),
+        LABELLED_AT: labelled_at,
+        FILE_RANK: pa.array([rank] * n, pa.int32()),
+    })

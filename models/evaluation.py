@@ -1,0 +1,217 @@
+"""Realised quality of past nights: labels that arrived later, joined to the scores outputs by id, per scored date and model version.
+
+The join runs in DuckDB over the Parquet files, one date at a time, with a memory limit and a spill
+folder, so a long history never sits in one process's memory; only a night's labelled rows come back
+to compute the metrics, with scikit-learn.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data import storage
+from data.labels import FILE_RANK, LABEL_CLASS, LABELLED_AT
+from data.parquet import ANOMALY
+from data.workspace import Workspace
+from models.reports import plot_trend, render_markdown
+
+DUCKDB_MEMORY_LIMIT = "512MB"
+RECALL_UNKNOWN = "only flagged rows are labelled: recall (and F1, ROC-AUC, PR-AUC) cannot be known"
+EVALUATION_FILE = "evaluation"
+# Readers of outputs/evaluation/ as one Hive-partitioned dataset (pyarrow, pandas, Spark) skip files
+# whose names start with "_": the JSON twin sits beside the Parquet file without breaking them.
+EVALUATION_JSON = "_evaluation.json"
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _connect(workspace: Workspace) -> Any:
+    import duckdb
+
+    spill = storage.make_dir(workspace.state_dir / "tmp" / "duckdb")
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+    con.execute(f"SET temp_directory = '{os.fspath(spill)}'")
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
+def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Sequence[str], staged_labels: str, progress: Any = None) -> list[dict[str, Any]]:
+    """Evaluate each date that has scores outputs against the latest labels; write its evaluation (Parquet + JSON); return every row written."""
+    workspace = Workspace.at(workspace_root)
+    ids = ", ".join(_quoted(c) for c in id_columns)
+    con = _connect(workspace)
+    try:
+        # The latest label of each row: the newest labelled_at, then the file modified last.
+        con.execute(
+            f"CREATE TEMP TABLE latest AS SELECT {ids}, {LABEL_CLASS} FROM read_parquet(?) WHERE {LABEL_CLASS} >= 0 "
+            f"QUALIFY row_number() OVER (PARTITION BY {ids} ORDER BY {LABELLED_AT} DESC NULLS LAST, {FILE_RANK} DESC) = 1",
+            [staged_labels],
+        )
+        rows: list[dict[str, Any]] = []
+        evaluated_at = dt.datetime.now(dt.UTC)
+        for date in dates:
+            files = storage.list_files(workspace.output_partition("scores", date), "*.parquet")
+            if not files:
+                continue
+            date_rows = _evaluate_date(con, [os.fspath(f) for f in files], ids, date, evaluated_at)
+            write_evaluation(workspace, date, date_rows)
+            rows += date_rows
+            if progress is not None:
+                progress(date, date_rows)
+        return rows
+    finally:
+        con.close()
+
+
+def _evaluate_date(con: Any, files: list[str], ids: str, date: dt.date, evaluated_at: dt.datetime) -> list[dict[str, Any]]:
+    joined = f"(SELECT s.model_version, s.reconstruction_error, s.is_anomaly, l.{LABEL_CLASS} FROM read_parquet($files) s LEFT JOIN latest l USING ({ids}))"
+    counts = con.execute(
+        f"SELECT model_version, count(*), count(*) FILTER (is_anomaly), count({LABEL_CLASS}) FILTER (is_anomaly), count({LABEL_CLASS}) FILTER (NOT is_anomaly) "
+        f"FROM {joined} GROUP BY model_version ORDER BY model_version",
+        {"files": files},
+    ).fetchall()
+    labelled = con.sql(f"SELECT model_version, reconstruction_error, is_anomaly, {LABEL_CLASS} FROM {joined} WHERE {LABEL_CLASS} IS NOT NULL", params={"files": files}).to_arrow_table()
+    versions = np.asarray(labelled.column("model_version").to_pylist(), dtype=object)
+    rows = []
+    for version, scored, flagged, labelled_flagged, labelled_unflagged in counts:
+        mine = versions == version
+        rows.append(
+            quality_row(
+                date,
+                str(version),
+                int(scored),
+                int(flagged),
+                int(labelled_flagged),
+                int(labelled_unflagged),
+                labelled.column("reconstruction_error").to_numpy()[mine],
+                labelled.column("is_anomaly").to_numpy(zero_copy_only=False)[mine],
+                labelled.column(LABEL_CLASS).to_numpy()[mine] == ANOMALY,
+                evaluated_at,
+            )
+        )
+    return rows
+
+
+def quality_row(
+    date: dt.date,
+    version: str,
+    scored: int,
+    flagged: int,
+    labelled_flagged: int,
+    labelled_unflagged: int,
+    errors: np.ndarray,
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    evaluated_at: dt.datetime,
+) -> dict[str, Any]:
+    """Return the realised quality of one date and model version from its labelled rows; None where the labels cannot tell."""
+    from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    notes = []
+    precision = recall = f1 = roc_auc = pr_auc = None
+    if labelled_flagged:
+        precision = float(precision_score(truth, predicted, zero_division=0))
+    recall_known = labelled_unflagged > 0
+    if not recall_known and labelled_flagged:
+        notes.append(RECALL_UNKNOWN)
+    elif recall_known and not truth.any():
+        notes.append("no labelled row is an anomaly: recall is undefined")
+    elif recall_known:
+        recall = float(recall_score(truth, predicted, zero_division=0))
+        if precision is not None:
+            f1 = float(f1_score(truth, predicted, zero_division=0))
+        if truth.all():
+            notes.append("every labelled row is an anomaly: ROC-AUC and PR-AUC are undefined")
+        else:
+            roc_auc = float(roc_auc_score(truth, errors))
+            pr_auc = float(average_precision_score(truth, errors))
+        if labelled_unflagged < scored - flagged:
+            notes.append("unflagged rows are only partly labelled: recall holds if they were labelled at random")
+    if not len(truth):
+        notes.append("no labels yet")
+    return {
+        # Not "date": that is the Hive partition key the folder already gives readers of the dataset.
+        "scored_date": date.isoformat(),
+        "model_version": version,
+        "rows_scored": scored,
+        "rows_flagged": flagged,
+        "flag_rate": flagged / scored if scored else None,
+        "rows_labelled": int(len(truth)),
+        "labelled_anomalies": int(truth.sum()),
+        "label_coverage_flagged": labelled_flagged / flagged if flagged else None,
+        "label_coverage_unflagged": labelled_unflagged / (scored - flagged) if scored > flagged else None,
+        "recall_known": recall_known,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "roc_auc": roc_auc,
+        "pr_auc": pr_auc,
+        "note": "; ".join(notes) or None,
+        "evaluated_at": evaluated_at.isoformat(),
+    }
+
+
+EVALUATION_SCHEMA = pa.schema([
+    ("scored_date", pa.string()),
+    ("model_version", pa.string()),
+    ("rows_scored", pa.int64()),
+    ("rows_flagged", pa.int64()),
+    ("flag_rate", pa.float64()),
+    ("rows_labelled", pa.int64()),
+    ("labelled_anomalies", pa.int64()),
+    ("label_coverage_flagged", pa.float64()),
+    ("label_coverage_unflagged", pa.float64()),
+    ("recall_known", pa.bool_()),
+    ("precision", pa.float64()),
+    ("recall", pa.float64()),
+    ("f1", pa.float64()),
+    ("roc_auc", pa.float64()),
+    ("pr_auc", pa.float64()),
+    ("note", pa.string()),
+    ("evaluated_at", pa.string()),
+])
+
+
+def write_evaluation(workspace: Workspace, date: dt.date, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Write (replacing) a date's evaluation as Parquet and JSON under outputs/evaluation/date=<date>/."""
+    folder = workspace.output_partition("evaluation", date)
+    target = folder / f"{EVALUATION_FILE}.parquet"
+    with storage.staged_path(target) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=EVALUATION_SCHEMA), tmp)
+    json_path = storage.write_json(folder / EVALUATION_JSON, {"date": date.isoformat(), "by_model_version": rows})
+    return {"parquet": os.fspath(target), "json": os.fspath(json_path)}
+
+
+def read_evaluations(workspace: Workspace, dates: Sequence[dt.date]) -> list[dict[str, Any]]:
+    """Return the evaluation rows written for ``dates``, oldest first."""
+    rows = []
+    for date in sorted(dates):
+        payload = storage.read_json_if_present(workspace.output_partition("evaluation", date) / EVALUATION_JSON)
+        if payload:
+            rows += payload["by_model_version"]
+    return rows
+
+
+def write_trend_report(workspace: Workspace, rows: list[dict[str, Any]], title: str) -> dict[str, str]:
+    """Write the trend report (JSON, Markdown, PNG: precision, recall and flag rate over dates, model changes marked)."""
+    folder = workspace.outputs_dir / "reports" / "evaluation-trend"
+    png = plot_trend(rows, folder / "evaluation-trend.png", title)
+    table = [
+        {k: row[k] for k in ("scored_date", "model_version", "rows_scored", "flag_rate", "rows_labelled", "label_coverage_flagged", "label_coverage_unflagged", "precision", "recall", "f1", "roc_auc")}
+        | {"note": row["note"] or ""}
+        for row in rows
+    ]
+    markdown = render_markdown(title, {"Realised quality by scored date and model version": table or "No scored dates with outputs in the window."}, [os.fspath(png)])
+    json_path = storage.write_json(folder / "evaluation-trend.json", {"title": title, "rows": rows})
+    md_path = storage.write_text(folder / "evaluation-trend.md", markdown)
+    return {"json": os.fspath(json_path), "markdown": os.fspath(md_path), "png": os.fspath(png), "text": markdown}

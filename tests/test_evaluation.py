@@ -1,0 +1,120 @@
+"""Labels that arrive later, joined to what was scored: every figure checked against scikit-learn on the joined rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
+
+from data.errors import SchemaError
+from data.labels import labels_dir, stage_labels
+from models.evaluation import RECALL_UNKNOWN, evaluate_dates
+from models.publishing import batch_outputs
+from models.scoring import score_file
+from tests.conftest import SCORED_AT, current_bundle, make_rows, write_rows
+
+NIGHTS = [dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)]
+
+
+def _label_file(ws, name: str, table: pd.DataFrame, mtime: float) -> Path:
+    path = write_rows(pa.Table.from_pandas(table, preserve_index=False), labels_dir(ws) / name)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def _evaluate(ws) -> dict[dt.date, dict]:
+    staged = ws.state_dir / "labels" / "staged.parquet"
+    stage_labels(ws, ["row_id"], "label", "0", staged)
+    evaluate_dates(str(ws.root), NIGHTS, ["row_id"], str(staged))
+    out = {}
+    for night in NIGHTS:
+        [row] = pq.read_table(ws.output_partition("evaluation", night) / "evaluation.parquet").to_pylist()
+        assert json.loads((ws.output_partition("evaluation", night) / "_evaluation.json").read_text())["by_model_version"] == [row]
+        out[night] = row
+    return out
+
+
+def _expected(scores: pd.DataFrame, labels: pd.DataFrame) -> dict:
+    joined = scores.merge(labels, on="row_id", how="inner")
+    truth, flagged = joined["truth"].to_numpy() == 1, joined["is_anomaly"].to_numpy()
+    return {
+        "rows_labelled": len(joined),
+        "precision": precision_score(truth, flagged, zero_division=0),
+        "recall": recall_score(truth, flagged),
+        "f1": f1_score(truth, flagged),
+        "roc_auc": roc_auc_score(truth, joined["reconstruction_error"]),
+        "pr_auc": average_precision_score(truth, joined["reconstruction_error"]),
+    }
+
+
+@pytest.mark.slow
+def test_later_labels_give_the_realised_quality_of_each_night_and_more_labels_replace_it(workspace_copy: Path) -> None:
+    ws, loaded = current_bundle(workspace_copy)
+    truth, scores = {}, {}
+    for i, night in enumerate(NIGHTS):
+        # The batch carries no label column: labels only arrive later.
+        table = make_rows(3000, seed=40 + i, anomaly_share=0.05, start_id=10_000 * i)
+        truth[night] = table.select(["row_id", "label"]).to_pandas().rename(columns={"label": "truth"})
+        source = write_rows(table.drop_columns(["label"]), ws.incoming_for(night) / "batch.parquet")
+        score_file(loaded, source, "batch", batch_outputs(ws, night, "batch"), scored_at=SCORED_AT)
+        scores[night] = pd.read_parquet(ws.output_partition("scores", night))
+    first, second, third = NIGHTS
+    flagged_second = truth[second][truth[second]["row_id"].isin(scores[second].loc[scores[second]["is_anomaly"], "row_id"])]
+
+    # Night 1 fully labelled, in two files: a first pass marks every row normal, a later review (newer
+    # labelled_at, older file) corrects the anomalies, so the latest labelled_at must win over the file order.
+    review_time = pd.Timestamp("2026-11-25T10:00:00Z")
+    wrong = truth[first].assign(label=0, labelled_at=pd.Timestamp("2026-11-23T10:00:00Z"))[["row_id", "label", "labelled_at"]]
+    review = truth[first].loc[truth[first]["truth"] == 1].assign(label=1, labelled_at=review_time)[["row_id", "label", "labelled_at"]]
+    _label_file(ws, "a-review.parquet", review, mtime=1_000)
+    _label_file(ws, "b-first-pass.parquet", wrong, mtime=2_000)
+    # Night 2: only the flagged rows are labelled (as a reviewer confirms alerts). Night 3: no labels.
+    _label_file(ws, "c-alerts.parquet", flagged_second.rename(columns={"truth": "label"}), mtime=3_000)
+
+    result = _evaluate(ws)
+    expected = _expected(scores[first], truth[first])
+    got = result[first]
+    assert got["rows_scored"] == 3000 and got["rows_flagged"] == int(scores[first]["is_anomaly"].sum())
+    assert got["label_coverage_flagged"] == 1.0 and got["label_coverage_unflagged"] == 1.0 and got["recall_known"]
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    assert got["recall"] > 0.5  # the review's anomalies, not the first pass's "normal", were used
+
+    got = result[second]
+    assert got["rows_labelled"] == len(flagged_second) and got["label_coverage_unflagged"] == 0.0
+    assert got["precision"] == pytest.approx(precision_score(flagged_second["truth"] == 1, np.ones(len(flagged_second), bool)))
+    assert (got["recall"], got["f1"], got["roc_auc"], got["pr_auc"], got["recall_known"]) == (None, None, None, None, False)
+    assert RECALL_UNKNOWN in got["note"]
+    assert result[third]["rows_labelled"] == 0 and result[third]["precision"] is None and "no labels yet" in result[third]["note"]
+
+    # The rest of night 2 is labelled later: evaluating again replaces its figures.
+    _label_file(ws, "d-rest.parquet", truth[second].rename(columns={"truth": "label"}), mtime=4_000)
+    again = _evaluate(ws)[second]
+    for key, value in _expected(scores[second], truth[second]).items():
+        assert again[key] == pytest.approx(value, abs=1e-12), key
+    assert len(pq.read_table(ws.output_partition("evaluation", second))) == 1
+    # The whole evaluation history reads as one Hive-partitioned dataset, one row per date and model.
+    history = pd.read_parquet(ws.outputs_dir / "evaluation")
+    assert len(history) == 3 and sorted(history["date"].astype(str)) == sorted(history["scored_date"]) == [n.isoformat() for n in NIGHTS]
+
+
+def test_a_label_file_without_its_label_column_is_refused_naming_file_and_column(tmp_path: Path) -> None:
+    from data.workspace import Workspace
+
+    ws = Workspace.at(tmp_path)
+    good = _label_file(ws, "good.parquet", pd.DataFrame({"row_id": [1, 2], "label": [0, 1]}), mtime=1_000)
+    bad = _label_file(ws, "bad.parquet", pd.DataFrame({"row_id": [3], "verdict": [1]}), mtime=2_000)
+    target = tmp_path / "state" / "staged.parquet"
+    with pytest.raises(SchemaError) as caught:
+        stage_labels(ws, ["row_id"], "label", "0", target)
+    assert caught.value.column == "label" and str(bad) in str(caught.value)
+    assert not target.exists(), "nothing half-applied"
+    assert good.exists()

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bench.datasets import OTHERS, TUTORIAL, DatasetSpec, digits_as_anomaly_sets, make_dataset, normal_class, write_large_batch, write_training_file
+from data import storage
 from data.parquet import feature_matrix
 from data.workspace import Workspace
 from models import training
@@ -307,6 +308,45 @@ def memory(workspace: Workspace, sizes: tuple[int, int], rows_like: tuple[np.nda
     return out
 
 
+def evaluation_memory(workspace: Workspace, nights: int, rows_per_night: int, log) -> dict[str, Any]:
+    """Peak resident memory of the evaluation flow on one scored night and on ``nights`` of them, each a fresh process.
+
+    The scores outputs are written directly (2% flagged); labels cover every flagged row and a tenth
+    of the others, in one label file per night, and both runs see all of them.
+    """
+    import pyarrow as pa
+
+    from data.labels import labels_dir
+
+    rng = np.random.default_rng(7)
+    first = dt.date(2003, 1, 1)
+    dates = [first + dt.timedelta(days=i) for i in range(nights)]
+    labels = storage.make_dir(labels_dir(workspace))
+    for i, date in enumerate(dates):
+        ids = np.arange(i * rows_per_night, (i + 1) * rows_per_night, dtype=np.int64)
+        truth = rng.random(rows_per_night) < 0.01
+        errors = rng.gamma(2.0, 1.0, rows_per_night) + 3.0 * truth
+        flagged = errors > np.quantile(errors, 0.98)
+        scores = pa.table({"row_id": ids, "reconstruction_error": errors, "is_anomaly": flagged, "model_version": pa.array(["20000101T000000Z"] * rows_per_night), "batch": pa.array(["night"] * rows_per_night)})
+        pq.write_table(scores, storage.make_dir(workspace.output_partition("scores", date)) / "night.parquet")
+        labelled = flagged | (rng.random(rows_per_night) < 0.1)
+        pq.write_table(pa.table({"row_id": ids[labelled], "label": truth[labelled].astype(np.int64)}), labels / f"night-{i:02d}.parquet")
+    log(f"evaluation memory: wrote {nights} nights of {rows_per_night:,} scored rows and their labels")
+    runs: dict[str, Any] = {}
+    for days in (1, nights):
+        command = [sys.executable, "-m", "bench.memory_probe", os.fspath(workspace.root), "--run-date", dates[-1].isoformat(), "--evaluate-days", str(days)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        if done.returncode:
+            raise RuntimeError(f"evaluation memory probe over {days} night(s) failed:\n{done.stderr[-3000:]}")
+        runs[str(days)] = json.loads(done.stdout.strip().splitlines()[-1])
+        log(f"evaluation memory, {days} night(s), {runs[str(days)]['rows']:,} scored rows: peak {runs[str(days)]['peak_rss_mb']:.0f} MB in {runs[str(days)]['seconds']:.0f} s")
+    runs["nights"] = nights
+    runs["rows_per_night"] = rows_per_night
+    runs["peak_difference_mb"] = runs[str(nights)]["peak_rss_mb"] - runs["1"]["peak_rss_mb"]
+    storage.remove_tree(labels)
+    return runs
+
+
 def dask_scaling(workspace: Workspace, n_files: int, rows_per_file: int, repeats: int, rows_like: tuple[np.ndarray, np.ndarray], log) -> dict[str, Any]:
     """Rows per second of the scoring flow on one process, and on Dask with 1 and 2 local workers (clusters started beforehand).
 
@@ -402,6 +442,11 @@ def render_table(results: dict[str, Any]) -> str:
             sizes = [k for k in m if k.isdigit()]
             lines.append(f"| flow process peak RSS, labelled night of {int(sizes[0]):,} / {int(sizes[1]):,} rows, {mode.replace('_', ' ')} (MB) | {m[sizes[0]]['peak_rss_mb']:.0f} / {m[sizes[1]]['peak_rss_mb']:.0f} | - |")
             lines.append(f"| peak RSS difference, {mode.replace('_', ' ')} (MB) | {m['peak_difference_mb']:.0f} | <= 100 |")
+    if "evaluation_memory" in results:
+        e = results["evaluation_memory"]
+        n = e["nights"]
+        lines.append(f"| evaluation flow peak RSS, 1 / {n} nights of {e['rows_per_night']:,} scored rows, {e[str(n)]['label_rows']:,} label rows (MB) | {e['1']['peak_rss_mb']:.0f} / {e[str(n)]['peak_rss_mb']:.0f} | - |")
+        lines.append(f"| evaluation peak RSS difference, {n} nights - 1 night (MB) | {e['peak_difference_mb']:.0f} | <= 150 |")
     return "\n".join(lines) + "\n"
 
 
@@ -409,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite and write bench/results/latest.{json,md}."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (figures are not comparable to a full run)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "small", "throughput", "dask", "prefect", "memory"], help="sections to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "small", "throughput", "dask", "prefect", "memory", "evaluation"], help="sections to leave out")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -451,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             results["prefect"] = prefect_startup(log)
         if "memory" not in args.skip:
             results["memory"] = memory(workspace, (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000), rows_like, log)
+        if "evaluation" not in args.skip:
+            results["evaluation_memory"] = evaluation_memory(workspace, 5 if args.quick else 30, 100_000 if args.quick else 1_000_000, log)
     results["seconds"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     table = render_table(results)

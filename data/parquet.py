@@ -200,6 +200,29 @@ class TrainingRows:
     fingerprint: str
 
 
+def training_files_and_features(
+    source: str | os.PathLike[str],
+    label_column: str,
+    feature_columns: Sequence[str] | None = None,
+    exclude_columns: Sequence[str] = ("row_id",),
+) -> tuple[list[Path], list[str]]:
+    """Return the training Parquet files of a file, folder or glob and the feature columns: given, or every numeric non-label column of the first."""
+    files = resolve_parquet_files(source)
+    if not files:
+        raise TrainingDataError(f"training_data={os.fspath(source)!r}: no .parquet files found there")
+    if feature_columns:
+        names = list(feature_columns)
+    else:
+        skip = {label_column, *exclude_columns}
+        names = [f.name for f in open_parquet(files[0]).schema_arrow if f.name not in skip and is_numeric_type(f.type)]
+    if not names:
+        raise TrainingDataError(f"{files[0]}: no numeric feature columns found")
+    reserved = sorted(set(names) & RESERVED_COLUMNS)
+    if reserved:
+        raise TrainingDataError(f"{files[0]}, column '{reserved[0]}': a feature may not be named like a column the outputs add; rename it")
+    return files, names
+
+
 def read_training_rows(
     source: str | os.PathLike[str],
     label_column: str,
@@ -209,20 +232,7 @@ def read_training_rows(
     exclude_columns: Sequence[str] = ("row_id",),
 ) -> TrainingRows:
     """Read labelled training Parquet from a file, folder or glob; features default to every numeric non-label column."""
-    files = resolve_parquet_files(source)
-    if not files:
-        raise TrainingDataError(f"training_data={os.fspath(source)!r}: no .parquet files found there")
-    first_schema = open_parquet(files[0]).schema_arrow
-    if feature_columns:
-        names = list(feature_columns)
-    else:
-        skip = {label_column, *exclude_columns}
-        names = [f.name for f in first_schema if f.name not in skip and is_numeric_type(f.type)]
-    if not names:
-        raise TrainingDataError(f"{files[0]}: no numeric feature columns found")
-    reserved = sorted(set(names) & RESERVED_COLUMNS)
-    if reserved:
-        raise TrainingDataError(f"{files[0]}, column '{reserved[0]}': a feature may not be named like a column the outputs add; rename it")
+    files, names = training_files_and_features(source, label_column, feature_columns, exclude_columns)
     blocks: list[np.ndarray] = []
     class_blocks: list[np.ndarray] = []
     for path in files:

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
     retrain.add_argument("--seed", type=int, default=None, help="override the preset's random seed")
     retrain.add_argument("--no-promote", dest="promote", action="store_false", help="save the model version without making it current")
+    retrain.add_argument("--use-label-history", action="store_true", help="also train on past nights' rows that labels in <workspace>/labels/ confirm normal, and hold out those they confirm anomalous")
+    retrain.add_argument("--label-history-days", type=int, default=30, help="nights, ending today (UTC), the label history reaches back (default: %(default)s)")
+    retrain.add_argument("--id-column", dest="id_columns", action="append", default=None, help="column identifying a row in the labels and the nights' files; repeat for several (default: row_id)")
 
     score = commands.add_parser("score", help="score the batches of a date", description="Score incoming/YYYY-MM-DD/*.parquet (or explicit paths) with the current model; write flagged rows, scores and reports.")
     _add_workspace(score)
@@ -157,6 +160,9 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
             learning_rate=args.learning_rate,
             seed=args.seed,
             promote=args.promote,
+            use_label_history=args.use_label_history,
+            label_history_days=args.label_history_days,
+            id_columns=args.id_columns or ["row_id"],
         )
     from flows.score import DEFAULT_TIMEZONE, score_flow
 
@@ -180,7 +186,7 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
-    "retrain": ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
+    "retrain": ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "label_history", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
     "models": ("current", "versions"),
     "promote": ("model_version", "previous_version"),
     "alerts": ("api_url", "automations", "notifications", "warning"),

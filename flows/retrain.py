@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ from tasks.training import (
     check_promotion_gate,
     compute_reconstruction_errors,
     fix_threshold,
+    gather_label_history,
     promote_model,
     publish_model_version,
     remove_stale_staging,
@@ -46,6 +48,9 @@ def retrain_flow(
     learning_rate: Annotated[Annotated[float, Field(gt=0, le=1)] | None, Field(json_schema_extra={"title": "Learning rate"})] = None,
     seed: Annotated[Annotated[int, Field(ge=0, le=4_294_967_295)] | None, Field(json_schema_extra={"title": "Random seed"})] = None,
     promote: Annotated[bool, Field(json_schema_extra={"title": "Promote the new model"})] = True,
+    use_label_history: Annotated[bool, Field(json_schema_extra={"title": "Learn from labelled past nights"})] = False,
+    label_history_days: Annotated[int, Field(ge=1, le=3660, json_schema_extra={"title": "Days of labelled nights"})] = 30,
+    id_columns: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, json_schema_extra={"title": "Id columns of the labels"})] = ["row_id"],  # noqa: B006 - Prefect copies parameters
 ) -> dict[str, Any]:
     """Retrain the autoencoder on normal-labelled rows and fix the anomaly threshold on held-out normal rows.
 
@@ -63,6 +68,9 @@ def retrain_flow(
         learning_rate: Override the preset's learning rate.
         seed: Override the preset's random seed (weights, shuffling, hold-out split).
         promote: Make the new model the one nightly scoring uses.
+        use_label_history: Also train on rows of past nights (incoming/) that labels in labels/ confirm normal, and test on those they confirm anomalous.
+        label_history_days: How many nights, ending today (UTC), the label history reaches back.
+        id_columns: Columns that identify a row in both the label files and the nights' files.
     """
     logger = get_run_logger()
     ws = Workspace.at(workspace)
@@ -77,8 +85,9 @@ def retrain_flow(
         staging = os.fspath(staging_dir(ws.models_dir, version))
         logger.info("Retraining model %s with preset %r from %s", version, preset, source)
         try:
-            # Step 1: normal rows only, with a seeded share held out for the threshold.
-            split = split_training_data(source, staging, label_column, normal_label, all_rows_normal, holdout_fraction, percentile, config.seed)
+            # Step 1: normal rows only (with those of past nights that labels confirm), a seeded share held out for the threshold.
+            confirmed = gather_label_history(os.fspath(ws.root), source, label_column, normal_label, dt.datetime.now(dt.UTC).date(), label_history_days, list(id_columns), staging) if use_label_history else None
+            split = split_training_data(source, staging, label_column, normal_label, all_rows_normal, holdout_fraction, percentile, config.seed, confirmed["path"] if confirmed else None)
             # Step 2: build and train the autoencoder; its scaling is learnt from training rows and saved inside it.
             history = train_autoencoder(split["train_path"], split["feature_names"], config.model_dump(), staging)
             # Step 3: the threshold is the percentile of errors on held-out normal rows.
@@ -120,6 +129,7 @@ def retrain_flow(
         "training_rows": split["rows_train"],
         "validation_rows": split["rows_holdout_normal"],
         "holdout_anomalies": split["rows_holdout_anomalies"],
+        "label_history": {k: v for k, v in confirmed.items() if k != "path"} if confirmed else None,
         "epochs_run": history["epochs_run"],
         "fit_seconds": history["fit_seconds"],
         "holdout_recall": anomaly.get("recall"),

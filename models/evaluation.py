@@ -30,11 +30,13 @@ EVALUATION_FILE = "evaluation"
 EVALUATION_JSON = "_evaluation.json"
 
 
-def _quoted(name: str) -> str:
+def quoted(name: str) -> str:
+    """Return a column name quoted for DuckDB SQL."""
     return '"' + name.replace('"', '""') + '"'
 
 
-def _connect(workspace: Workspace) -> Any:
+def connect_with_latest_labels(workspace: Workspace, staged_labels: str, id_columns: Sequence[str]) -> Any:
+    """Open a DuckDB connection (memory-limited, spilling under state/tmp/) holding ``latest``: each labelled row's latest label class."""
     import duckdb
 
     spill = storage.make_dir(workspace.state_dir / "tmp" / "duckdb")
@@ -42,21 +44,22 @@ def _connect(workspace: Workspace) -> Any:
     con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     con.execute(f"SET temp_directory = '{os.fspath(spill)}'")
     con.execute("SET preserve_insertion_order = false")
+    ids = ", ".join(quoted(c) for c in id_columns)
+    # The newest labelled_at wins, then the file modified last.
+    con.execute(
+        f"CREATE TEMP TABLE latest AS SELECT {ids}, {LABEL_CLASS} FROM read_parquet(?) WHERE {LABEL_CLASS} >= 0 "
+        f"QUALIFY row_number() OVER (PARTITION BY {ids} ORDER BY {LABELLED_AT} DESC NULLS LAST, {FILE_RANK} DESC) = 1",
+        [staged_labels],
+    )
     return con
 
 
 def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Sequence[str], staged_labels: str, progress: Any = None) -> list[dict[str, Any]]:
     """Evaluate each date that has scores outputs against the latest labels; write its evaluation (Parquet + JSON); return every row written."""
     workspace = Workspace.at(workspace_root)
-    ids = ", ".join(_quoted(c) for c in id_columns)
-    con = _connect(workspace)
+    ids = ", ".join(quoted(c) for c in id_columns)
+    con = connect_with_latest_labels(workspace, staged_labels, id_columns)
     try:
-        # The latest label of each row: the newest labelled_at, then the file modified last.
-        con.execute(
-            f"CREATE TEMP TABLE latest AS SELECT {ids}, {LABEL_CLASS} FROM read_parquet(?) WHERE {LABEL_CLASS} >= 0 "
-            f"QUALIFY row_number() OVER (PARTITION BY {ids} ORDER BY {LABELLED_AT} DESC NULLS LAST, {FILE_RANK} DESC) = 1",
-            [staged_labels],
-        )
         rows: list[dict[str, Any]] = []
         evaluated_at = dt.datetime.now(dt.UTC)
         for date in dates:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from data import storage
 from data.errors import TrainingDataError
-from data.parquet import ANOMALY, NORMAL, UNLABELLED, feature_matrix, read_training_rows
+from data.parquet import ANOMALY, NORMAL, UNLABELLED, TrainingRows, feature_matrix, read_training_rows
 from models.autoencoder import build_autoencoder, reconstruction_errors, train_autoencoder
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import AutoencoderConfig
@@ -51,10 +51,22 @@ def split_training_data(
     percentile: float,
     seed: int,
     feature_columns: Sequence[str] | None = None,
+    label_history: str | None = None,
 ) -> dict[str, Any]:
-    """Keep normal rows, hold out a seeded share for the threshold, and write both splits as Parquet in ``staging``."""
+    """Keep normal rows, hold out a seeded share for the threshold, and write both splits as Parquet in ``staging``.
+
+    ``label_history`` is a Parquet file of past nights' rows that later labels confirmed (features and
+    label): its normal rows join the training data, its anomalies the held-out anomalies.
+    """
     check_percentile(percentile)
     rows = read_training_rows(source, label_column, normal_label, all_rows_normal, feature_columns)
+    history_normal = history_anomalies = 0
+    if label_history:
+        history = read_training_rows(label_history, label_column, normal_label, False, rows.feature_names)
+        history_normal = int(np.count_nonzero(history.classes == NORMAL))
+        history_anomalies = int(np.count_nonzero(history.classes == ANOMALY))
+        files = rows.files + history.files
+        rows = TrainingRows(np.concatenate([rows.features, history.features]), np.concatenate([rows.classes, history.classes]), rows.feature_names, files, storage.files_digest(files))
     # Rows whose label is null or NaN are neither normal nor anomalous: they are counted and left out.
     normal = rows.features[rows.classes == NORMAL]
     anomalies = rows.features[rows.classes == ANOMALY]
@@ -89,6 +101,8 @@ def split_training_data(
         "rows_holdout_normal": int(n_holdout),
         "rows_holdout_anomalies": int(len(anomalies)),
         "rows_unlabelled": rows_unlabelled,
+        "rows_label_history_normal": history_normal,
+        "rows_label_history_anomalies": history_anomalies,
         "source_files": [os.fspath(f) for f in rows.files],
         "fingerprint": rows.fingerprint,
     }
@@ -193,6 +207,8 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
             "rows_holdout_normal": split["rows_holdout_normal"],
             "rows_holdout_anomalies": split["rows_holdout_anomalies"],
             "rows_unlabelled": split.get("rows_unlabelled", 0),
+            "rows_label_history_normal": split.get("rows_label_history_normal", 0),
+            "rows_label_history_anomalies": split.get("rows_label_history_anomalies", 0),
             "epochs_run": history["epochs_run"],
             "best_epoch": history["best_epoch"],
             "fit_seconds": history["fit_seconds"],
@@ -219,7 +235,7 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
         "kind": "training",
         "model_version": version,
         "preset": preset,
-        "training": {k: split.get(k, 0) for k in ("rows_total", "rows_train", "rows_holdout_normal", "rows_holdout_anomalies", "rows_unlabelled", "fingerprint")},
+        "training": {k: split.get(k, 0) for k in ("rows_total", "rows_train", "rows_holdout_normal", "rows_holdout_anomalies", "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies", "fingerprint")},
         "history": history,
         "threshold": threshold,
         "holdout_normal": {k: normal_summary[k] for k in ("rows_scored", "rows_flagged", "flag_rate", "expected_flag_rate")},
@@ -234,6 +250,8 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
             "held-out normal rows": split["rows_holdout_normal"],
             "held-out labelled anomalies": split["rows_holdout_anomalies"],
             "rows without a label (left out)": split.get("rows_unlabelled", 0),
+            "normal rows of past nights confirmed by labels (in the splits above)": split.get("rows_label_history_normal", 0),
+            "anomalies of past nights confirmed by labels (held out)": split.get("rows_label_history_anomalies", 0),
             "network (encoder / decoder units)": f"{history['config']['encoder_units']} / {history['config']['decoder_units']}",
             "batch size, early-stopping patience": f"{history['config']['batch_size']}, {history['config']['early_stopping_patience']}",
             "epochs run": history["epochs_run"],

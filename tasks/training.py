@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models import bundle, promotion, training
+from models import bundle, label_history, promotion, training
 from models.config import AutoencoderConfig
 from tasks.common import RETRIES
 
 
+@task(name="gather-label-history", cache_policy=NO_CACHE, **RETRIES)
+def gather_label_history(workspace_root: str, source: str, label_column: str, normal_label: str, end_date: dt.date, days: int, id_columns: list[str], staging: str) -> dict[str, Any]:
+    """Gather the rows of past nights that later labels confirmed, as extra training data."""
+    history = label_history.label_history_for_training(workspace_root, source, label_column, normal_label, end_date, days, id_columns, Path(staging) / training.WORK_DIR)
+    get_run_logger().info(
+        "Label history %s..%s: %d confirmed normal row(s) added, %d confirmed anomalies held out, from %d night(s) with files",
+        history["first_date"], history["last_date"], history["rows_confirmed_normal"], history["rows_confirmed_anomalous"], history["nights_with_files"],
+    )
+    return history
+
+
 @task(name="split-training-data", cache_policy=NO_CACHE, **RETRIES)
-def split_training_data(source: str, staging: str, label_column: str, normal_label: str, all_rows_normal: bool, holdout_fraction: float, percentile: float, seed: int) -> dict[str, Any]:
+def split_training_data(source: str, staging: str, label_column: str, normal_label: str, all_rows_normal: bool, holdout_fraction: float, percentile: float, seed: int, label_history: str | None = None) -> dict[str, Any]:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
-    split = training.split_training_data(source, Path(staging), label_column, normal_label, all_rows_normal, holdout_fraction, percentile, seed)
+    split = training.split_training_data(source, Path(staging), label_column, normal_label, all_rows_normal, holdout_fraction, percentile, seed, label_history=label_history)
     get_run_logger().info("Training rows: %d normal for training, %d normal held out, %d labelled anomalies held out", split["rows_train"], split["rows_holdout_normal"], split["rows_holdout_anomalies"])
     return split
 

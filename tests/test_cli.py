@@ -14,8 +14,10 @@ from flows.cli import build_parser, main
     ("command", "options"),
     [
         ("demo", ["--workspace", "--preset", "--run-date", "--batches"]),
-        ("retrain", ["--training-data", "--preset", "--percentile", "--label-column", "--normal-label", "--all-rows-normal", "--holdout-fraction", "--epochs", "--batch-size", "--learning-rate", "--seed", "--no-promote"]),
+        ("retrain", ["--training-data", "--preset", "--percentile", "--label-column", "--normal-label", "--all-rows-normal", "--holdout-fraction", "--epochs", "--batch-size", "--learning-rate", "--seed", "--no-promote", "--use-label-history", "--label-history-days", "--id-column"]),
         ("score", ["--run-date", "--timezone", "--catch-up-days", "--reason-count", "--force", "--no-scores", "--model-version", "--chunk-rows", "--max-bad-row-share", "--dask-workers", "--dask-threads-per-worker", "--dask-address", "--rows-per-unit"]),
+        ("evaluate", ["--workspace", "--end-date", "--window-days", "--id-column", "--timezone"]),
+        ("alerts", []),
     ],
 )
 def test_help_documents_every_option(command, options, capsys):

@@ -118,3 +118,36 @@ def test_a_label_file_without_its_label_column_is_refused_naming_file_and_column
     assert caught.value.column == "label" and str(bad) in str(caught.value)
     assert not target.exists(), "nothing half-applied"
     assert good.exists()
+
+
+def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_those_confirmed_anomalous(tmp_path: Path) -> None:
+    from data.workspace import Workspace
+    from models.label_history import label_history_for_training
+    from models.training import split_training_data
+
+    ws = Workspace.at(tmp_path / "ws")
+    write_rows(make_rows(2000, seed=1, anomaly_share=0.02), ws.training_dir / "train.parquet")
+    today = dt.date(2026, 11, 29)
+    nights = {today - dt.timedelta(days=1): 0, today - dt.timedelta(days=2): 1, today - dt.timedelta(days=40): 2}
+    labels = []
+    for night, i in nights.items():
+        table = make_rows(500, seed=60 + i, anomaly_share=0.1, start_id=100_000 * (i + 1))
+        write_rows(table.drop_columns(["label"]), ws.incoming_for(night) / "batch.parquet")
+        labels.append(table.select(["row_id", "label"]).to_pandas())
+    # Yesterday is fully labelled, the day before only its first 100 rows; the night 40 days ago is outside the window.
+    _label_file(ws, "labels.parquet", pd.concat([labels[0], labels[1].iloc[:100], labels[2]]), mtime=1_000)
+
+    history = label_history_for_training(str(ws.root), str(ws.training_dir), "label", "0", today, 30, ["row_id"], tmp_path / "work")
+    expected = pd.concat([labels[0], labels[1].iloc[:100]])
+    assert history["rows_confirmed_normal"] == int((expected["label"] == 0).sum())
+    assert history["rows_confirmed_anomalous"] == int((expected["label"] == 1).sum())
+    assert [n["date"] for n in history["by_night"]] == sorted(n.isoformat() for n in list(nights)[:2])
+
+    plain = split_training_data(str(ws.training_dir), tmp_path / "plain", "label", "0", False, 0.2, 98.0, 1)
+    split = split_training_data(str(ws.training_dir), tmp_path / "staged", "label", "0", False, 0.2, 98.0, 1, label_history=history["path"])
+    assert split["rows_train"] + split["rows_holdout_normal"] == plain["rows_train"] + plain["rows_holdout_normal"] + history["rows_confirmed_normal"]
+    assert split["rows_holdout_anomalies"] == plain["rows_holdout_anomalies"] + history["rows_confirmed_anomalous"]
+    assert (split["rows_label_history_normal"], split["rows_label_history_anomalies"]) == (history["rows_confirmed_normal"], history["rows_confirmed_anomalous"])
+    # No row a label calls anomalous is trained on.
+    confirmed_anomalous = pq.read_table(history["path"]).to_pandas().query("label != '0'")["f0"]
+    assert not set(pq.read_table(split["train_path"]).column("f0").to_pylist()) & set(confirmed_anomalous)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -168,3 +170,28 @@ def test_retraining_on_a_few_hundred_rows_trains_and_says_how_unsure_its_thresho
     assert json.loads((version_dir / "bundle.json").read_text())["threshold"]["warning"] == outcome["threshold_warning"]
     assert json.loads((version_dir / "report" / "training-report.json").read_text())["threshold"]["warning"] == outcome["threshold_warning"]
     assert outcome["threshold_warning"] in (version_dir / "report" / "training-report.md").read_text()
+
+
+def test_retraining_with_label_history_trains_on_rows_labels_confirm_normal(retrained, tmp_path):
+    from flows.retrain import retrain_flow
+
+    base, _, rows = retrained
+    root = tmp_path / "ws"
+    shutil.copytree(base, root)
+    features, labels, ids = rows
+    normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    small = root / "small.parquet"
+    pq.write_table(rows_table(features[normal[:300]], labels[normal[:300]], ids[normal[:300]]), small)
+    # Yesterday's night (UTC): 200 normal rows and 20 anomalies, scored without labels; the labels arrive later.
+    night = np.concatenate([normal[300:500], anomalous[:20]])
+    folder = Workspace.at(root).incoming_for(dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1))
+    folder.mkdir(parents=True)
+    pq.write_table(rows_table(features[night], labels[night], ids[night]).drop_columns(["label"]), folder / "night.parquet")
+    (root / "labels").mkdir()
+    pq.write_table(pa.table({"row_id": ids[night], "label": labels[night]}), root / "labels" / "review.parquet")
+
+    outcome = retrain_flow(workspace=str(root), training_data=str(small), promote=False, use_label_history=True, label_history_days=3)
+    assert (outcome["label_history"]["rows_confirmed_normal"], outcome["label_history"]["rows_confirmed_anomalous"]) == (200, 20)
+    assert outcome["training_rows"] + outcome["validation_rows"] == 500 and outcome["holdout_anomalies"] == 20
+    report = (Workspace.at(root).version_dir(outcome["model_version"]) / "report" / "training-report.md").read_text()
+    assert "| normal rows of past nights confirmed by labels (in the splits above) | 200 |" in report

@@ -1,0 +1,79 @@
+"""Rows of past nights that later labels confirm, gathered as extra training data: normal rows to learn from, anomalies to test on.
+
+The nights' incoming files are joined to the latest labels by id in DuckDB, out of core; rows with a
+missing or infinite feature (quarantined when they were scored) are left out, as training refuses them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from data import storage
+from data.labels import stage_labels
+from data.parquet import training_files_and_features
+from data.workspace import Workspace
+from models.evaluation import connect_with_latest_labels, quoted
+
+CONFIRMED_ANOMALY = "confirmed anomaly"
+
+
+def gather_label_history(
+    workspace_root: str,
+    end_date: dt.date,
+    days: int,
+    id_columns: Sequence[str],
+    feature_names: Sequence[str],
+    label_column: str,
+    normal_label: str,
+    staged_labels: str,
+    target: Path,
+) -> dict[str, Any]:
+    """Write the labelled rows of the ``days`` nights up to ``end_date`` (features and label) to ``target``; return counts by date."""
+    workspace = Workspace.at(workspace_root)
+    dates = [end_date - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
+    files = {date: storage.list_files(workspace.incoming_for(date), "*.parquet", recursive=True) for date in dates}
+    files = {date: found for date, found in files.items() if found}
+    features = ", ".join(f"CAST(i.{quoted(name)} AS DOUBLE) AS {quoted(name)}" for name in feature_names)
+    finite = " AND ".join(f"isfinite(CAST(i.{quoted(name)} AS DOUBLE))" for name in feature_names)
+    ids = ", ".join(quoted(c) for c in id_columns)
+    con = connect_with_latest_labels(workspace, staged_labels, id_columns)
+    try:
+        paths = [os.fspath(p) for found in files.values() for p in found]
+        if paths:
+            # Each file's night comes from its folder: incoming/<YYYY-MM-DD>/...
+            con.execute(
+                f"CREATE TEMP TABLE history AS SELECT {features}, "
+                f"CASE WHEN l.label_class = 0 THEN $normal ELSE '{CONFIRMED_ANOMALY}' END AS {quoted(label_column)}, "
+                "regexp_extract(i.filename, '/(\\d{4}-\\d{2}-\\d{2})/', 1) AS night "
+                f"FROM read_parquet($files, union_by_name = true, filename = true) i JOIN latest l USING ({ids}) WHERE {finite}",
+                {"files": paths, "normal": str(normal_label)},
+            )
+        else:
+            con.execute(f"CREATE TEMP TABLE history AS SELECT {', '.join(f'0.0::DOUBLE AS {quoted(n)}' for n in feature_names)}, ''::VARCHAR AS {quoted(label_column)}, ''::VARCHAR AS night WHERE false")
+        by_night = con.execute(f"SELECT night, count(*) FILTER ({quoted(label_column)} = $normal), count(*) FILTER ({quoted(label_column)} <> $normal) FROM history GROUP BY night ORDER BY night", {"normal": str(normal_label)}).fetchall()
+        with storage.staged_path(target, suffix=".parquet") as tmp:
+            con.execute(f"COPY (SELECT * EXCLUDE (night) FROM history) TO '{os.fspath(tmp)}' (FORMAT parquet)")
+    finally:
+        con.close()
+    return {
+        "path": os.fspath(target),
+        "first_date": dates[0].isoformat(),
+        "last_date": end_date.isoformat(),
+        "nights_with_files": len(files),
+        "rows_confirmed_normal": int(sum(n for _, n, _ in by_night)),
+        "rows_confirmed_anomalous": int(sum(a for _, _, a in by_night)),
+        "by_night": [{"date": night, "confirmed_normal": int(n), "confirmed_anomalous": int(a)} for night, n, a in by_night],
+    }
+
+
+def label_history_for_training(workspace_root: str, training_source: str, label_column: str, normal_label: str, end_date: dt.date, days: int, id_columns: Sequence[str], work_dir: Path) -> dict[str, Any]:
+    """Check the labels, then gather the confirmed rows of the last ``days`` nights with the training data's features into ``work_dir``."""
+    workspace = Workspace.at(workspace_root)
+    _, feature_names = training_files_and_features(training_source, label_column)
+    staged = work_dir / "staged-labels.parquet"
+    stage_labels(workspace, id_columns, label_column, normal_label, staged)
+    return gather_label_history(workspace_root, end_date, days, id_columns, feature_names, label_column, normal_label, os.fspath(staged), work_dir / "label-history.parquet")

@@ -45,19 +45,25 @@ def connect_with_latest_labels(workspace: Workspace, staged_labels: str, id_colu
     con.execute(f"SET temp_directory = '{os.fspath(spill)}'")
     con.execute("SET preserve_insertion_order = false")
     ids = ", ".join(quoted(c) for c in id_columns)
+    # Ids are kept as text, so that a label file holding 42 labels the row whose id was written as "42", and back.
+    as_text = ", ".join(f"CAST({quoted(c)} AS VARCHAR) AS {quoted(c)}" for c in id_columns)
     # The newest labelled_at wins, then the file modified last.
     con.execute(
-        f"CREATE TEMP TABLE latest AS SELECT {ids}, {LABEL_CLASS} FROM read_parquet(?) WHERE {LABEL_CLASS} >= 0 "
+        f"CREATE TEMP TABLE latest AS SELECT {as_text}, {LABEL_CLASS} FROM read_parquet(?) WHERE {LABEL_CLASS} >= 0 "
         f"QUALIFY row_number() OVER (PARTITION BY {ids} ORDER BY {LABELLED_AT} DESC NULLS LAST, {FILE_RANK} DESC) = 1",
         [staged_labels],
     )
     return con
 
 
+def join_on_ids(left: str, id_columns: Sequence[str]) -> str:
+    """Return the condition joining table alias ``left`` to ``latest`` (alias l) on the id columns, compared as text."""
+    return " AND ".join(f"CAST({left}.{quoted(c)} AS VARCHAR) = l.{quoted(c)}" for c in id_columns)
+
+
 def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Sequence[str], staged_labels: str, progress: Any = None) -> list[dict[str, Any]]:
     """Evaluate each date that has scores outputs against the latest labels; write its evaluation (Parquet + JSON); return every row written."""
     workspace = Workspace.at(workspace_root)
-    ids = ", ".join(quoted(c) for c in id_columns)
     con = connect_with_latest_labels(workspace, staged_labels, id_columns)
     try:
         rows: list[dict[str, Any]] = []
@@ -66,7 +72,7 @@ def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Se
             files = storage.list_files(workspace.output_partition("scores", date), "*.parquet")
             if not files:
                 continue
-            date_rows = _evaluate_date(con, [os.fspath(f) for f in files], ids, date, evaluated_at)
+            date_rows = _evaluate_date(con, [os.fspath(f) for f in files], join_on_ids("s", id_columns), date, evaluated_at)
             write_evaluation(workspace, date, date_rows)
             rows += date_rows
             if progress is not None:
@@ -76,8 +82,8 @@ def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Se
         con.close()
 
 
-def _evaluate_date(con: Any, files: list[str], ids: str, date: dt.date, evaluated_at: dt.datetime) -> list[dict[str, Any]]:
-    joined = f"(SELECT s.model_version, s.reconstruction_error, s.is_anomaly, l.{LABEL_CLASS} FROM read_parquet($files) s LEFT JOIN latest l USING ({ids}))"
+def _evaluate_date(con: Any, files: list[str], on_ids: str, date: dt.date, evaluated_at: dt.datetime) -> list[dict[str, Any]]:
+    joined = f"(SELECT s.model_version, s.reconstruction_error, s.is_anomaly, l.{LABEL_CLASS} FROM read_parquet($files) s LEFT JOIN latest l ON {on_ids})"
     counts = con.execute(
         f"SELECT model_version, count(*), count(*) FILTER (is_anomaly), count({LABEL_CLASS}) FILTER (is_anomaly), count({LABEL_CLASS}) FILTER (NOT is_anomaly) "
         f"FROM {joined} GROUP BY model_version ORDER BY model_version",

@@ -16,7 +16,7 @@ from data import storage
 from data.labels import stage_labels
 from data.parquet import training_files_and_features
 from data.workspace import Workspace
-from models.evaluation import connect_with_latest_labels, quoted
+from models.evaluation import connect_with_latest_labels, join_on_ids, quoted
 
 CONFIRMED_ANOMALY = "confirmed anomaly"
 
@@ -39,7 +39,6 @@ def gather_label_history(
     files = {date: found for date, found in files.items() if found}
     features = ", ".join(f"CAST(i.{quoted(name)} AS DOUBLE) AS {quoted(name)}" for name in feature_names)
     finite = " AND ".join(f"isfinite(CAST(i.{quoted(name)} AS DOUBLE))" for name in feature_names)
-    ids = ", ".join(quoted(c) for c in id_columns)
     con = connect_with_latest_labels(workspace, staged_labels, id_columns)
     try:
         paths = [os.fspath(p) for found in files.values() for p in found]
@@ -49,7 +48,7 @@ def gather_label_history(
                 f"CREATE TEMP TABLE history AS SELECT {features}, "
                 f"CASE WHEN l.label_class = 0 THEN $normal ELSE '{CONFIRMED_ANOMALY}' END AS {quoted(label_column)}, "
                 "regexp_extract(i.filename, '/(\\d{4}-\\d{2}-\\d{2})/', 1) AS night "
-                f"FROM read_parquet($files, union_by_name = true, filename = true) i JOIN latest l USING ({ids}) WHERE {finite}",
+                f"FROM read_parquet($files, union_by_name = true, filename = true) i JOIN latest l ON {join_on_ids('i', id_columns)} WHERE {finite}",
                 {"files": paths, "normal": str(normal_label)},
             )
         else:

@@ -151,3 +151,19 @@ def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_thos
     # No row a label calls anomalous is trained on.
     confirmed_anomalous = pq.read_table(history["path"]).to_pandas().query("label != '0'")["f0"]
     assert not set(pq.read_table(split["train_path"]).column("f0").to_pylist()) & set(confirmed_anomalous)
+
+
+def test_labels_match_rows_whose_ids_were_written_with_another_type(tmp_path: Path) -> None:
+    from data.workspace import Workspace
+
+    ws = Workspace.at(tmp_path)
+    night = NIGHTS[0]
+    scores = pa.table({"row_id": np.arange(100), "reconstruction_error": np.linspace(0, 1, 100), "is_anomaly": np.arange(100) >= 90, "model_version": ["v1"] * 100, "batch": ["b"] * 100})
+    write_rows(scores, ws.output_partition("scores", night) / "b.parquet")
+    # The reviewers' export holds the ids as text.
+    _label_file(ws, "export.parquet", pd.DataFrame({"row_id": [str(i) for i in range(100)], "label": ["1" if i >= 95 else "0" for i in range(100)]}), mtime=1_000)
+    staged = tmp_path / "staged.parquet"
+    stage_labels(ws, ["row_id"], "label", "0", staged)
+    [row] = evaluate_dates(str(ws.root), [night], ["row_id"], str(staged))
+    assert row["rows_labelled"] == 100 and row["labelled_anomalies"] == 5
+    assert row["precision"] == pytest.approx(0.5) and row["recall"] == 1.0 and row["roc_auc"] == 1.0

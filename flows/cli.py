@@ -136,7 +136,7 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
         return _run_model_command(command, args)
     if command == "evaluate":
         from flows.evaluate import evaluate_flow
-        from flows.score import DEFAULT_TIMEZONE
+        from flows.parameters import DEFAULT_TIMEZONE
 
         return evaluate_flow(workspace=args.workspace, end_date=args.end_date, window_days=args.window_days, id_columns=args.id_columns or ["row_id"], timezone=args.timezone or DEFAULT_TIMEZONE)
     if command == "demo":

@@ -10,10 +10,9 @@ from prefect import flow, get_run_logger
 from pydantic import BeforeValidator, Field
 
 from data.workspace import Workspace, default_workspace, resolve_run_date
-from flows.score import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_today
-from tasks.evaluation import evaluate_dates, stage_labels, write_trend_report
+from flows.parameters import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_today
+from tasks.evaluation import evaluate_dates, read_label_rule, stage_labels, write_trend_report
 from tasks.reporting import publish_report_artifacts
-from tasks.scoring import resolve_model_version
 
 
 @flow(name="evaluate-labels", flow_run_name="evaluate-{window_days}-days", timeout_seconds=2 * 3600)
@@ -39,8 +38,8 @@ def evaluate_flow(
     ws = Workspace.at(workspace)
     root = os.fspath(ws.root)
     # Labels are read with the current model's label column and normal value, as retraining reads them.
-    model = resolve_model_version(root, None)
-    staged = stage_labels(root, list(id_columns), model.label_column, model.normal_label)
+    rule = read_label_rule(root)
+    staged = stage_labels(root, list(id_columns), rule["label_column"], rule["normal_label"])
     rows = evaluate_dates(root, dates, list(id_columns), staged["path"])
     title = f"Realised quality, {dates[0]} to {last}"
     trend = write_trend_report(root, dates, title)

@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
-from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic import BeforeValidator, Field
 
 from data import storage
 from data.batches import Batch
@@ -24,6 +24,7 @@ from data.errors import AnomalyJobError
 from data.locks import LockBusyError, scoring_lock
 from data.output_schema import MAX_REASONS
 from data.workspace import Workspace, default_workspace, resolve_run_date
+from flows.parameters import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_today
 from models.drift import with_alarm
 from models.reports import anomaly_class_metrics
 from models.scoring import BatchResult, describe_failure
@@ -47,17 +48,7 @@ from tasks.scoring import (
     write_batch_report,
 )
 
-DEFAULT_TIMEZONE = os.environ.get("ANOMALY_TIMEZONE", "UTC")
 DASK_ADDRESS_ENV = "ANOMALY_DASK_ADDRESS"
-# The run date is a plain date field in the UI's Custom run form: the schema of `date | None` would
-# add a type toggle ("Property is type None"), and a null default would fail the form's own check of
-# a string field. So the form's default is "", which an empty field sends and which means today.
-RUN_DATE_SCHEMA = WithJsonSchema({"type": "string", "format": "date"})
-
-
-def empty_means_today(value: Any) -> Any:
-    """Read an empty date field of the run form as no date."""
-    return None if value == "" else value
 
 
 class BatchesFailedError(AnomalyJobError):

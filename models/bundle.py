@@ -10,14 +10,19 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data import storage
 from data.errors import BundleError
 from data.workspace import check_path_part
-from models.autoencoder import ErrorScorer
-from models.runtime import keras
 from models.threshold import order_statistic
+
+if TYPE_CHECKING:
+    from models.autoencoder import ErrorScorer
+    from models.runtime import keras
+
+# Keras (and TensorFlow) are imported where a model is loaded or built, not with this module: jobs
+# that only read bundle.json, such as the evaluation of labels, then start without them.
 
 BUNDLE_FORMAT = 1
 MODEL_FILE = "model.keras"
@@ -45,6 +50,8 @@ def library_versions() -> dict[str, str]:
     import pyarrow
     import sklearn
     import tensorflow
+
+    from models.runtime import keras
 
     return {
         "python": platform.python_version(),
@@ -136,6 +143,8 @@ class LoadedBundle:
     @functools.cached_property
     def scorer(self) -> ErrorScorer:
         """The compiled error function of this model, built once per loaded bundle."""
+        from models.autoencoder import ErrorScorer
+
         return ErrorScorer(self.model, self.loss)
 
     @property
@@ -204,6 +213,8 @@ def load_bundle(version_dir: str | os.PathLike[str]) -> LoadedBundle:
 @functools.lru_cache(maxsize=4)
 def _load_checked(model_path: str, checksum: str, metadata_json: str) -> LoadedBundle:
     # Cached by checksum so that one process loads each model once however many batches it scores.
+    from models.runtime import keras
+
     metadata = json.loads(metadata_json)
     try:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)

@@ -20,6 +20,7 @@ from data import storage
 from data.labels import FILE_RANK, LABEL_CLASS, LABELLED_AT
 from data.parquet import ANOMALY
 from data.workspace import Workspace
+from models.bundle import current_version, read_bundle_json
 from models.reports import plot_trend, render_markdown
 
 DUCKDB_MEMORY_LIMIT = "512MB"
@@ -59,6 +60,14 @@ def connect_with_latest_labels(workspace: Workspace, staged_labels: str, id_colu
 def join_on_ids(left: str, id_columns: Sequence[str]) -> str:
     """Return the condition joining table alias ``left`` to ``latest`` (alias l) on the id columns, compared as text."""
     return " AND ".join(f"CAST({left}.{quoted(c)} AS VARCHAR) = l.{quoted(c)}" for c in id_columns)
+
+
+def label_rule(workspace_root: str) -> dict[str, str]:
+    """Return the current model's label column and normal value (from bundle.json; the model itself is not loaded)."""
+    workspace = Workspace.at(workspace_root)
+    version = current_version(workspace.models_dir)
+    metadata = read_bundle_json(workspace.version_dir(version))
+    return {"model_version": version, "label_column": str(metadata.get("label_column", "label")), "normal_label": str(metadata.get("normal_label", "0"))}
 
 
 def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Sequence[str], staged_labels: str, progress: Any = None) -> list[dict[str, Any]]:

@@ -14,6 +14,12 @@ from models import evaluation
 from tasks.common import RETRIES
 
 
+@task(name="read-label-rule", cache_policy=NO_CACHE, **RETRIES)
+def read_label_rule(workspace_root: str) -> dict[str, str]:
+    """Return the current model's label column and normal value, which label files follow."""
+    return evaluation.label_rule(workspace_root)
+
+
 @task(name="stage-labels", cache_policy=NO_CACHE, **RETRIES)
 def stage_labels(workspace_root: str, id_columns: list[str], label_column: str, normal_label: str) -> dict[str, Any]:
     """Check every label file and gather their rows into one Parquet file under state/; return its path and counts."""

@@ -167,3 +167,13 @@ def test_labels_match_rows_whose_ids_were_written_with_another_type(tmp_path: Pa
     [row] = evaluate_dates(str(ws.root), [night], ["row_id"], str(staged))
     assert row["rows_labelled"] == 100 and row["labelled_anomalies"] == 5
     assert row["precision"] == pytest.approx(0.5) and row["recall"] == 1.0 and row["roc_auc"] == 1.0
+
+
+def test_the_evaluation_flow_starts_without_tensorflow() -> None:
+    import subprocess
+    import sys
+
+    # It reads bundle.json but never loads a model, so its process stays small.
+    probe = "import sys, flows.evaluate; print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

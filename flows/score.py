@@ -253,6 +253,11 @@ def score_flow(
                 states = _score_in_units(runner, root, work, version, options, rows_per_unit)
             else:
                 states = _score_whole_files(runner, root, work, version, options)
+        if distributed:
+            # The cluster's client is closed, so no unit runs again for this run: sweep what a unit
+            # recomputed after a worker died may have rewritten once its batch was merged.
+            for day in sorted({d for d, _ in work}):
+                remove_stale_temporaries(root, day)
 
         # Step 4: publish each scored batch (report, then its manifest record, last); withdraw and record each failure.
         scored: list[BatchResult] = []

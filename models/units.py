@@ -131,6 +131,18 @@ def merge_units(
     )
 
 
+def discard_date_parts(workspace_root: str, run_date: dt.date) -> list[Path]:
+    """Remove every unit part file of a date; only safe under the date's scoring lock, before or after its units run.
+
+    Dask recomputes a finished unit whose result was held by a worker that died, and that second run
+    can rewrite its parts after the merge removed them: such orphans go here.
+    """
+    folder = Workspace.at(workspace_root).state_dir / "parts" / f"date={run_date.isoformat()}"
+    found = storage.list_files(folder, "*", recursive=True)
+    storage.remove_tree(folder)
+    return found
+
+
 def discard_units(workspace_root: str, run_date: dt.date, batch: str) -> None:
     """Remove the part files of one file's units (after a merge, or after the file finally failed)."""
     storage.remove_tree(parts_dir(Workspace.at(workspace_root), run_date, batch))

@@ -110,11 +110,12 @@ def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -
 
 @task(name="remove-stale-temporaries", cache_policy=NO_CACHE)
 def remove_stale_temporaries(workspace_root: str, run_date: dt.date) -> list[str]:
-    """Delete temporary files a killed run left in the date's output partitions."""
+    """Delete temporary files a killed run left in the date's output partitions, and any unit parts of the date."""
     workspace = Workspace.at(workspace_root)
     folders = [workspace.output_partition(kind, run_date) for kind in (*OUTPUT_KINDS, "rejected", "reports")]
     folders += [batch_report_dir(workspace, run_date), batches.records_dir(workspace, run_date)]
     removed = [p for folder in folders for p in storage.remove_stale_temporaries(folder)]
+    removed += units.discard_date_parts(workspace_root, run_date)
     if removed:
         get_run_logger().warning("Removed %d temporary file(s) left by a run that died: %s", len(removed), [p.name for p in removed])
     return [str(p) for p in removed]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,10 +230,16 @@ def test_a_shifted_night_and_a_corrupt_night_reach_the_webhook(prefect_stack, re
     assert f"Date: {FAILED_NIGHT}" in failure and f"/runs/flow-run/{failed_id}" in failure and "corrupt.parquet" in failure
 
     # The events behind them name the workspace and the date; retraining announced its promotion.
-    with prefect_stack.client() as client:
-        response = client._client.post("/events/filter", json={"filter": {"event": {"prefix": ["anomaly."]}}, "limit": 50})
-    events = response.json()["events"]
-    nights = {(e["event"], e["resource"]["anomaly.date"]): e for e in events if e["event"].startswith("anomaly.night.")}
+    wanted = {("anomaly.night.scored", FAILED_NIGHT.isoformat()), ("anomaly.night.alarm", FAILED_NIGHT.isoformat()), ("anomaly.night.alarm", ALARM_NIGHT.isoformat())}
+    # Automations see an event as it arrives; the events API lists it once the server has stored it, a little later.
+    deadline = time.monotonic() + 60
+    while True:
+        with prefect_stack.client() as client:
+            events = client._client.post("/events/filter", json={"filter": {"event": {"prefix": ["anomaly."]}}, "limit": 50}).json()["events"]
+        nights = {(e["event"], e["resource"]["anomaly.date"]): e for e in events if e["event"].startswith("anomaly.night.")}
+        if wanted <= set(nights) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     scored = nights[("anomaly.night.scored", FAILED_NIGHT.isoformat())]
     assert scored["resource"]["anomaly.workspace"] == str(root) and scored["payload"]["batches_failed"] == 1
     assert nights[("anomaly.night.alarm", FAILED_NIGHT.isoformat())]["payload"]["alarm_reasons"] == ["batches_failed"]

@@ -23,7 +23,8 @@ from data.workspace import Workspace
 LABELLED_AT = "labelled_at"
 LABEL_CLASS = "label_class"
 FILE_RANK = "label_file_rank"
-LATEST_LABELS = "latest-labels.parquet"
+# Every label file's rows in one file, before the latest label of each row is picked.
+STAGED_LABELS = "staged-labels.parquet"
 
 
 def labels_dir(workspace: Workspace) -> Path:

@@ -11,6 +11,7 @@ from pydantic import BeforeValidator, Field
 
 from data.workspace import Workspace, default_workspace, resolve_run_date
 from flows.parameters import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_today
+from models.evaluation import dates_ending
 from tasks.evaluation import evaluate_dates, read_label_rule, stage_labels, write_trend_report
 from tasks.reporting import publish_report_artifacts
 
@@ -34,7 +35,7 @@ def evaluate_flow(
     """
     logger = get_run_logger()
     last = resolve_run_date(end_date, timezone)
-    dates = [last - dt.timedelta(days=back) for back in range(window_days - 1, -1, -1)]
+    dates = dates_ending(last, window_days)
     ws = Workspace.at(workspace)
     root = os.fspath(ws.root)
     # Labels are read with the current model's label column and normal value, as retraining reads them.

@@ -21,7 +21,7 @@ from data.labels import FILE_RANK, LABEL_CLASS, LABELLED_AT
 from data.parquet import ANOMALY
 from data.workspace import Workspace
 from models.bundle import current_version, read_bundle_json
-from models.reports import plot_trend, render_markdown
+from models.reports import plot_trend, render_markdown, write_report_files
 
 DUCKDB_MEMORY_LIMIT = "512MB"
 RECALL_UNKNOWN = "only flagged rows are labelled: recall (and F1, ROC-AUC, PR-AUC) cannot be known"
@@ -29,6 +29,11 @@ EVALUATION_FILE = "evaluation"
 # Readers of outputs/evaluation/ as one Hive-partitioned dataset (pyarrow, pandas, Spark) skip files
 # whose names start with "_": the JSON twin sits beside the Parquet file without breaking them.
 EVALUATION_JSON = "_evaluation.json"
+
+
+def dates_ending(last: dt.date, days: int) -> list[dt.date]:
+    """Return the ``days`` dates up to and including ``last``, oldest first."""
+    return [last - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
 
 
 def quoted(name: str) -> str:
@@ -230,6 +235,4 @@ def write_trend_report(workspace: Workspace, rows: list[dict[str, Any]], title: 
         for row in rows
     ]
     markdown = render_markdown(title, {"Realised quality by scored date and model version": table or "No scored dates with outputs in the window."}, [os.fspath(png)])
-    json_path = storage.write_json(folder / "evaluation-trend.json", {"title": title, "rows": rows})
-    md_path = storage.write_text(folder / "evaluation-trend.md", markdown)
-    return {"json": os.fspath(json_path), "markdown": os.fspath(md_path), "png": os.fspath(png), "text": markdown}
+    return {**write_report_files({"title": title, "rows": rows}, markdown, folder, "evaluation-trend"), "png": os.fspath(png), "text": markdown}

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from data import storage
-from data.labels import stage_labels
+from data.labels import STAGED_LABELS, stage_labels
 from data.parquet import training_files_and_features
 from data.workspace import Workspace
-from models.evaluation import connect_with_latest_labels, join_on_ids, quoted
+from models.evaluation import connect_with_latest_labels, dates_ending, join_on_ids, quoted
 
 CONFIRMED_ANOMALY = "confirmed anomaly"
 
@@ -34,7 +34,7 @@ def gather_label_history(
 ) -> dict[str, Any]:
     """Write the labelled rows of the ``days`` nights up to ``end_date`` (features and label) to ``target``; return counts by date."""
     workspace = Workspace.at(workspace_root)
-    dates = [end_date - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
+    dates = dates_ending(end_date, days)
     files = {date: storage.list_files(workspace.incoming_for(date), "*.parquet", recursive=True) for date in dates}
     files = {date: found for date, found in files.items() if found}
     features = ", ".join(f"CAST(i.{quoted(name)} AS DOUBLE) AS {quoted(name)}" for name in feature_names)
@@ -73,6 +73,6 @@ def label_history_for_training(workspace_root: str, training_source: str, label_
     """Check the labels, then gather the confirmed rows of the last ``days`` nights with the training data's features into ``work_dir``."""
     workspace = Workspace.at(workspace_root)
     _, feature_names = training_files_and_features(training_source, label_column)
-    staged = work_dir / "staged-labels.parquet"
+    staged = work_dir / STAGED_LABELS
     stage_labels(workspace, id_columns, label_column, normal_label, staged)
     return gather_label_history(workspace_root, end_date, days, id_columns, feature_names, label_column, normal_label, os.fspath(staged), work_dir / "label-history.parquet")

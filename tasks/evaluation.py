@@ -24,7 +24,7 @@ def read_label_rule(workspace_root: str) -> dict[str, str]:
 def stage_labels(workspace_root: str, id_columns: list[str], label_column: str, normal_label: str) -> dict[str, Any]:
     """Check every label file and gather their rows into one Parquet file under state/; return its path and counts."""
     workspace = Workspace.at(workspace_root)
-    target = workspace.state_dir / "labels" / labels.LATEST_LABELS
+    target = workspace.state_dir / "labels" / labels.STAGED_LABELS
     staged = labels.stage_labels(workspace, id_columns, label_column, normal_label, target)
     get_run_logger().info("%d label row(s) from %d file(s) in %s", staged["rows"], len(staged["files"]), labels.labels_dir(workspace))
     return {**staged, "path": str(target)}

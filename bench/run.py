@@ -308,6 +308,52 @@ def memory(workspace: Workspace, sizes: tuple[int, int], rows_like: tuple[np.nda
     return out
 
 
+def object_storage(workspace: Workspace, n_rows: int, sizes: tuple[int, int], rows_like: tuple[np.ndarray, np.ndarray], log) -> dict[str, Any]:
+    """Scoring throughput with the workspace in an S3 bucket on loopback (moto) against a local disk, and the flow's peak memory there."""
+    from tests.object_store import loopback_s3
+
+    with loopback_s3() as s3:
+        remote = Workspace.at(s3.upload_tree(workspace.models_dir, f"{s3.bucket('anomaly-bench')}/workspace/models").removesuffix("/models"))
+        local_source = write_large_batch(workspace.root / "bench" / f"s3-batch-{n_rows}.parquet", n_rows, distribution=rows_like)
+        remote_source = remote.root / "bench" / local_source.name
+        s3.fs.put_file(str(local_source), remote_source.path)
+        bundles = {"local": load_bundle(workspace.version_dir("20000101T000000Z")), "s3": load_bundle(remote.version_dir("20000101T000000Z"))}
+        sources = {"local": local_source, "s3": remote_source}
+        spaces = {"local": workspace, "s3": remote}
+        when = dt.datetime.now(dt.UTC)
+        timings = {"local": float("inf"), "s3": float("inf")}
+        for round_ in range(3):  # the first round warms up
+            for name in timings:
+                started = time.perf_counter()
+                score_file(bundles[name], sources[name], "big", batch_outputs(spaces[name], dt.date(2000, 1, 2), "big"), scored_at=when)
+                if round_:
+                    timings[name] = min(timings[name], time.perf_counter() - started)
+        rates = {name: n_rows / seconds for name, seconds in timings.items()}
+        log(f"throughput on {n_rows} rows: workspace in S3 (loopback) {rates['s3']:.0f}/s, local disk {rates['local']:.0f}/s")
+
+        runs: dict[str, Any] = {}
+        for i, size in enumerate(sizes):
+            night = dt.date(2003, 1, 1 + i)
+            local_night = write_large_batch(workspace.root / "bench" / f"s3-memory-{size}.parquet", size, seed=300 + i, anomaly_share=0.01, distribution=rows_like)
+            s3.fs.put_file(str(local_night), (remote.incoming_for(night) / local_night.name).path)
+            local_night.unlink()
+            command = [sys.executable, "-m", "bench.memory_probe", str(remote.root), "--run-date", night.isoformat()]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+            if done.returncode:
+                raise RuntimeError(f"memory probe of {size} labelled rows in S3 failed:\n{done.stderr[-3000:]}")
+            runs[str(size)] = json.loads(done.stdout.strip().splitlines()[-1])
+            log(f"memory, labelled night of {size} rows, workspace in S3: flow process peak {runs[str(size)]['peak_rss_mb']:.0f} MB in {runs[str(size)]['seconds']:.0f} s")
+        small, large = (runs[str(n)]["peak_rss_mb"] for n in sizes)
+    return {
+        "rows": n_rows,
+        "s3_rows_per_s": rates["s3"],
+        "local_rows_per_s": rates["local"],
+        "s3_to_local": rates["s3"] / rates["local"],
+        "seconds": timings,
+        "memory": {**runs, "peak_difference_mb": large - small},
+    }
+
+
 def evaluation_memory(workspace: Workspace, nights: int, rows_per_night: int, log) -> dict[str, Any]:
     """Peak resident memory of the evaluation flow on one scored night and on ``nights`` of them, each a fresh process.
 
@@ -447,6 +493,13 @@ def render_table(results: dict[str, Any]) -> str:
         n = e["nights"]
         lines.append(f"| evaluation flow peak RSS, 1 / {n} nights of {e['rows_per_night']:,} scored rows, {e[str(n)]['label_rows']:,} label rows (MB) | {e['1']['peak_rss_mb']:.0f} / {e[str(n)]['peak_rss_mb']:.0f} | - |")
         lines.append(f"| evaluation peak RSS difference, {n} nights - 1 night (MB) | {e['peak_difference_mb']:.0f} | <= 150 |")
+    if "object_storage" in results:
+        o = results["object_storage"]
+        lines.append(f"| scoring {o['rows']:,} rows, workspace in an S3 bucket on loopback (moto) / local disk ({o['s3_rows_per_s']:,.0f} vs {o['local_rows_per_s']:,.0f} rows/s) | {o['s3_to_local']:.3f} | - |")
+        m = o["memory"]
+        sizes = [k for k in m if k.isdigit()]
+        lines.append(f"| flow process peak RSS, labelled night of {int(sizes[0]):,} / {int(sizes[1]):,} rows, workspace in S3 (MB) | {m[sizes[0]]['peak_rss_mb']:.0f} / {m[sizes[1]]['peak_rss_mb']:.0f} | - |")
+        lines.append(f"| peak RSS difference, workspace in S3 (MB) | {m['peak_difference_mb']:.0f} | <= 100 |")
     return "\n".join(lines) + "\n"
 
 
@@ -454,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite and write bench/results/latest.{json,md}."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (figures are not comparable to a full run)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "small", "throughput", "dask", "prefect", "memory", "evaluation"], help="sections to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "small", "throughput", "dask", "prefect", "memory", "evaluation", "s3"], help="sections to leave out")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -498,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             results["memory"] = memory(workspace, (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000), rows_like, log)
         if "evaluation" not in args.skip:
             results["evaluation_memory"] = evaluation_memory(workspace, 5 if args.quick else 30, 100_000 if args.quick else 1_000_000, log)
+        if "s3" not in args.skip:
+            sizes = (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000)
+            results["object_storage"] = object_storage(workspace, 200_000 if args.quick else 1_000_000, sizes, rows_like, log)
     results["seconds"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     table = render_table(results)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from data import storage
@@ -31,7 +30,8 @@ class Batch:
 
 def batch_name(path: Path, root: Path | None = None) -> str:
     """Return a file-system-safe batch name: the path below ``root`` (or the stem), with '/' as '__'."""
-    relative = path.relative_to(root) if root is not None and path.is_relative_to(root) else Path(path.name)
+    below = str(root).rstrip("/") + "/" if root is not None else None
+    relative = PurePosixPath(str(path)[len(below) :] if below and str(path).startswith(below) else path.name)
     name = "__".join(relative.with_suffix("").parts)
     return _UNSAFE.sub("_", name).lstrip(".") or "batch"
 
@@ -107,7 +107,7 @@ def write_record(workspace: Workspace, run_date: dt.date, batch: Batch, model_ve
     record = {
         "format": RECORD_FORMAT,
         "batch": batch.name,
-        "source": os.fspath(batch.path),
+        "source": str(batch.path),
         **fingerprint.to_json(),
         "model_version": model_version,
         "recorded_at": dt.datetime.now(dt.UTC).isoformat(),

@@ -8,7 +8,6 @@ model's normal value, as in training; a null or NaN label labels nothing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def stage_labels(workspace: Workspace, id_columns: Sequence[str], label_column: 
                 writer.close()
         if writer is None:
             pq.write_table(pa.table({**{c: pa.array([], pa.int64()) for c in id_columns}, LABEL_CLASS: pa.array([], pa.int8()), LABELLED_AT: pa.array([], pa.timestamp("us", tz="UTC")), FILE_RANK: pa.array([], pa.int32())}), tmp)
-    return {"files": [os.fspath(p) for p in files], "rows": rows}
+    return {"files": [str(p) for p in files], "rows": rows}
 
 
 def _labelled_rows(batch: pa.RecordBatch, id_columns: Sequence[str], label_column: str, normal_label: str, rank: int) -> pa.Table:

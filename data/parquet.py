@@ -21,16 +21,20 @@ DEFAULT_CHUNK_ROWS = 131_072
 
 
 def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:
-    """Return the .parquet files named by a file, a folder (searched recursively) or a glob, sorted."""
-    text = os.fspath(source)
-    path = Path(text).expanduser()
+    """Return the .parquet files named by a file, a folder (searched recursively) or a glob, on a disk or in object storage, sorted."""
+    path = storage.as_path(source)
+    remote = storage.is_remote(path)
+    if not remote:
+        path = path.expanduser()
     if storage.is_dir(path):
         files = storage.list_files(path, "*.parquet", recursive=True)
     elif storage.is_file(path):
         files = [path]
+    elif remote:
+        files = sorted((storage.as_path(f"{path.protocol}://{key}") for key in path.fs.glob(path.path) if key.endswith(".parquet")), key=str)
     else:
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if p.endswith(".parquet"))
-    return [p.resolve() for p in files]
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if p.endswith(".parquet"))
+    return files if remote else [p.resolve() for p in files]
 
 
 STREAM_BUFFER_BYTES = 4 << 20
@@ -47,12 +51,13 @@ def read_error(path: Path, error: BaseException, what: str, code: str) -> BatchF
 
 def open_parquet(path: Path, streaming: bool = False) -> pq.ParquetFile:
     """Open a Parquet file, turning any low-level failure into an error that names the file."""
+    source, filesystem = storage.arrow_source(path)
     try:
         if streaming:
             # Pre-buffering keeps every row group read so far in memory until the file is closed;
             # buffered column reads keep memory flat however large the file is.
-            return pq.ParquetFile(path, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES)
-        return pq.ParquetFile(path)
+            return pq.ParquetFile(source, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES, filesystem=filesystem)
+        return pq.ParquetFile(source, filesystem=filesystem)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise read_error(path, exc, "not a readable Parquet file", "unreadable") from exc
 
@@ -209,7 +214,7 @@ def training_files_and_features(
     """Return the training Parquet files of a file, folder or glob and the feature columns: given, or every numeric non-label column of the first."""
     files = resolve_parquet_files(source)
     if not files:
-        raise TrainingDataError(f"training_data={os.fspath(source)!r}: no .parquet files found there")
+        raise TrainingDataError(f"training_data={str(source)!r}: no .parquet files found there")
     if feature_columns:
         names = list(feature_columns)
     else:
@@ -244,7 +249,7 @@ def read_training_rows(
                 "or set all_rows_normal if every row is normal"
             )
         columns = names + ([label_column] if has_label else [])
-        table = pq.read_table(path, columns=columns)
+        table = read_table(path, columns=columns)
         matrix = feature_matrix(table, names, dtype=np.float64)
         bad = ~np.isfinite(matrix)
         if bad.any():
@@ -264,6 +269,12 @@ def read_training_rows(
     )
 
 
+def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a whole Parquet file (or the named columns) from a disk or object storage."""
+    source, filesystem = storage.arrow_source(path)
+    return pq.read_table(source, columns=columns, filesystem=filesystem)
+
+
 def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     """Open a Parquet writer that dictionary-encodes only text columns."""
     # On unique floats and ids pyarrow builds a dictionary and then gives it up, which makes writing
@@ -274,7 +285,7 @@ def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
 
 def concatenate_parquet(parts: Sequence[Path], target: Path) -> None:
     """Copy the row groups of ``parts``, in order, into one new file at ``target``, streaming."""
-    schema = pq.read_schema(parts[0])
+    schema = open_parquet(parts[0]).schema_arrow
     with parquet_writer(target, schema) as writer:
         for part in parts:
             for batch in open_parquet(part, streaming=True).iter_batches(batch_size=DEFAULT_CHUNK_ROWS):

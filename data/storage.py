@@ -1,32 +1,55 @@
 """Every workspace file operation in one place: read, list, write-then-publish, remove and lock.
 
-Files are written under a temporary name beside their target and renamed into place when complete,
-so readers never see half a file. Temporaries are created the way ``open()`` creates a file, so the
-process's umask decides their permissions (0644 under umask 022) and other users can read what is
-published. A second backend (object storage) is a change to this module only.
+A location is a local path or an object-storage URI (``s3://bucket/prefix``, ``gs://…``, any fsspec
+protocol): :func:`as_path` turns it into a ``pathlib.Path`` or a ``upath.UPath``, and every function
+here takes either.
+
+On a local disk files are written under a temporary name beside their target and renamed into place
+when complete, so readers never see half a file. Temporaries are created the way ``open()`` creates
+a file, so the process's umask decides their permissions (0644 under umask 022) and other users can
+read what is published. Object stores have no rename: a file is written to a local spool file, then
+uploaded once to its final key, and an upload (single or multipart) becomes visible only when it
+completes. Locks are OS file locks on a disk and leases with an expiry in a bucket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
+import fnmatch
+import functools
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
+import socket
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from filelock import FileLock, Timeout
+from upath import UPath
 
 from data.errors import AnomalyJobError
 
 TEMP_MARKER = ".tmp"
 DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
+LEASE_ENV = "ANOMALY_LOCK_LEASE_S"
+DEFAULT_LEASE_S = 120.0
+SPOOL_STALE_S = 24 * 3600.0
 _HASH_BLOCK = 1 << 20
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+
+log = logging.getLogger(__name__)
+
+Location = str | os.PathLike[str] | UPath
 
 
 class LockTimeoutError(AnomalyJobError):
@@ -37,12 +60,91 @@ class LockBusyError(LockTimeoutError):
     """The lock is held by another run and this run asked not to wait."""
 
 
+# Locations
+
+
+def as_path(location: Location) -> Path:
+    """Return a local path (also for ``file://`` URIs) as a ``Path``, an object-storage URI as a ``UPath``."""
+    if isinstance(location, UPath):
+        return location if is_remote(location) else Path(location.path)
+    text = os.fspath(location)
+    if "://" not in text:
+        return Path(text)
+    protocol = text.split("://", 1)[0]
+    if protocol in _LOCAL_PROTOCOLS:
+        return Path(UPath(text).path)
+    # Listings are not cached: other processes (Dask workers, a second run) write the same prefixes.
+    return UPath(text, use_listings_cache=False)
+
+
+def check_reachable(path: Path, parameter: str) -> Path:
+    """Refuse an object-storage URI whose bucket does not exist or cannot be reached with the configured credentials, naming it."""
+    if is_remote(path):
+        _check_bucket(path.protocol, path.path.split("/", 1)[0], str(path), parameter)
+    return path
+
+
+@functools.lru_cache(maxsize=64)
+def _check_bucket(protocol: str, bucket: str, location: str, parameter: str) -> None:
+    # Cached only when the bucket answers: one request per bucket and process.
+    fs = as_path(f"{protocol}://{bucket}").fs
+    settings = "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL for an S3-compatible store"
+    try:
+        found = fs.exists(bucket)
+    except PermissionError:
+        return  # a policy may grant the workspace's prefix but not the bucket itself; the first read or write tells
+    except OSError as exc:
+        raise AnomalyJobError(f"{parameter}={location!r}: bucket {bucket!r} could not be reached ({exc}); check the endpoint and the network ({settings})") from exc
+    if not found:
+        raise AnomalyJobError(f"{parameter}={location!r}: bucket {bucket!r} does not exist, or these credentials cannot see it; create it first ({settings})")
+
+
+def is_remote(path: Location) -> bool:
+    """Return True for a location in object storage (any fsspec protocol but the local one)."""
+    return isinstance(path, UPath) and not isinstance(path, Path)
+
+
+def spool_dir() -> Path:
+    """Return the local folder where files bound for object storage are written before their upload (under TMPDIR)."""
+    return make_dir(Path(tempfile.gettempdir()) / "anomaly-spool")
+
+
+def local_work_dir(location: Location) -> Path:
+    """Return a local folder to build or spill ``location``'s content in: the location itself on a disk, a spool folder for a URI."""
+    path = as_path(location)
+    if not is_remote(path):
+        return path
+    return spool_dir() / hashlib.sha256(str(path.parent).encode()).hexdigest()[:16] / path.name
+
+
+def arrow_source(location: Location) -> tuple[str, Any]:
+    """Return ``(path, filesystem)`` for pyarrow's readers: the fsspec filesystem of a URI, None on a local disk."""
+    path = as_path(location)
+    return (path.path, path.fs) if is_remote(path) else (str(path), None)
+
+
+def register_with_duckdb(connection: Any, locations: list[Location]) -> list[str]:
+    """Let a DuckDB connection read ``locations`` (object storage through fsspec) and return them as DuckDB paths."""
+    paths = [as_path(p) for p in locations]
+    for fs in {id(p.fs): p.fs for p in paths if is_remote(p)}.values():
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if not protocols & set(connection.list_filesystems()):
+            connection.register_filesystem(fs)
+    return [str(p) for p in paths]
+
+
+def open_binary(location: Location) -> IO[bytes]:
+    """Open a file for reading bytes, on a disk or in object storage."""
+    path = as_path(location)
+    return path.fs.open(path.path, "rb") if is_remote(path) else open(path, "rb")
+
+
 # Reading and listing
 
 
-def read_text(path: str | os.PathLike[str]) -> str:
+def read_text(path: Location) -> str:
     """Return a file's text (UTF-8)."""
-    return Path(path).read_text(encoding="utf-8")
+    return as_path(path).read_text(encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -58,28 +160,52 @@ def read_json_if_present(path: str | os.PathLike[str]) -> Any | None:
         return None
 
 
-def is_file(path: str | os.PathLike[str]) -> bool:
+def is_file(path: Location) -> bool:
     """Return True if ``path`` is an existing file."""
-    return Path(path).is_file()
+    return as_path(path).is_file()
 
 
-def is_dir(path: str | os.PathLike[str]) -> bool:
-    """Return True if ``path`` is an existing folder."""
-    return Path(path).is_dir()
+def is_dir(path: Location) -> bool:
+    """Return True if ``path`` is an existing folder (in object storage: a prefix holding objects)."""
+    return as_path(path).is_dir()
 
 
-def list_files(folder: str | os.PathLike[str], pattern: str = "*", recursive: bool = False) -> list[Path]:
+def list_files(folder: Location, pattern: str = "*", recursive: bool = False) -> list[Path]:
     """Return the visible files in ``folder`` matching ``pattern``, sorted; temporaries and dot-files are left out."""
-    root = Path(folder)
+    root = as_path(folder)
+    if is_remote(root):
+        return _list_remote_files(root, pattern, recursive)
     if not root.is_dir():
         return []
     found = root.rglob(pattern) if recursive else root.glob(pattern)
     return sorted(p for p in found if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def list_dirs(folder: str | os.PathLike[str]) -> list[Path]:
+def _list_remote_files(root: UPath, pattern: str, recursive: bool) -> list[UPath]:
+    # One listing call for the whole prefix, instead of a request per file to tell files from folders.
+    prefix = root.path.rstrip("/") + "/"
+    try:
+        entries = root.fs.find(root.path, maxdepth=None if recursive else 1, detail=True)
+    except FileNotFoundError:
+        return []
+    found = []
+    for key, info in entries.items():
+        parts = key[len(prefix) :].split("/") if key.startswith(prefix) else []
+        if info.get("type") == "file" and parts and not any(part.startswith(".") for part in parts) and fnmatch.fnmatch(parts[-1], pattern):
+            found.append(root.joinpath(*parts))
+    return sorted(found, key=str)
+
+
+def list_dirs(folder: Location) -> list[Path]:
     """Return the visible sub-folders of ``folder``, sorted."""
-    root = Path(folder)
+    root = as_path(folder)
+    if is_remote(root):
+        try:
+            entries = root.fs.ls(root.path, detail=True)
+        except FileNotFoundError:
+            return []
+        names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        return sorted((root / name for name in names if not name.startswith(".")), key=str)
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
 
 
@@ -98,43 +224,58 @@ class Fingerprint:
 
 @dataclass(frozen=True)
 class FileState:
-    """What changes whenever a file's bytes do: its inode, size, and modification and status-change times.
+    """What changes whenever a file's bytes do: its identity, size, and modification and status-change times.
 
-    The status-change time cannot be set back by a user, so an unchanged state means unchanged bytes
-    without reading them again.
+    On a disk the identity is the inode, and the status-change time cannot be set back by a user; in
+    object storage it is the object's ETag (and version), which every upload changes. So an
+    unchanged state means unchanged bytes without reading them again.
     """
 
-    inode: int
+    identity: str
     size: int
     mtime_ns: int
     ctime_ns: int
 
 
-def file_state(path: str | os.PathLike[str]) -> FileState:
+def file_state(path: Location) -> FileState:
     """Return a file's current state, without reading its bytes."""
+    path = as_path(path)
+    if is_remote(path):
+        info = path.fs.info(path.path)
+        mtime_ns = _modified_ns(info)
+        return FileState(f"{info.get('ETag', '')}{info.get('VersionId') or ''}", int(info["size"]), mtime_ns, mtime_ns)
     stat = os.stat(path)
-    return FileState(stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return FileState(str(stat.st_ino), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
-def size_and_mtime(path: str | os.PathLike[str]) -> tuple[int, int]:
+def _modified_ns(info: dict[str, Any]) -> int:
+    modified = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if isinstance(modified, str):
+        modified = dt.datetime.fromisoformat(modified.replace("Z", "+00:00"))
+    if isinstance(modified, dt.datetime):
+        return int(modified.timestamp() * 1_000_000) * 1000
+    return int(float(modified or 0) * 1e9)
+
+
+def size_and_mtime(path: Location) -> tuple[int, int]:
     """Return a file's size in bytes and modification time in nanoseconds."""
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
+    state = file_state(path)
+    return state.size, state.mtime_ns
 
 
-def content_hash(path: str | os.PathLike[str]) -> str:
+def content_hash(path: Location) -> str:
     """Return the SHA-256 of one file's bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_binary(path) as handle:
         for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def fingerprint(path: str | os.PathLike[str]) -> Fingerprint:
+def fingerprint(path: Location) -> Fingerprint:
     """Return the size, modification time and SHA-256 of a file."""
-    stat = os.stat(path)
-    return Fingerprint(size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=content_hash(path))
+    size, mtime_ns = size_and_mtime(path)
+    return Fingerprint(size=size, mtime_ns=mtime_ns, sha256=content_hash(path))
 
 
 def files_digest(paths: list[Path]) -> str:
@@ -142,7 +283,7 @@ def files_digest(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
-        with open(path, "rb") as handle:
+        with open_binary(path) as handle:
             for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -159,17 +300,21 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno is not None and error.errno not in PERMANENT_ERRNOS
 
 
-# Writing: a temporary beside the target, renamed into place when complete
+# Writing: a temporary beside the target (renamed into place) or in the spool (uploaded once) when complete
 
 
 class StagedFile:
-    """A file being written under a temporary name; ``publish`` renames it into place, ``discard`` removes it."""
+    """A file being written under a temporary name; ``publish`` puts it in place, ``discard`` removes it.
 
-    def __init__(self, target: str | os.PathLike[str], suffix: str = ""):
-        self.target = Path(target)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+    For an object-storage target the temporary is a local spool file and ``publish`` uploads it to
+    the final key: the object appears whole or not at all.
+    """
+
+    def __init__(self, target: Location, suffix: str = ""):
+        self.target = as_path(target)
+        folder = spool_dir() if is_remote(self.target) else make_dir(self.target.parent)
         while True:
-            self.tmp = self.target.with_name(f".{self.target.name}.{secrets.token_hex(6)}{TEMP_MARKER}{suffix}")
+            self.tmp = folder / f".{self.target.name}.{secrets.token_hex(6)}{TEMP_MARKER}{suffix}"
             try:
                 # Created like open() creates files (mode 0666 less the umask), unlike mkstemp's 0600.
                 os.close(os.open(self.tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
@@ -178,7 +323,11 @@ class StagedFile:
                 continue
 
     def publish(self) -> Path:
-        """Flush the temporary to disk and rename it over the target."""
+        """Flush the temporary to disk and rename it over the target, or upload it to the target's key."""
+        if is_remote(self.target):
+            self.target.fs.put_file(str(self.tmp), self.target.path)
+            self.tmp.unlink(missing_ok=True)
+            return self.target
         _fsync_file(self.tmp)
         os.replace(self.tmp, self.target)
         _fsync_dir(self.target.parent)
@@ -190,8 +339,8 @@ class StagedFile:
 
 
 @contextlib.contextmanager
-def staged_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it replaces ``target``, on error it is removed."""
+def staged_path(target: Location, suffix: str = "") -> Iterator[Path]:
+    """Yield a local temporary path for ``target``; on success it replaces ``target``, on error it is removed."""
     staged = StagedFile(target, suffix)
     try:
         yield staged.tmp
@@ -200,34 +349,57 @@ def staged_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         staged.discard()
 
 
-def write_text(target: str | os.PathLike[str], text: str) -> Path:
+def write_text(target: Location, text: str) -> Path:
     """Write ``text`` to ``target`` atomically and return the path."""
     with staged_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return Path(target)
+    return as_path(target)
 
 
-def write_json(target: str | os.PathLike[str], payload: Any) -> Path:
+def write_json(target: Location, payload: Any) -> Path:
     """Write ``payload`` as indented JSON to ``target`` atomically and return the path."""
     return write_text(target, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def make_dir(path: str | os.PathLike[str]) -> Path:
-    """Create a folder and its parents (permissions from the umask) and return it."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+def make_dir(path: Location) -> Path:
+    """Create a folder and its parents (permissions from the umask) and return it; object storage needs none."""
+    folder = as_path(path)
+    if not is_remote(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def fresh_dir(path: str | os.PathLike[str]) -> Path:
+def fresh_dir(path: Location) -> Path:
     """Return ``path`` as a new empty folder, removing whatever was there."""
     remove_tree(path)
     return make_dir(path)
 
 
-def publish_dir(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
-    """Rename a fully written ``staging`` folder to ``target``, replacing an older one."""
-    staging, target = Path(staging), Path(target)
+def download(location: Location, target: Path) -> Path:
+    """Copy a file (from object storage or a disk) to the local path ``target`` atomically."""
+    path = as_path(location)
+    with staged_path(target) as tmp:
+        if is_remote(path):
+            path.fs.get_file(path.path, str(tmp))
+        else:
+            shutil.copyfile(path, tmp)
+    return target
+
+
+def publish_dir(staging: Location, target: Location, last: str | None = None) -> Path:
+    """Put a fully written local ``staging`` folder at ``target``, replacing an older one.
+
+    On a disk the folder is renamed. In object storage its files are uploaded one by one, the file
+    named ``last`` (the folder's record) after all the others, and the staging folder is removed.
+    """
+    staging, target = as_path(staging), as_path(target)
+    if is_remote(target):
+        remove_tree(target)
+        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+        for path in files:
+            target.fs.put_file(str(path), target.joinpath(*path.relative_to(staging).parts).path)
+        shutil.rmtree(staging, ignore_errors=True)
+        return target
     if target.exists():
         retired = target.with_name(f".{target.name}.old")
         shutil.rmtree(retired, ignore_errors=True)
@@ -257,25 +429,48 @@ def _fsync_dir(path: Path) -> None:
 # Removing
 
 
-def remove(path: str | os.PathLike[str] | None) -> bool:
+def remove(path: Location | None) -> bool:
     """Remove a file if it exists; return True if there was one."""
     if path is None:
         return False
+    path = as_path(path)
+    if is_remote(path):
+        if not path.fs.exists(path.path):
+            return False
+        path.fs.rm_file(path.path)
+        return True
     try:
-        Path(path).unlink()
+        path.unlink()
     except FileNotFoundError:
         return False
     return True
 
 
-def remove_tree(path: str | os.PathLike[str]) -> None:
+def remove_tree(path: Location) -> None:
     """Remove a folder and everything in it, if it exists."""
+    path = as_path(path)
+    if is_remote(path):
+        with contextlib.suppress(FileNotFoundError):
+            if path.fs.exists(path.path):
+                path.fs.rm(path.path, recursive=True)
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporary files a killed writer left in ``folder``; call only while holding that folder's lock."""
-    root = Path(folder)
+def remove_stale_temporaries(folder: Location) -> list[Path]:
+    """Delete temporary files a killed writer left in ``folder``; call only while holding that folder's lock.
+
+    Object storage holds no temporaries: an upload a killed run left unfinished never becomes an
+    object. Spool files of killed runs are removed once a day old (younger ones may be another
+    run's upload in progress).
+    """
+    root = as_path(folder)
+    if is_remote(root):
+        cutoff = time.time() - SPOOL_STALE_S
+        stale = [p for p in spool_dir().glob(f".*{TEMP_MARKER}*") if p.is_file() and p.stat().st_mtime < cutoff]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
     if not root.is_dir():
         return []
     stale = [p for p in root.glob(f".*{TEMP_MARKER}*") if p.is_file()]
@@ -288,12 +483,16 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def lock(path: str | os.PathLike[str], timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold the lock file ``path`` (an OS-level lock, released if the process dies) for the block.
+def lock(path: Location, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the lock ``path`` for the block: an OS-level file lock (released if the process dies) on a disk, a lease in object storage.
 
     ``timeout_s=0`` does not wait: :class:`LockBusyError` says another run holds it.
     """
-    path = Path(path)
+    path = as_path(path)
+    if is_remote(path):
+        with Lease(path, timeout_s):
+            yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     held = FileLock(path)
     try:
@@ -306,3 +505,100 @@ def lock(path: str | os.PathLike[str], timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
         yield
     finally:
         held.release()
+
+
+def lease_seconds() -> float:
+    """Return how long a lease in object storage lasts without renewal (ANOMALY_LOCK_LEASE_S, default 120 s)."""
+    value = os.environ.get(LEASE_ENV, "")
+    try:
+        seconds = float(value) if value else DEFAULT_LEASE_S
+    except ValueError:
+        raise AnomalyJobError(f"{LEASE_ENV}={value!r} is not a number of seconds") from None
+    if seconds < 1:
+        raise AnomalyJobError(f"{LEASE_ENV}={value!r}: a lease must last at least 1 s")
+    return seconds
+
+
+class Lease:
+    """A lock in object storage: an object created only if absent, renewed while held, taken over once expired.
+
+    The holder rewrites the object every third of the lease; a run that dies stops renewing, and
+    another run takes the lock over once the lease has expired. On S3 the takeover and each renewal
+    are conditional on the object's ETag, so two runs never both hold it.
+    """
+
+    def __init__(self, path: UPath, timeout_s: float):
+        self.path, self.fs, self.key = path, path.fs, path.path
+        self.timeout_s, self.lease_s = timeout_s, lease_seconds()
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+        self.etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lease_s)
+        return json.dumps({"owner": self.owner, "expires_at": expires.isoformat()}).encode()
+
+    def _conditional_put(self, if_match: str) -> str:
+        bucket, key, _ = self.fs.split_path(self.key)
+        return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfMatch=if_match)["ETag"]
+
+    def _try_acquire(self) -> bool:
+        try:
+            self.fs.pipe_file(self.key, self._body(), mode="create")
+        except FileExistsError:
+            return self._take_over_if_expired()
+        self.etag = self.fs.info(self.key).get("ETag")
+        return True
+
+    def _take_over_if_expired(self) -> bool:
+        held: Any = {}
+        try:
+            info = self.fs.info(self.key)
+            held = json.loads(self.fs.cat_file(self.key))
+            expired = dt.datetime.fromisoformat(held["expires_at"]) < dt.datetime.now(dt.UTC)
+        except FileNotFoundError:
+            return False  # released meanwhile: the next attempt creates it
+        except (ValueError, KeyError, TypeError):
+            expired = True  # a damaged lease object protects nothing
+        if not expired:
+            return False
+        log.warning("%s: taking over the lease of %s, expired", self.path, held.get("owner", "an unknown run") if isinstance(held, dict) else "an unknown run")
+        if hasattr(self.fs, "call_s3") and info.get("ETag"):
+            try:
+                self.etag = self._conditional_put(info["ETag"])
+            except OSError:
+                return False  # another run took it over first
+            return True
+        self.fs.rm_file(self.key)
+        return False
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if hasattr(self.fs, "call_s3") and self.etag:
+                    self.etag = self._conditional_put(self.etag)
+                else:
+                    self.fs.pipe_file(self.key, self._body())
+            except OSError as exc:
+                log.error("%s: could not renew the lease (%s); another run may take the lock over", self.path, exc)
+
+    def __enter__(self) -> Lease:
+        deadline = time.monotonic() + self.timeout_s
+        while not self._try_acquire():
+            if self.timeout_s <= 0:
+                raise LockBusyError(f"{self.path}: held by another run")
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(f"{self.path}: another run has held this lease for over {self.timeout_s:g} s; is a run stuck? A dead run's lease expires {self.lease_s:g} s after its last renewal")
+            time.sleep(min(1.0, self.lease_s / 10))
+        self._renewer = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
+        self._renewer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            if json.loads(self.fs.cat_file(self.key)).get("owner") == self.owner:
+                self.fs.rm_file(self.key)

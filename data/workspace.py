@@ -1,4 +1,4 @@
-"""The workspace: one root folder holding every runtime file, laid out as the README describes."""
+"""The workspace: one root folder (on a disk or in object storage) holding every runtime file, laid out as the README describes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from data import storage
 from data.errors import ParameterError
 
 WORKSPACE_ENV = "ANOMALY_WORKSPACE"
@@ -33,8 +34,9 @@ class Workspace:
 
     @classmethod
     def at(cls, root: str | os.PathLike[str] | None = None) -> Workspace:
-        """Return the workspace at ``root`` (default: ANOMALY_WORKSPACE or ./workspace)."""
-        return cls(Path(root if root is not None else default_workspace()).expanduser().resolve())
+        """Return the workspace at ``root``, a folder or a URI such as ``s3://bucket/prefix`` (default: ANOMALY_WORKSPACE or ./workspace)."""
+        path = storage.as_path(root if root is not None else default_workspace())
+        return cls(storage.check_reachable(path, "workspace") if storage.is_remote(path) else path.expanduser().resolve())
 
     @property
     def training_dir(self) -> Path:

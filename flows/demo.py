@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from typing import Annotated, Any
 
 from prefect import flow
@@ -30,7 +29,7 @@ def demo_flow(
         run_date: Date the test split is filed and scored under. Empty means today (UTC).
         n_batches: Number of files the test split is cut into.
     """
-    root = os.fspath(Workspace.at(workspace).root)
+    root = str(Workspace.at(workspace).root)
     date = resolve_run_date(run_date, DEFAULT_TIMEZONE)
     write_demo_data(root, date, n_batches)
     trained = retrain_flow(workspace=root, preset=preset)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -37,7 +36,7 @@ def evaluate_flow(
     last = resolve_run_date(end_date, timezone)
     dates = dates_ending(last, window_days)
     ws = Workspace.at(workspace)
-    root = os.fspath(ws.root)
+    root = str(ws.root)
     # Labels are read with the current model's label column and normal value, as retraining reads them.
     rule = read_label_rule(root)
     staged = stage_labels(root, list(id_columns), rule["label_column"], rule["normal_label"])
@@ -53,6 +52,6 @@ def evaluate_flow(
         "label_files": len(staged["files"]),
         "label_rows": staged["rows"],
         "evaluations": rows,
-        "evaluation_dir": os.fspath(ws.outputs_dir / "evaluation"),
+        "evaluation_dir": str(ws.outputs_dir / "evaluation"),
         "trend_report": trend["markdown"],
     }

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from data import storage
 from data.locks import retraining_lock
 from data.workspace import Workspace, default_workspace
 from models.bundle import discard_staging, new_version, staging_dir
@@ -75,18 +75,18 @@ def retrain_flow(
     logger = get_run_logger()
     ws = Workspace.at(workspace)
     config = resolve_preset(preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
-    source = training_data or os.fspath(ws.training_dir)
-    models_dir = os.fspath(ws.models_dir)
+    source = training_data or str(ws.training_dir)
+    models_dir = str(ws.models_dir)
 
     # One retraining at a time per workspace: versions, staging folders and current.json are shared.
     with retraining_lock(ws):
         remove_stale_staging(models_dir)
         version = new_version()
-        staging = os.fspath(staging_dir(ws.models_dir, version))
+        staging = str(staging_dir(ws.models_dir, version))
         logger.info("Retraining model %s with preset %r from %s", version, preset, source)
         try:
             # Step 1: normal rows only (with those of past nights that labels confirm), a seeded share held out for the threshold.
-            confirmed = gather_label_history(os.fspath(ws.root), source, label_column, normal_label, dt.datetime.now(dt.UTC).date(), label_history_days, list(id_columns), staging) if use_label_history else None
+            confirmed = gather_label_history(str(ws.root), source, label_column, normal_label, dt.datetime.now(dt.UTC).date(), label_history_days, list(id_columns), staging) if use_label_history else None
             split = split_training_data(source, staging, label_column, normal_label, all_rows_normal, holdout_fraction, percentile, config.seed, confirmed["path"] if confirmed else None)
             # Step 2: build and train the autoencoder; its scaling is learnt from training rows and saved inside it.
             history = train_autoencoder(split["train_path"], split["feature_names"], config.model_dump(), staging)
@@ -97,10 +97,10 @@ def retrain_flow(
             save_model_bundle(staging, version, split, history, threshold, preset, label_column, normal_label)
             training_report = write_training_report(staging, version, errors_path, history, threshold, split, preset)
             holdout_summary = training_report["report"]["holdout_evaluation"]
-            write_evaluation_report(holdout_summary, os.fspath(Path(staging) / "report"), "holdout-evaluation", f"Held-out evaluation, model {version}", {"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
+            write_evaluation_report(holdout_summary, str(Path(staging) / "report"), "holdout-evaluation", f"Held-out evaluation, model {version}", {"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
             gate = check_promotion_gate(staging, errors_path, threshold, models_dir, split["feature_names"])
-            # Step 5: publish the version (a rename), then promote it if asked and the gate allows.
-            version_dir = publish_model_version(staging)
+            # Step 5: publish the version (a rename, or uploads with bundle.json last), then promote it if asked and the gate allows.
+            version_dir = publish_model_version(staging, models_dir)
         except BaseException:
             discard_staging(staging)
             raise
@@ -110,7 +110,7 @@ def retrain_flow(
         elif promote:
             logger.warning("Model %s is saved but NOT promoted; the current model keeps scoring. Reasons: %s", version, "; ".join(gate["reasons"]))
 
-    report_dir = Path(version_dir) / "report"
+    report_dir = storage.as_path(version_dir) / "report"
     publish_report_artifacts(
         f"training-report-{version}",
         training_report["markdown"],
@@ -135,10 +135,10 @@ def retrain_flow(
         "holdout_recall": anomaly.get("recall"),
         "holdout_roc_auc": anomaly.get("roc_auc"),
         "model_dir": version_dir,
-        "report": os.fspath(report_dir / "training-report.md"),
-        "report_json": os.fspath(report_dir / "training-report.json"),
+        "report": str(report_dir / "training-report.md"),
+        "report_json": str(report_dir / "training-report.json"),
     }
-    emit_model_event(os.fspath(ws.root), outcome)
+    emit_model_event(str(ws.root), outcome)
     return outcome
 
 

@@ -215,7 +215,7 @@ def score_flow(
     # Read when the run starts, not when the flow is deployed, so that the worker's environment decides.
     dask_address = dask_address or os.environ.get(DASK_ADDRESS_ENV) or None
     ws = Workspace.at(workspace)
-    root = os.fspath(ws.root)
+    root = str(ws.root)
 
     # Step 1: which model, which batches.
     model = resolve_model_version(root, model_version)
@@ -291,11 +291,10 @@ def score_flow(
             }
             if day == date:
                 summary["catch_up_batches"] = caught_up
-            reports[day] = summary, write_evaluation_report(summary, os.fspath(ws.output_partition("reports", day)), "run-report", f"Scoring run {day}, model {version}", context)
+            reports[day] = summary, write_evaluation_report(summary, str(ws.output_partition("reports", day)), "run-report", f"Scoring run {day}, model {version}", context)
     summary, report_paths = reports[date]
 
-    with open(report_paths["markdown"], encoding="utf-8") as handle:
-        markdown = handle.read()
+    markdown = storage.read_text(report_paths["markdown"])
     table = [
         {"date": r.run_date.isoformat(), "batch": r.batch, "rows_read": r.rows_read, "rows_scored": r.rows_scored, "rows_flagged": r.rows_flagged, "rows_quarantined": r.rows_quarantined, "flag_rate": round(r.summary["flag_rate"], 6), "error": None}
         for r in scored
@@ -322,8 +321,8 @@ def score_flow(
         "alarm_reasons": summary["alarm_reasons"],
         **anomaly_class_metrics(summary),
         "catch_up_batches": caught_up,
-        "flagged_dir": os.fspath(ws.output_partition("flagged", date)),
-        "scores_dir": os.fspath(ws.output_partition("scores", date)) if write_scores else None,
+        "flagged_dir": str(ws.output_partition("flagged", date)),
+        "scores_dir": str(ws.output_partition("scores", date)) if write_scores else None,
         "report": report_paths["markdown"],
         "report_json": report_paths["json"],
         "failed": failed,

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,8 +40,8 @@ def new_version(now: dt.datetime | None = None) -> str:
 
 
 def staging_dir(models_dir: Path, version: str) -> Path:
-    """Return (and create, empty) the folder a version is built in before it is published."""
-    return storage.fresh_dir(models_dir / f"{check_path_part(version, 'model_version')}{STAGING_SUFFIX}")
+    """Return (and create, empty) the local folder a version is built in before it is published (beside it on a disk, in the spool for object storage)."""
+    return storage.fresh_dir(storage.local_work_dir(models_dir) / f"{check_path_part(version, 'model_version')}{STAGING_SUFFIX}")
 
 
 def library_versions() -> dict[str, str]:
@@ -64,12 +65,17 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def publish_bundle(staging: Path) -> Path:
-    """Rename a complete staging folder to its version folder; a crash before this leaves only ``*.partial``."""
+def publish_bundle(staging: Path, models_dir: Path | None = None) -> Path:
+    """Publish a complete staging folder as its version folder in ``models_dir`` (default: the staging folder's own).
+
+    On a disk this is a rename, so a crash before it leaves only ``*.partial``; in object storage
+    bundle.json is uploaded last, and a version folder without it is not a version.
+    """
     if not staging.name.endswith(STAGING_SUFFIX):
         raise BundleError(f"{staging}: not a staging folder")
     read_bundle_json(staging)
-    return storage.publish_dir(staging, staging.with_name(staging.name.removesuffix(STAGING_SUFFIX)))
+    target_dir = storage.as_path(models_dir) if models_dir is not None else staging.parent
+    return storage.publish_dir(staging, target_dir / staging.name.removesuffix(STAGING_SUFFIX), last=BUNDLE_FILE)
 
 
 def read_bundle_json(version_dir: Path) -> dict[str, Any]:
@@ -101,8 +107,10 @@ def bundle_digest(bundle: dict[str, Any]) -> str:
 
 
 def remove_stale_staging(models_dir: Path) -> list[Path]:
-    """Delete ``*.partial`` folders of retraining runs that died; call only while holding the retraining lock."""
-    stale = [p for p in storage.list_dirs(models_dir) if p.name.endswith(STAGING_SUFFIX)]
+    """Delete ``*.partial`` folders of retraining runs that died, and in object storage version folders whose upload did not finish; call only while holding the retraining lock."""
+    stale = [p for p in storage.list_dirs(storage.local_work_dir(models_dir)) if p.name.endswith(STAGING_SUFFIX)]
+    if storage.is_remote(models_dir):
+        stale += [p for p in storage.list_dirs(models_dir) if not storage.is_file(p / BUNDLE_FILE)]
     for path in stale:
         storage.remove_tree(path)
     return stale
@@ -199,15 +207,24 @@ def exceedance_beta(metadata: dict[str, Any]) -> tuple[float, float]:
 
 def load_bundle(version_dir: str | os.PathLike[str]) -> LoadedBundle:
     """Load a version folder after checking its checksum and feature list; the model loads in Keras' safe mode."""
-    version_dir = Path(version_dir).resolve()
+    version_dir = storage.as_path(version_dir)
+    if not storage.is_remote(version_dir):
+        version_dir = version_dir.resolve()
     metadata = read_bundle_json(version_dir)
     model_path = version_dir / str(metadata.get("model_file", MODEL_FILE))
     if not storage.is_file(model_path):
         raise BundleError(f"{model_path}: model file missing; retrain or roll back")
-    actual = storage.content_hash(model_path)
+    local_path = model_path
+    if storage.is_remote(model_path):
+        # Keras loads from a local file: the copy is checked, then kept under its checksum for later loads.
+        local_path = storage.download(model_path, storage.spool_dir() / f"model-{secrets.token_hex(6)}{Path(model_path.name).suffix}")
+    actual = storage.content_hash(local_path)
     if actual != metadata["model_sha256"]:
+        storage.remove(local_path if local_path != model_path else None)
         raise BundleError(f"{model_path}: checksum {actual[:12]}… does not match bundle.json ({metadata['model_sha256'][:12]}…); refusing to load an altered model")
-    return _load_checked(str(model_path), actual, json.dumps(metadata, sort_keys=True))
+    if local_path != model_path:
+        local_path = local_path.replace(local_path.with_name(f"model-{actual}{local_path.suffix}"))
+    return _load_checked(str(local_path), actual, json.dumps(metadata, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=4)
@@ -253,6 +270,6 @@ def current_version(models_dir: Path, required: bool = True) -> str | None:
 
 def discard_staging(staging: str | os.PathLike[str]) -> None:
     """Remove an unpublished staging folder after a failed retraining run."""
-    path = Path(staging)
+    path = storage.as_path(staging)
     if path.name.endswith(STAGING_SUFFIX):
         storage.remove_tree(path)

@@ -8,7 +8,6 @@ to compute the metrics, with scikit-learn.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,13 +41,13 @@ def quoted(name: str) -> str:
 
 
 def connect_with_latest_labels(workspace: Workspace, staged_labels: str, id_columns: Sequence[str]) -> Any:
-    """Open a DuckDB connection (memory-limited, spilling under state/tmp/) holding ``latest``: each labelled row's latest label class."""
+    """Open a DuckDB connection (memory-limited, spilling under state/tmp/, or the spool for object storage) holding ``latest``: each labelled row's latest label class."""
     import duckdb
 
-    spill = storage.make_dir(workspace.state_dir / "tmp" / "duckdb")
+    spill = storage.make_dir(storage.local_work_dir(workspace.state_dir / "tmp") / "duckdb")
     con = duckdb.connect()
     con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
-    con.execute(f"SET temp_directory = '{os.fspath(spill)}'")
+    con.execute(f"SET temp_directory = '{str(spill)}'")
     con.execute("SET preserve_insertion_order = false")
     ids = ", ".join(quoted(c) for c in id_columns)
     # Ids are kept as text, so that a label file holding 42 labels the row whose id was written as "42", and back.
@@ -57,7 +56,7 @@ def connect_with_latest_labels(workspace: Workspace, staged_labels: str, id_colu
     con.execute(
         f"CREATE TEMP TABLE latest AS SELECT {as_text}, {LABEL_CLASS} FROM read_parquet(?) WHERE {LABEL_CLASS} >= 0 "
         f"QUALIFY row_number() OVER (PARTITION BY {ids} ORDER BY {LABELLED_AT} DESC NULLS LAST, {FILE_RANK} DESC) = 1",
-        [staged_labels],
+        storage.register_with_duckdb(con, [staged_labels]),
     )
     return con
 
@@ -86,7 +85,7 @@ def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Se
             files = storage.list_files(workspace.output_partition("scores", date), "*.parquet")
             if not files:
                 continue
-            date_rows = _evaluate_date(con, [os.fspath(f) for f in files], join_on_ids("s", id_columns), date, evaluated_at)
+            date_rows = _evaluate_date(con, storage.register_with_duckdb(con, files), join_on_ids("s", id_columns), date, evaluated_at)
             write_evaluation(workspace, date, date_rows)
             rows += date_rows
             if progress is not None:
@@ -212,7 +211,7 @@ def write_evaluation(workspace: Workspace, date: dt.date, rows: list[dict[str, A
     with storage.staged_path(target) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=EVALUATION_SCHEMA), tmp)
     json_path = storage.write_json(folder / EVALUATION_JSON, {"date": date.isoformat(), "by_model_version": rows})
-    return {"parquet": os.fspath(target), "json": os.fspath(json_path)}
+    return {"parquet": str(target), "json": str(json_path)}
 
 
 def read_evaluations(workspace: Workspace, dates: Sequence[dt.date]) -> list[dict[str, Any]]:
@@ -234,5 +233,5 @@ def write_trend_report(workspace: Workspace, rows: list[dict[str, Any]], title: 
         | {"note": row["note"] or ""}
         for row in rows
     ]
-    markdown = render_markdown(title, {"Realised quality by scored date and model version": table or "No scored dates with outputs in the window."}, [os.fspath(png)])
-    return {**write_report_files({"title": title, "rows": rows}, markdown, folder, "evaluation-trend"), "png": os.fspath(png), "text": markdown}
+    markdown = render_markdown(title, {"Realised quality by scored date and model version": table or "No scored dates with outputs in the window."}, [str(png)])
+    return {**write_report_files({"title": title, "rows": rows}, markdown, folder, "evaluation-trend"), "png": str(png), "text": markdown}

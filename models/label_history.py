@@ -7,7 +7,6 @@ missing or infinite feature (quarantined when they were scored) are left out, as
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ def gather_label_history(
     finite = " AND ".join(f"isfinite(CAST(i.{quoted(name)} AS DOUBLE))" for name in feature_names)
     con = connect_with_latest_labels(workspace, staged_labels, id_columns)
     try:
-        paths = [os.fspath(p) for found in files.values() for p in found]
+        paths = storage.register_with_duckdb(con, [p for found in files.values() for p in found])
         if paths:
             # Each file's night comes from its folder: incoming/<YYYY-MM-DD>/...
             con.execute(
@@ -55,11 +54,11 @@ def gather_label_history(
             con.execute(f"CREATE TEMP TABLE history AS SELECT {', '.join(f'0.0::DOUBLE AS {quoted(n)}' for n in feature_names)}, ''::VARCHAR AS {quoted(label_column)}, ''::VARCHAR AS night WHERE false")
         by_night = con.execute(f"SELECT night, count(*) FILTER ({quoted(label_column)} = $normal), count(*) FILTER ({quoted(label_column)} <> $normal) FROM history GROUP BY night ORDER BY night", {"normal": str(normal_label)}).fetchall()
         with storage.staged_path(target, suffix=".parquet") as tmp:
-            con.execute(f"COPY (SELECT * EXCLUDE (night) FROM history) TO '{os.fspath(tmp)}' (FORMAT parquet)")
+            con.execute(f"COPY (SELECT * EXCLUDE (night) FROM history) TO '{str(tmp)}' (FORMAT parquet)")
     finally:
         con.close()
     return {
-        "path": os.fspath(target),
+        "path": str(target),
         "first_date": dates[0].isoformat(),
         "last_date": end_date.isoformat(),
         "nights_with_files": len(files),
@@ -75,4 +74,4 @@ def label_history_for_training(workspace_root: str, training_source: str, label_
     _, feature_names = training_files_and_features(training_source, label_column)
     staged = work_dir / STAGED_LABELS
     stage_labels(workspace, id_columns, label_column, normal_label, staged)
-    return gather_label_history(workspace_root, end_date, days, id_columns, feature_names, label_column, normal_label, os.fspath(staged), work_dir / "label-history.parquet")
+    return gather_label_history(workspace_root, end_date, days, id_columns, feature_names, label_column, normal_label, str(staged), work_dir / "label-history.parquet")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -201,7 +200,7 @@ def write_report_files(report: dict[str, Any], markdown: str, directory: Path, s
     """Write ``<stem>.json`` and ``<stem>.md`` atomically into ``directory``; return their paths."""
     json_path = storage.write_json(directory / f"{stem}.json", report)
     md_path = storage.write_text(directory / f"{stem}.md", markdown)
-    return {"json": os.fspath(json_path), "markdown": os.fspath(md_path)}
+    return {"json": str(json_path), "markdown": str(md_path)}
 
 
 def _band_text(summary: dict[str, Any]) -> str | None:
@@ -250,5 +249,5 @@ def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str,
         ]
     if drift:
         sections[f"Drift against the training rows (PSI, {drift['rows_sampled_for_features']:,} rows sampled for the features)"] = drift_table(drift)
-    markdown = render_markdown(title, sections, [os.fspath(directory / name) for name in images.values()])
-    return {**write_report_files(report, markdown, directory, stem), "error_histogram": os.fspath(png)}
+    markdown = render_markdown(title, sections, [str(directory / name) for name in images.values()])
+    return {**write_report_files(report, markdown, directory, stem), "error_histogram": str(png)}

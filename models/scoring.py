@@ -210,7 +210,7 @@ def score_batch(
 def describe_failure(error: BaseException, source: str) -> dict[str, Any]:
     """Return a JSON-able account of why a batch failed: code, column and message."""
     try:
-        rows: int | None = open_parquet(Path(source)).metadata.num_rows
+        rows: int | None = open_parquet(storage.as_path(source)).metadata.num_rows
     except Exception:  # unreadable files are exactly the ones that end up here
         rows = None
     return {
@@ -233,5 +233,5 @@ def reject_batch(workspace_root: str, run_date: dt.date, batch: Batch, rejection
 
 def record_scored_batch(workspace_root: str, result: BatchResult, model_version: str) -> Path:
     """Publish a scored batch by writing its manifest record, last."""
-    batch = Batch(result.batch, Path(result.source))
+    batch = Batch(result.batch, storage.as_path(result.source))
     return batches.write_record(Workspace.at(workspace_root), result.run_date, batch, model_version, result.fingerprint, result.counts())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,8 +92,8 @@ def split_training_data(
     is_anomaly = np.concatenate([np.zeros(n_holdout, dtype=bool), np.ones(len(anomalies), dtype=bool)])
     _write_table(_matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly)}), holdout_path)
     return {
-        "train_path": os.fspath(train_path),
-        "holdout_path": os.fspath(holdout_path),
+        "train_path": str(train_path),
+        "holdout_path": str(holdout_path),
         "feature_names": names,
         "rows_total": int(len(rows.features)),
         "rows_train": int(len(train_idx)),
@@ -103,7 +102,7 @@ def split_training_data(
         "rows_unlabelled": rows_unlabelled,
         "rows_label_history_normal": history_normal,
         "rows_label_history_anomalies": history_anomalies,
-        "source_files": [os.fspath(f) for f in rows.files],
+        "source_files": [str(f) for f in rows.files],
         "fingerprint": rows.fingerprint,
     }
 
@@ -157,7 +156,7 @@ def compute_holdout_errors(staging: Path, holdout_path: str, feature_names: Sequ
     labelled = pq.read_table(holdout_path, columns=["labelled_anomaly"]).column("labelled_anomaly")
     out = staging / WORK_DIR / "holdout-errors.parquet"
     _write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": labelled}), out)
-    return os.fspath(out)
+    return str(out)
 
 
 def fix_threshold_from_errors(errors_path: str, percentile: float) -> dict[str, Any]:
@@ -270,7 +269,7 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
     }
     if evaluation["labels"]:
         sections["Held-out rows, per class"] = classification_table(evaluation["labels"])
-    markdown = render_markdown(f"Training report: model {version}", sections, [os.fspath(loss_png), os.fspath(hist_png)])
+    markdown = render_markdown(f"Training report: model {version}", sections, [str(loss_png), str(hist_png)])
     write_report_files(report, markdown, report_dir, "training-report")
     return {"report": report, "markdown": markdown}
 
@@ -287,7 +286,7 @@ def _uncertainty_rows(threshold: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def publish_version(staging: Path) -> Path:
-    """Drop the staging folder's working files and rename it to its version folder."""
+def publish_version(staging: Path, models_dir: Path | None = None) -> Path:
+    """Drop the staging folder's working files and publish it as its version folder in ``models_dir`` (default: beside it)."""
     storage.remove_tree(staging / WORK_DIR)
-    return publish_bundle(staging)
+    return publish_bundle(staging, models_dir)

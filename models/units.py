@@ -107,10 +107,10 @@ def merge_units(
         if feature_bins is not None:
             feature_bins.merge(FeatureBins.from_counts(bundle.drift_reference, result.feature_bins))
     with StagedOutputs(batch_outputs(workspace, run_date, batch.name), write_scores) as staged:
-        concatenate_parquet([Path(r.parts["flagged"]) for r in units], staged.flagged.tmp)
+        concatenate_parquet([storage.as_path(r.parts["flagged"]) for r in units], staged.flagged.tmp)
         if staged.scores is not None:
-            concatenate_parquet([Path(r.parts["scores"]) for r in units], staged.scores.tmp)
-        quarantine_parts = [Path(r.parts["quarantine"]) for r in units if r.parts["quarantine"]]
+            concatenate_parquet([storage.as_path(r.parts["scores"]) for r in units], staged.scores.tmp)
+        quarantine_parts = [storage.as_path(r.parts["quarantine"]) for r in units if r.parts["quarantine"]]
         if quarantine_parts:
             concatenate_parquet(quarantine_parts, staged.stage_quarantine())
         fingerprint = fingerprint_unchanged(batch.path, plan.before)

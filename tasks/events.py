@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
+
+from data.workspace import Workspace
 
 NIGHT_SCORED = "anomaly.night.scored"
 NIGHT_ALARM = "anomaly.night.alarm"
@@ -17,20 +18,25 @@ NIGHT_PAYLOAD_KEYS = ("date", "model_version", "rows_scored", "rows_flagged", "f
 MODEL_PAYLOAD_KEYS = ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "threshold_warning", "training_rows", "validation_rows", "holdout_recall", "report")
 
 
+def workspace_uri(workspace_root: str) -> str:
+    """Return the workspace's absolute path or URI, as events name it."""
+    return str(Workspace.at(workspace_root).root)
+
+
 def workspace_resource(workspace_root: str) -> dict[str, str]:
     """Return the related resource naming a workspace, so that automations can match one workspace's events."""
-    root = os.path.abspath(workspace_root)
+    root = workspace_uri(workspace_root)
     return {"prefect.resource.id": f"anomaly.workspace.{root}", "prefect.resource.role": "workspace", "prefect.resource.name": root}
 
 
 @task(name="emit-night-events", cache_policy=NO_CACHE)
 def emit_night_events(workspace_root: str, outcome: dict[str, Any]) -> list[str]:
     """Emit anomaly.night.scored for a scoring run, and anomaly.night.alarm when its night is alarmed; return the events emitted."""
-    root = os.path.abspath(workspace_root)
+    root = workspace_uri(workspace_root)
     date = str(outcome["date"])
     resource = {
         "prefect.resource.id": f"anomaly.night.{root}.{date}",
-        "prefect.resource.name": f"{os.path.basename(root)} {date}",
+        "prefect.resource.name": f"{root.rstrip('/').rsplit('/', 1)[-1]} {date}",
         "anomaly.workspace": root,
         "anomaly.date": date,
     }
@@ -46,7 +52,7 @@ def emit_night_events(workspace_root: str, outcome: dict[str, Any]) -> list[str]
 @task(name="emit-model-event", cache_policy=NO_CACHE)
 def emit_model_event(workspace_root: str, outcome: dict[str, Any]) -> str | None:
     """Emit anomaly.model.promoted, or anomaly.model.refused when the promotion gate refused the new model; return the event emitted."""
-    root = os.path.abspath(workspace_root)
+    root = workspace_uri(workspace_root)
     if outcome["promoted"]:
         name = MODEL_PROMOTED
     elif outcome["promotion_refused"]:

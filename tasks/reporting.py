@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from data import storage
 from models import reports
 from tasks.common import RETRIES
 
@@ -22,7 +22,7 @@ def artifact_key(*parts: str) -> str:
 @task(name="write-evaluation-report", cache_policy=NO_CACHE, **RETRIES)
 def write_evaluation_report(summary: dict[str, Any], directory: str, stem: str, title: str, context: dict[str, Any]) -> dict[str, str]:
     """Write an evaluation report (JSON, Markdown, PNG)."""
-    return reports.write_evaluation_report(summary, Path(directory), stem, title, context)
+    return reports.write_evaluation_report(summary, storage.as_path(directory), stem, title, context)
 
 
 @task(name="publish-report-artifacts", cache_policy=NO_CACHE)

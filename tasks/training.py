@@ -9,6 +9,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from data import storage
 from models import bundle, label_history, promotion, training
 from models.config import AutoencoderConfig
 from tasks.common import RETRIES
@@ -82,15 +83,15 @@ def write_training_report(staging: str, version: str, errors_path: str, history:
 
 
 @task(name="publish-model-version", cache_policy=NO_CACHE)
-def publish_model_version(staging: str) -> str:
-    """Rename the complete staging folder to its version folder."""
-    return str(training.publish_version(Path(staging)))
+def publish_model_version(staging: str, models_dir: str) -> str:
+    """Publish the complete staging folder as its version folder in the models folder."""
+    return str(training.publish_version(Path(staging), storage.as_path(models_dir)))
 
 
 @task(name="promote-model", cache_policy=NO_CACHE)
 def promote_model(models_dir: str, version: str) -> str:
     """Make a version the one scoring uses."""
-    path = bundle.promote(Path(models_dir), version)
+    path = bundle.promote(storage.as_path(models_dir), version)
     get_run_logger().info("Model %s is now current", version)
     return str(path)
 
@@ -98,7 +99,7 @@ def promote_model(models_dir: str, version: str) -> str:
 @task(name="check-promotion-gate", cache_policy=NO_CACHE)
 def check_promotion_gate(staging: str, errors_path: str, threshold: dict[str, Any], models_dir: str, feature_names: list[str]) -> dict[str, Any]:
     """Decide whether the new model may replace the current one."""
-    decision = promotion.check_promotion(Path(staging), errors_path, threshold, Path(models_dir), feature_names)
+    decision = promotion.check_promotion(Path(staging), errors_path, threshold, storage.as_path(models_dir), feature_names)
     logger = get_run_logger()
     if decision["passed"]:
         logger.info("Promotion gate passed: %s", decision["checks"])
@@ -110,7 +111,7 @@ def check_promotion_gate(staging: str, errors_path: str, threshold: dict[str, An
 @task(name="remove-stale-staging", cache_policy=NO_CACHE)
 def remove_stale_staging(models_dir: str) -> list[str]:
     """Delete the staging folders of retraining runs that died."""
-    removed = bundle.remove_stale_staging(Path(models_dir))
+    removed = bundle.remove_stale_staging(storage.as_path(models_dir))
     if removed:
         get_run_logger().warning("Removed %d staging folder(s) left by a retraining run that died: %s", len(removed), [p.name for p in removed])
     return [str(p) for p in removed]

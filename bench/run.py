@@ -312,7 +312,7 @@ def object_storage(workspace: Workspace, n_rows: int, sizes: tuple[int, int], ro
     """Scoring throughput with the workspace in an S3 bucket on loopback (moto) against a local disk, and the flow's peak memory there."""
     from tests.object_store import loopback_s3
 
-    with loopback_s3() as s3:
+    with loopback_s3(read_timeout_s=1800) as s3:
         remote = Workspace.at(s3.upload_tree(workspace.models_dir, f"{s3.bucket('anomaly-bench')}/workspace/models").removesuffix("/models"))
         local_source = write_large_batch(workspace.root / "bench" / f"s3-batch-{n_rows}.parquet", n_rows, distribution=rows_like)
         remote_source = remote.root / "bench" / local_source.name

@@ -46,6 +46,8 @@ DEFAULT_LEASE_S = 120.0
 SPOOL_STALE_S = 24 * 3600.0
 _HASH_BLOCK = 1 << 20
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
+UPLOAD_CONCURRENCY = 2
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,12 @@ def as_path(location: Location) -> Path:
     if protocol in _LOCAL_PROTOCOLS:
         return Path(UPath(text).path)
     # Listings are not cached: other processes (Dask workers, a second run) write the same prefixes.
-    return UPath(text, use_listings_cache=False)
+    options: dict[str, Any] = {"use_listings_cache": False}
+    if protocol in _S3_PROTOCOLS:
+        # s3fs uploads up to 10 parts of 50 MB at once; two keep an upload's memory as small for a
+        # file of gigabytes as for one of a hundred megabytes.
+        options["max_concurrency"] = UPLOAD_CONCURRENCY
+    return UPath(text, **options)
 
 
 def check_reachable(path: Path, parameter: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -51,15 +52,24 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def loopback_s3(extra_env: dict[str, str] | None = None) -> Iterator[LoopbackS3]:
-    """Start moto's S3 server on a free loopback port, point this process (and its children) at it, stop it at the end."""
+def loopback_s3(extra_env: dict[str, str] | None = None, read_timeout_s: int | None = None) -> Iterator[LoopbackS3]:
+    """Start moto's S3 server on a free loopback port, point this process (and its children) at it, stop it at the end.
+
+    ``read_timeout_s`` lengthens every S3 client's read timeout (60 s by default): moto takes
+    minutes to assemble a multipart upload of gigabytes.
+    """
+    import fsspec.config
     import s3fs
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint, **(extra_env or {})}
+    client_options = {"config_kwargs": {"read_timeout": read_timeout_s}} if read_timeout_s else {}
+    if client_options:
+        env["FSSPEC_S3_CONFIG_KWARGS"] = json.dumps(client_options["config_kwargs"])
     saved = {key: os.environ.get(key) for key in env}
+    saved_conf = dict(fsspec.config.conf.get("s3", {}))
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -71,6 +81,7 @@ def loopback_s3(extra_env: dict[str, str] | None = None) -> Iterator[LoopbackS3]
                     raise RuntimeError(f"moto's S3 server did not start on {endpoint}") from None
                 time.sleep(0.2)
         os.environ.update(env)
+        fsspec.config.conf.setdefault("s3", {}).update(client_options)
         s3fs.S3FileSystem.clear_instance_cache()
         yield LoopbackS3(endpoint, env, s3fs.S3FileSystem(use_listings_cache=False))
     finally:
@@ -79,6 +90,7 @@ def loopback_s3(extra_env: dict[str, str] | None = None) -> Iterator[LoopbackS3]
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        fsspec.config.conf["s3"] = saved_conf
         s3fs.S3FileSystem.clear_instance_cache()
         server.terminate()
         try:

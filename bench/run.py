@@ -279,6 +279,17 @@ def prefect_startup(log) -> dict[str, float]:
     return {**timings, "startup_overhead_s": timings["trivial_flow_again"] - timings["import_only"]}
 
 
+def probe_memory(root: str, night: dt.date, what: str, log, dask_workers: int = 0) -> dict[str, Any]:
+    """Score ``night`` of the workspace at ``root`` with the flow in a fresh process; return its rows, seconds and peak RSS."""
+    command = [sys.executable, "-m", "bench.memory_probe", root, "--run-date", night.isoformat(), "--dask-workers", str(dask_workers)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    if done.returncode:
+        raise RuntimeError(f"memory probe of {what} failed:\n{done.stderr[-3000:]}")
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    log(f"memory, {what}: flow process peak {run['peak_rss_mb']:.0f} MB in {run['seconds']:.0f} s")
+    return run
+
+
 def memory(workspace: Workspace, sizes: tuple[int, int], rows_like: tuple[np.ndarray, np.ndarray], log) -> dict[str, Any]:
     """Peak resident memory of the scoring flow's process on a labelled night of each size, in one process and on Dask.
 
@@ -293,12 +304,7 @@ def memory(workspace: Workspace, sizes: tuple[int, int], rows_like: tuple[np.nda
     for mode, workers in (("single_process", 0), (f"dask_{cpu_threads()}_workers", cpu_threads())):
         runs: dict[str, Any] = {}
         for n_rows, night in nights.items():
-            command = [sys.executable, "-m", "bench.memory_probe", os.fspath(workspace.root), "--run-date", night.isoformat(), "--dask-workers", str(workers)]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-            if done.returncode:
-                raise RuntimeError(f"memory probe of {n_rows} labelled rows ({mode}) failed:\n{done.stderr[-3000:]}")
-            runs[str(n_rows)] = json.loads(done.stdout.strip().splitlines()[-1])
-            log(f"memory, labelled night of {n_rows} rows, {mode}: flow process peak {runs[str(n_rows)]['peak_rss_mb']:.0f} MB in {runs[str(n_rows)]['seconds']:.0f} s")
+            runs[str(n_rows)] = probe_memory(str(workspace.root), night, f"labelled night of {n_rows} rows, {mode}", log, dask_workers=workers)
         small, large = (runs[str(n)]["peak_rss_mb"] for n in sizes)
         runs["peak_difference_mb"] = large - small
         out[mode] = runs
@@ -337,12 +343,7 @@ def object_storage(workspace: Workspace, n_rows: int, sizes: tuple[int, int], ro
             local_night = write_large_batch(workspace.root / "bench" / f"s3-memory-{size}.parquet", size, seed=300 + i, anomaly_share=0.01, distribution=rows_like)
             s3.fs.put_file(str(local_night), (remote.incoming_for(night) / local_night.name).path)
             local_night.unlink()
-            command = [sys.executable, "-m", "bench.memory_probe", str(remote.root), "--run-date", night.isoformat()]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-            if done.returncode:
-                raise RuntimeError(f"memory probe of {size} labelled rows in S3 failed:\n{done.stderr[-3000:]}")
-            runs[str(size)] = json.loads(done.stdout.strip().splitlines()[-1])
-            log(f"memory, labelled night of {size} rows, workspace in S3: flow process peak {runs[str(size)]['peak_rss_mb']:.0f} MB in {runs[str(size)]['seconds']:.0f} s")
+            runs[str(size)] = probe_memory(str(remote.root), night, f"labelled night of {size} rows, workspace in S3", log)
         small, large = (runs[str(n)]["peak_rss_mb"] for n in sizes)
     return {
         "rows": n_rows,

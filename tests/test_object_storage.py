@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import threading
 import time
@@ -19,7 +18,7 @@ from data.errors import AnomalyJobError
 from data.workspace import Workspace
 from tests.conftest import FAST_OVERRIDES, RUN_DATE, make_rows, write_rows
 from tests.object_store import loopback_s3
-from tests.test_operations import EXPECTED_REJECTIONS, _cli, _kill_when, bad_input_night
+from tests.test_operations import EXPECTED_REJECTIONS, _cli, _kill_when, bad_input_night, score_twice_at_once
 
 LEASE_S = 3
 
@@ -129,6 +128,24 @@ def test_a_lease_is_held_by_one_run_renewed_while_held_and_taken_over_once_expir
     storage.write_json(path, {"owner": "a run that died", "expires_at": expired})
     with storage.lock(path, timeout_s=5):
         assert storage.read_json(path)["owner"] != "a run that died"
+
+
+def test_a_version_whose_upload_did_not_finish_is_refused_and_removed_by_the_next_retraining(s3, s3_workspace, trained_workspace):
+    from data.errors import BundleError
+    from models import bundle
+
+    ws = Workspace.at(s3_workspace)
+    current = bundle.current_version(ws.models_dir)
+    # A retraining killed mid-upload: every file but bundle.json, which goes last.
+    unfinished = "20991231T000000Z"
+    s3.upload_tree(trained_workspace / "models" / current, str(ws.version_dir(unfinished)))
+    storage.remove(ws.version_dir(unfinished) / bundle.BUNDLE_FILE)
+    with pytest.raises(BundleError, match="bundle.json: missing"):
+        bundle.promote(ws.models_dir, unfinished)
+    assert bundle.current_version(ws.models_dir) == current
+    assert [p.name for p in bundle.remove_stale_staging(ws.models_dir)] == [unfinished]
+    assert [v["model_version"] for v in bundle.list_versions(ws.models_dir)] == [current]
+    assert bundle.load_bundle(ws.version_dir(current)).version == current, "the model loads from the bucket"
 
 
 def test_explicit_batch_paths_may_be_files_folders_or_globs_in_a_bucket(s3, s3_root, tmp_path):
@@ -269,15 +286,7 @@ def test_two_scoring_processes_of_one_date_in_a_bucket_write_every_row_once(s3, 
     for i in range(3):
         write_rows(make_rows(10_000, 20 + i, start_id=i * 10_000), local / f"part-{i}.parquet")
     s3.upload_tree(local, str(ws.incoming_for(RUN_DATE)))
-    first = _cli("score", "--run-date", RUN_DATE.isoformat(), workspace=s3_workspace, home=tmp_path / "p1")
-    second = _cli("score", "--run-date", RUN_DATE.isoformat(), workspace=s3_workspace, home=tmp_path / "p2")
-    outcomes = []
-    for process in (first, second):
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-2000:]
-        outcomes.append(json.loads(out.strip().splitlines()[-1]))
-    assert sorted(o["batches_scored"] for o in outcomes) == [0, 3]
-    assert sorted(o["batches_skipped"] for o in outcomes) == [0, 3]
+    score_twice_at_once(s3_workspace, tmp_path)
     scores = _outputs(s3, s3_workspace, "scores").to_pandas()
     assert len(scores) == 30_000 and scores["row_id"].is_unique
 

@@ -174,12 +174,10 @@ def test_a_retraining_run_killed_midway_changes_nothing_and_the_next_run_cleans_
     assert current_version(ws.models_dir) == before
 
 
-def test_two_scoring_processes_of_the_same_date_write_every_row_once(workspace_copy, tmp_path):
-    ws = Workspace.at(workspace_copy)
-    for i in range(3):
-        write_rows(make_rows(50_000, 20 + i, start_id=i * 50_000), ws.incoming_for(RUN_DATE) / f"part-{i}.parquet")
-    first = _cli("score", "--run-date", RUN_DATE.isoformat(), workspace=workspace_copy, home=tmp_path / "p1")
-    second = _cli("score", "--run-date", RUN_DATE.isoformat(), workspace=workspace_copy, home=tmp_path / "p2")
+def score_twice_at_once(workspace: str | Path, tmp_path: Path) -> list[dict]:
+    """Run two scoring processes of RUN_DATE at the same time; return their outcomes after checking that one scored and one skipped every batch."""
+    first = _cli("score", "--run-date", RUN_DATE.isoformat(), workspace=workspace, home=tmp_path / "p1")
+    second = _cli("score", "--run-date", RUN_DATE.isoformat(), workspace=workspace, home=tmp_path / "p2")
     outcomes = []
     for process in (first, second):
         out, err = process.communicate(timeout=300)
@@ -187,6 +185,14 @@ def test_two_scoring_processes_of_the_same_date_write_every_row_once(workspace_c
         outcomes.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(o["batches_scored"] for o in outcomes) == [0, 3]
     assert sorted(o["batches_skipped"] for o in outcomes) == [0, 3]
+    return outcomes
+
+
+def test_two_scoring_processes_of_the_same_date_write_every_row_once(workspace_copy, tmp_path):
+    ws = Workspace.at(workspace_copy)
+    for i in range(3):
+        write_rows(make_rows(50_000, 20 + i, start_id=i * 50_000), ws.incoming_for(RUN_DATE) / f"part-{i}.parquet")
+    score_twice_at_once(workspace_copy, tmp_path)
     scores = pq.read_table(ws.output_partition("scores", RUN_DATE)).to_pandas()
     assert len(scores) == 150_000 and scores["row_id"].is_unique
 

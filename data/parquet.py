@@ -34,7 +34,7 @@ def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:
         files = sorted((storage.as_path(f"{path.protocol}://{key}") for key in path.fs.glob(path.path) if key.endswith(".parquet")), key=str)
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if p.endswith(".parquet"))
-    return files if remote else [p.resolve() for p in files]
+    return [storage.absolute(p) for p in files]
 
 
 STREAM_BUFFER_BYTES = 4 << 20

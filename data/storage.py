@@ -106,6 +106,12 @@ def _check_bucket(protocol: str, bucket: str, location: str, parameter: str) -> 
         raise AnomalyJobError(f"{parameter}={location!r}: bucket {bucket!r} does not exist, or these credentials cannot see it; create it first ({settings})")
 
 
+def absolute(location: Location) -> Path:
+    """Return a local path made absolute (``~`` expanded, links resolved), or an object-storage URI as it is."""
+    path = as_path(location)
+    return path if is_remote(path) else path.expanduser().resolve()
+
+
 def is_remote(path: Location) -> bool:
     """Return True for a location in object storage (any fsspec protocol but the local one)."""
     return isinstance(path, UPath) and not isinstance(path, Path)

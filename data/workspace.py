@@ -35,8 +35,7 @@ class Workspace:
     @classmethod
     def at(cls, root: str | os.PathLike[str] | None = None) -> Workspace:
         """Return the workspace at ``root``, a folder or a URI such as ``s3://bucket/prefix`` (default: ANOMALY_WORKSPACE or ./workspace)."""
-        path = storage.as_path(root if root is not None else default_workspace())
-        return cls(storage.check_reachable(path, "workspace") if storage.is_remote(path) else path.expanduser().resolve())
+        return cls(storage.check_reachable(storage.absolute(root if root is not None else default_workspace()), "workspace"))
 
     @property
     def training_dir(self) -> Path:

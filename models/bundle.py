@@ -207,23 +207,22 @@ def exceedance_beta(metadata: dict[str, Any]) -> tuple[float, float]:
 
 def load_bundle(version_dir: str | os.PathLike[str]) -> LoadedBundle:
     """Load a version folder after checking its checksum and feature list; the model loads in Keras' safe mode."""
-    version_dir = storage.as_path(version_dir)
-    if not storage.is_remote(version_dir):
-        version_dir = version_dir.resolve()
+    version_dir = storage.absolute(version_dir)
     metadata = read_bundle_json(version_dir)
     model_path = version_dir / str(metadata.get("model_file", MODEL_FILE))
     if not storage.is_file(model_path):
         raise BundleError(f"{model_path}: model file missing; retrain or roll back")
-    local_path = model_path
-    if storage.is_remote(model_path):
-        # Keras loads from a local file: the copy is checked, then kept under its checksum for later loads.
-        local_path = storage.download(model_path, storage.spool_dir() / f"model-{secrets.token_hex(6)}{Path(model_path.name).suffix}")
+    # Keras loads from a local file: a model in object storage is downloaded, checked, then kept under its checksum.
+    remote = storage.is_remote(model_path)
+    suffix = Path(model_path.name).suffix
+    local_path = storage.download(model_path, storage.spool_dir() / f"model-{secrets.token_hex(6)}{suffix}") if remote else model_path
     actual = storage.content_hash(local_path)
     if actual != metadata["model_sha256"]:
-        storage.remove(local_path if local_path != model_path else None)
+        if remote:
+            storage.remove(local_path)
         raise BundleError(f"{model_path}: checksum {actual[:12]}… does not match bundle.json ({metadata['model_sha256'][:12]}…); refusing to load an altered model")
-    if local_path != model_path:
-        local_path = local_path.replace(local_path.with_name(f"model-{actual}{local_path.suffix}"))
+    if remote:
+        local_path = local_path.replace(local_path.with_name(f"model-{actual}{suffix}"))
     return _load_checked(str(local_path), actual, json.dumps(metadata, sort_keys=True))
 
 

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from typing import Annotated, Any
 
+from distributed import KilledWorker
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.futures import PrefectFuture
@@ -16,6 +17,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
+from prefect_dask.task_runners import PrefectDaskFuture
 from pydantic import BeforeValidator, Field
 
 from data import storage
@@ -117,12 +119,29 @@ def _score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opt
             continue
         merge_options = {"write_scores": options["write_scores"], "max_bad_row_share": options["max_bad_row_share"]}
         merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "plan": plan.result(), "unit_results": [s.result() for s in states], **merge_options}))
-    states = [m if isinstance(m, State) else _settled(m) for m in merges]
-    for (date, batch), futures, state in zip(work, pending, states, strict=True):
-        if isinstance(futures, list) and not state.is_completed():
-            # A merge keeps its parts while it may be retried; once the file has finally failed they go.
+    states = []
+    for (date, batch), futures, merge in zip(work, pending, merges, strict=True):
+        states.append(merge if isinstance(merge, State) else _settled(merge))
+        if isinstance(futures, list):
+            # Only once the merge's final state is here: until then Dask may run it again, from the parts.
             discard_units(root, date, batch)
     return states
+
+
+def _retry_alone_after_killed_workers(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any], rows_per_unit: int, states: list[State]) -> list[State]:
+    """Score once more, each on its own, the files whose tasks Dask gave up on after losing workers.
+
+    Dask blames every task a dying worker held, so a file that merely shared workers with one that
+    kills them fails with KilledWorker too. Alone, only a file that kills workers itself fails again.
+    """
+    suspects = [i for i, state in enumerate(states) if not state.is_completed() and isinstance(_failure(state), KilledWorker)]
+    if len(work) == 1 or not suspects:
+        return states
+    get_run_logger().warning("Dask lost workers while scoring %s; scoring each of them again on its own", [work[i][1].name for i in suspects])
+    retried = list(states)
+    for i in suspects:
+        retried[i] = _score_in_units(runner, root, [work[i]], version, options, rows_per_unit)[0]
+    return retried
 
 
 def _failure(state: State) -> BaseException:
@@ -137,6 +156,17 @@ def _failure(state: State) -> BaseException:
 
 
 def _settled(future: PrefectFuture) -> State:
+    """Wait for a task's final state, then let go of its Dask result."""
+    try:
+        return _final_state(future)
+    finally:
+        if isinstance(future, PrefectDaskFuture):
+            # Should the worker holding the result die from now on, Dask must not run the task
+            # again: that would rewrite part files this run has already joined and removed.
+            future.wrapped_future.release()
+
+
+def _final_state(future: PrefectFuture) -> State:
     future.wait()
     state = future.state
     if state.is_final():
@@ -251,6 +281,7 @@ def score_flow(
         with _api_shared_with_workers(distributed), task_runner(dask_address, dask_workers, dask_threads_per_worker) as runner:
             if distributed:
                 states = _score_in_units(runner, root, work, version, options, rows_per_unit)
+                states = _retry_alone_after_killed_workers(runner, root, work, version, options, rows_per_unit, states)
             else:
                 states = _score_whole_files(runner, root, work, version, options)
         if distributed:

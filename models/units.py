@@ -91,7 +91,11 @@ def merge_units(
     write_scores: bool = True,
     max_bad_row_share: float = 0.1,
 ) -> BatchResult:
-    """Join a file's units, in row-group order, into its published outputs; the parts go only once that succeeded."""
+    """Join a file's units, in row-group order, into its published outputs; the parts are left for the caller to remove.
+
+    Dask runs a finished merge again when the worker holding its result dies before the flow has it,
+    so the merge must find its inputs a second time.
+    """
     workspace = Workspace.at(workspace_root)
     bundle = load_bundle(workspace.version_dir(model_version))
     units = sorted(unit_results, key=lambda r: r.unit)
@@ -116,7 +120,6 @@ def merge_units(
         fingerprint = fingerprint_unchanged(batch.path, plan.before)
         batches.withdraw_record(workspace, run_date, batch.name)
         published = staged.publish()
-    discard_units(workspace_root, run_date, batch.name)
     return BatchResult(
         batch=batch.name,
         source=str(batch.path),
@@ -135,7 +138,7 @@ def discard_date_parts(workspace_root: str, run_date: dt.date) -> list[Path]:
     """Remove every unit part file of a date; only safe under the date's scoring lock, before or after its units run.
 
     Dask recomputes a finished unit whose result was held by a worker that died, and that second run
-    can rewrite its parts after the merge removed them: such orphans go here.
+    can rewrite its parts after they were removed: such orphans go here.
     """
     folder = Workspace.at(workspace_root).state_dir / "parts" / f"date={run_date.isoformat()}"
     found = storage.list_files(folder, "*", recursive=True)
@@ -144,5 +147,5 @@ def discard_date_parts(workspace_root: str, run_date: dt.date) -> list[Path]:
 
 
 def discard_units(workspace_root: str, run_date: dt.date, batch: str) -> None:
-    """Remove the part files of one file's units (after a merge, or after the file finally failed)."""
+    """Remove the part files of one file's units, once its merge or its failure is final."""
     storage.remove_tree(parts_dir(Workspace.at(workspace_root), run_date, batch))

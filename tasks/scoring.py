@@ -145,6 +145,6 @@ def merge_units(workspace_root: str, run_date: dt.date, batch: Batch, model_vers
 
 @task(name="discard-units", cache_policy=NO_CACHE)
 def discard_units(workspace_root: str, run_date: dt.date, batch: Batch) -> None:
-    """Remove the part files of a file whose units or merge finally failed."""
+    """Remove the part files of a file's units once its merge or its failure is final."""
     units.discard_units(workspace_root, run_date, batch.name)
 

@@ -5,6 +5,8 @@ A test asks for a fault by creating a file in the folder named by DASK_FAULTS_DI
 - ``exit`` or ``oserror``: the first unit to remove the file kills its process or raises OSError, so
   the request strikes exactly once;
 - ``merge-oserror``: the first merge of units to remove the file raises OSError half-way, once;
+- ``merge-exit``: the first merge to remove the file kills its process once it has published the
+  outputs, before its result leaves the worker, so Dask runs that merge again;
 - ``poison-<batch>``: every unit of that batch kills its process, as a file that exhausts memory would.
 """
 
@@ -51,3 +53,16 @@ if FAULTS_DIR and not hasattr(models.units.concatenate_parquet, "unfaulted"):
 
     concatenate_with_faults.unfaulted = unfaulted_concatenate
     models.units.concatenate_parquet = concatenate_with_faults
+
+
+if FAULTS_DIR and not hasattr(models.units.merge_units, "unfaulted"):
+    unfaulted_merge = models.units.merge_units
+
+    def merge_with_faults(*args, **kwargs):
+        result = unfaulted_merge(*args, **kwargs)
+        if _claim("merge-exit"):
+            os._exit(17)  # the worker holding a finished merge's result dies, as on a lost machine
+        return result
+
+    merge_with_faults.unfaulted = unfaulted_merge
+    models.units.merge_units = merge_with_faults

@@ -129,7 +129,7 @@ def _every_row_once(root, rows: int) -> None:
     assert not parts.exists() or not any(parts.iterdir())
 
 
-@pytest.mark.parametrize("fault", ["exit", "oserror", "merge-oserror"])
+@pytest.mark.parametrize("fault", ["exit", "oserror", "merge-oserror", "merge-exit"])
 def test_a_lost_worker_or_a_failing_unit_or_merge_is_retried_on_dask(harness, workspace_copy, faulty_cluster, fault, monkeypatch):
     from flows.score import DASK_ADDRESS_ENV, score_flow
 
@@ -143,7 +143,7 @@ def test_a_lost_worker_or_a_failing_unit_or_merge_is_retried_on_dask(harness, wo
     else:
         outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, dask_address=address, rows_per_unit=20_000)
 
-    # A retried merge still has its units' part files: they go only once a merge has succeeded.
+    # A merge retried, or run again after its worker died, still has its units' part files.
     assert not (faults / fault).exists(), "the fault never struck"
     assert outcome["batches_failed"] == 0 and outcome["batches_scored"] == 4
     assert outcome["rows_read"] == rows and outcome["rows_scored"] + outcome["rows_quarantined"] == rows

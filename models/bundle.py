@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import platform
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,18 +211,28 @@ def load_bundle(version_dir: str | os.PathLike[str]) -> LoadedBundle:
     model_path = version_dir / str(metadata.get("model_file", MODEL_FILE))
     if not storage.is_file(model_path):
         raise BundleError(f"{model_path}: model file missing; retrain or roll back")
-    # Keras loads from a local file: a model in object storage is downloaded, checked, then kept under its checksum.
     remote = storage.is_remote(model_path)
-    suffix = Path(model_path.name).suffix
-    local_path = storage.download(model_path, storage.spool_dir() / f"model-{secrets.token_hex(6)}{suffix}") if remote else model_path
+    local_path = _local_copy(model_path) if remote else model_path
     actual = storage.content_hash(local_path)
     if actual != metadata["model_sha256"]:
         if remote:
             storage.remove(local_path)
         raise BundleError(f"{model_path}: checksum {actual[:12]}… does not match bundle.json ({metadata['model_sha256'][:12]}…); refusing to load an altered model")
-    if remote:
-        local_path = local_path.replace(local_path.with_name(f"model-{actual}{suffix}"))
     return _load_checked(str(local_path), actual, json.dumps(metadata, sort_keys=True))
+
+
+def _local_copy(model_path: Path) -> Path:
+    """Return a local copy of a model in object storage, downloaded once per version of the object (its ETag).
+
+    Keras loads from a local file. The copy is named after the object's state, so processes on one
+    machine share it and a replaced object is downloaded again; the caller checks it against bundle.json.
+    """
+    state = storage.file_state(model_path)
+    name = hashlib.sha256(f"{model_path}|{state}".encode()).hexdigest()[:24]
+    copy = storage.spool_dir() / f"model-{name}{Path(model_path.name).suffix}"
+    if not copy.exists():
+        storage.download(model_path, copy)
+    return copy
 
 
 @functools.lru_cache(maxsize=4)

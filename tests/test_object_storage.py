@@ -148,6 +148,28 @@ def test_a_version_whose_upload_did_not_finish_is_refused_and_removed_by_the_nex
     assert bundle.load_bundle(ws.version_dir(current)).version == current, "the model loads from the bucket"
 
 
+def test_a_model_in_a_bucket_is_downloaded_once_per_version_of_its_object_and_checked_each_load(s3, s3_workspace, trained_workspace, monkeypatch):
+    from data.errors import BundleError
+    from models import bundle
+
+    ws = Workspace.at(s3_workspace)
+    version_dir = ws.version_dir(bundle.current_version(ws.models_dir))
+    model_uri = str(version_dir / bundle.MODEL_FILE)
+    downloads = []
+    real_download = storage.download
+    monkeypatch.setattr(storage, "download", lambda *args: downloads.append(args) or real_download(*args))
+    first = bundle.load_bundle(version_dir)
+    assert bundle.load_bundle(version_dir).model is first.model
+    assert len(downloads) == 1, "a second load reuses the local copy of the unchanged object"
+    original = s3.fs.cat_file(model_uri)
+    s3.fs.pipe_file(model_uri, original + b"tampered")
+    with pytest.raises(BundleError, match="checksum .* does not match bundle.json"):
+        bundle.load_bundle(version_dir)
+    assert len(downloads) == 2, "a replaced object is downloaded again"
+    s3.fs.pipe_file(model_uri, original)
+    assert bundle.load_bundle(version_dir).version == first.version
+
+
 def test_explicit_batch_paths_may_be_files_folders_or_globs_in_a_bucket(s3, s3_root, tmp_path):
     from data.parquet import resolve_parquet_files
 

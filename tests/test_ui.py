@@ -142,6 +142,8 @@ def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(pre
     empty_workspace = tmp_path / "no-model-yet"
     before = prefect_stack.flow_run_ids(SCORING)
     page.goto(f"{prefect_stack.ui_url}{V2}/deployments/deployment/{scoring.id}/run")
+    # As a user would, type only once the form shows the deployment's values: it is then fully built.
+    expect(page.get_by_label("Workspace")).to_have_value(scoring.parameters["workspace"])
     page.get_by_label("Workspace").fill(str(empty_workspace))
     page.get_by_label("Force re-scoring").click()
     if pick_date:
@@ -155,7 +157,9 @@ def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(pre
     deadline = time.monotonic() + 30
     while not (new := prefect_stack.flow_run_ids(SCORING) - before) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert len(new) == 1, "submitting the form created one flow run"
+    if not new:
+        _screenshot(page, f"ui-custom-run-not-created-{'date-picked' if pick_date else 'date-left-empty'}.png")
+    assert len(new) == 1, f"submitting the form created one flow run; the browser is at {page.url}\n--- server log ---\n{prefect_stack.log('server', 60)}"
     [run] = prefect_stack.wait_until_final(*new)
     assert run.parameters["workspace"] == str(empty_workspace) and run.parameters["force"] is True
     # A picked date arrives as the ISO date the flow expects; an empty field sends "", which the flow reads as today.

@@ -141,6 +141,9 @@ def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(pre
 
     empty_workspace = tmp_path / "no-model-yet"
     before = prefect_stack.flow_run_ids(SCORING)
+    # The UI reports a refused submission only in the browser's console.
+    console: list[str] = []
+    page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
     page.goto(f"{prefect_stack.ui_url}{V2}/deployments/deployment/{scoring.id}/run")
     # As a user would, type only once the form shows the deployment's values: it is then fully built.
     expect(page.get_by_label("Workspace")).to_have_value(scoring.parameters["workspace"])
@@ -159,7 +162,8 @@ def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(pre
         time.sleep(0.5)
     if not new:
         _screenshot(page, f"ui-custom-run-not-created-{'date-picked' if pick_date else 'date-left-empty'}.png")
-    assert len(new) == 1, f"submitting the form created one flow run; the browser is at {page.url}\n--- server log ---\n{prefect_stack.log('server', 60)}"
+        pytest.fail("\n".join([f"submitting the form created no flow run; the browser is at {page.url}", "--- console ---", *console, "--- server log ---", prefect_stack.log("server", 60)]))
+    assert len(new) == 1, "submitting the form created one flow run"
     [run] = prefect_stack.wait_until_final(*new)
     assert run.parameters["workspace"] == str(empty_workspace) and run.parameters["force"] is True
     # A picked date arrives as the ISO date the flow expects; an empty field sends "", which the flow reads as today.

@@ -31,13 +31,13 @@ bench: install  ## Benchmarks side by side (about 25 minutes on 2 cores); writes
 bench-quick: install  ## Smoke run of the benchmarks on small sizes; writes bench/results/quick.{json,md}.
 	$(BIN)/python -m bench.run --quick
 
-serve: install  ## Local Prefect server (127.0.0.1, port ANOMALY_PREFECT_PORT or 4200), work pool, deployments and worker, in the background.
+serve: install  ## PostgreSQL, the Prefect server (127.0.0.1, port ANOMALY_PREFECT_PORT or 4200), work pool, deployments and worker, in the background.
 	VENV="$(VENV)" scripts/stack.sh serve
 
 stop: install  ## Stop exactly the processes `make serve` started.
 	VENV="$(VENV)" scripts/stack.sh stop
 
-status: install  ## Whether the server and the worker run, and the deployments the API holds.
+status: install  ## Whether PostgreSQL, the server and the worker run, and the deployments the API holds.
 	VENV="$(VENV)" scripts/stack.sh status
 
 browser: install  ## Browser check of the Prefect UI (tests/test_ui.py); installs Debian's chromium first if it is missing.

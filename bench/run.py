@@ -501,6 +501,16 @@ def render_table(results: dict[str, Any]) -> str:
         sizes = [k for k in m if k.isdigit()]
         lines.append(f"| flow process peak RSS, labelled night of {int(sizes[0]):,} / {int(sizes[1]):,} rows, workspace in S3 (MB) | {m[sizes[0]]['peak_rss_mb']:.0f} / {m[sizes[1]]['peak_rss_mb']:.0f} | - |")
         lines.append(f"| peak RSS difference, workspace in S3 (MB) | {m['peak_difference_mb']:.0f} | <= 100 |")
+    for database, load in results.get("stack_load", {}).items():
+        what = (
+            f"{load['runs_requested']} runs created at once, {load['readers']} readers and {load['writers']} writers "
+            f"for {load['seconds_of_load']:.0f} s ({load['requests']:,} requests)"
+        )
+        bar = "0; all" if database == "postgresql" else "-"
+        lines.append(
+            f"| local stack on {database}, {what}: requests answered 5xx; runs completed | {load['server_errors']}; "
+            f"{load['runs_completed']} of {load['runs_requested']} ({load['runs_created']} created) | {bar} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -508,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite and write bench/results/latest.{json,md}."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (figures are not comparable to a full run)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "small", "throughput", "dask", "prefect", "memory", "evaluation", "s3"], help="sections to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "small", "throughput", "dask", "prefect", "memory", "evaluation", "s3", "stack"], help="sections to leave out")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -555,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         if "s3" not in args.skip:
             sizes = (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000)
             results["object_storage"] = object_storage(workspace, 200_000 if args.quick else 1_000_000, sizes, rows_like, log)
+    if "stack" not in args.skip:
+        from bench.stack_load import stack_load
+
+        results["stack_load"] = stack_load(30 if args.quick else 90, 4 if args.quick else 12, 8, 2, log)
     results["seconds"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     table = render_table(results)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The local production stack: a Prefect server on loopback, the process work pool, the
-# deployments of prefect.yaml and a process worker, each started in the background.
+# The local production stack: a PostgreSQL database, a Prefect server on loopback using it, the
+# process work pool, the deployments of prefect.yaml and a process worker, each started in the background.
 #
 #   scripts/stack.sh serve    start what is not running yet, register the deployments, print the UI address
 #   scripts/stack.sh stop     end exactly the processes `serve` started (their PIDs are recorded)
@@ -8,7 +8,14 @@
 #
 # Settings (environment):
 #   ANOMALY_PREFECT_PORT  port of the local server (default 4200); it listens on 127.0.0.1 only
-#   ANOMALY_STACK_DIR     folder of the server's database, the PID files and the logs (default .prefect-home)
+#   ANOMALY_STACK_DIR     folder of the database cluster, the PID files and the logs (default .prefect-home)
+#   ANOMALY_PREFECT_DATABASE_URL  an existing PostgreSQL database for the server, as
+#                         postgresql+asyncpg://user:password@host:5432/prefect; without it a private cluster
+#                         is created on first use in $ANOMALY_STACK_DIR/postgres (initdb), listening on
+#                         127.0.0.1 only with a password of its own, and kept between runs
+#   ANOMALY_POSTGRES_PORT port of the private cluster (default: a free port, chosen when it starts)
+#   ANOMALY_POSTGRES_BIN  folder of initdb and pg_ctl (default: PATH, then Debian's /usr/lib/postgresql/<version>/bin;
+#                         installed with apt-get when missing)
 #   ANOMALY_ALERT_WEBHOOK_URL  where the alerting automations send notifications (Slack-compatible JSON);
 #                         without it the automations exist but send nothing
 #   PREFECT_API_URL       when set (to another address than the local server's), no server is started:
@@ -51,15 +58,15 @@ print(pools.pop(), len(deployments))
     exit 1
 }
 
-# Whether the PID recorded in $1.pid is alive and still a prefect process.
+# Whether the PID recorded in $1.pid is alive and still the program it was ($2: prefect, or postgres).
 is_running() {
     local pid_file=$STACK_DIR/$1.pid pid
     [[ -f "$pid_file" ]] || return 1
     pid=$(cat "$pid_file")
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
-    # PIDs are reused (after a reboot, say): only a prefect command line counts.
-    [[ $(ps -o args= -p "$pid" 2>/dev/null) == *prefect* ]]
+    # PIDs are reused (after a reboot, say): only the program's own command line counts.
+    [[ $(ps -o args= -p "$pid" 2>/dev/null) == *"${2:-prefect}"* ]]
 }
 
 # A running local server keeps the port it was started on.
@@ -79,6 +86,148 @@ fi
 export PREFECT_API_URL=$API_URL
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 UI_URL=${API_URL%/api}
+
+# PostgreSQL: the server's database. A private cluster in $PG_DIR unless ANOMALY_PREFECT_DATABASE_URL names one.
+PG_DIR=$STACK_DIR/postgres
+PG_DATA=$PG_DIR/data
+PG_PASSWORD_FILE=$PG_DIR/password
+PG_USER=prefect
+PG_DATABASE=prefect
+if [[ -n "${ANOMALY_PREFECT_DATABASE_URL:-}" ]]; then
+    EXTERNAL_DATABASE=1
+else
+    EXTERNAL_DATABASE=0
+fi
+
+# PostgreSQL refuses to run as root: as root, the cluster belongs to the postgres system user.
+run_as_cluster_owner() {
+    if [[ $(id -u) == 0 ]]; then
+        runuser -u "${ANOMALY_POSTGRES_OS_USER:-postgres}" -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# The port the running cluster listens on: the fourth line of its postmaster.pid.
+cluster_port() {
+    sed -n 4p "$PG_DATA/postmaster.pid" 2>/dev/null
+}
+
+free_port() {
+    "$PYTHON" -c '
+import socket
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+'
+}
+
+# Create the cluster on first use: a password of its own, connections from 127.0.0.1 only.
+init_cluster() {
+    local owner
+    if [[ $(id -u) == 0 ]]; then
+        owner=${ANOMALY_POSTGRES_OS_USER:-postgres}
+        if ! id "$owner" >/dev/null 2>&1; then
+            echo "error: PostgreSQL does not run as root and there is no '$owner' user to run it as;" \
+                "create one (Debian's postgresql package does) or set ANOMALY_POSTGRES_OS_USER" >&2
+            exit 1
+        fi
+    fi
+    mkdir -p "$PG_DIR"
+    chmod 700 "$PG_DIR"
+    if [[ ! -s "$PG_PASSWORD_FILE" ]]; then
+        (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(24))' >"$PG_PASSWORD_FILE")
+    fi
+    if [[ -n "${owner:-}" ]]; then
+        chown "$owner:" "$PG_DIR" "$PG_PASSWORD_FILE"
+        if ! run_as_cluster_owner test -w "$PG_DIR"; then
+            echo "error: the '$owner' user, which runs PostgreSQL here, cannot reach $PG_DIR (a folder above it is private);" \
+                "set ANOMALY_STACK_DIR to a folder it can reach, or ANOMALY_PREFECT_DATABASE_URL to an existing database" >&2
+            exit 1
+        fi
+    fi
+    [[ -f "$PG_DATA/PG_VERSION" ]] && return 0
+    echo "database: creating a PostgreSQL cluster in $PG_DATA (initdb; log in $LOG_DIR/initdb.log)"
+    if ! run_as_cluster_owner "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" --pwfile="$PG_PASSWORD_FILE" \
+        --auth-local=scram-sha-256 --auth-host=scram-sha-256 --encoding=UTF8 --no-locale >"$LOG_DIR/initdb.log" 2>&1; then
+        cat "$LOG_DIR/initdb.log" >&2
+        rm -rf "$PG_DATA"
+        exit 1
+    fi
+    # Loopback TCP only, no Unix socket (its path would depend on folders this script does not own);
+    # enough connections for the server's pools and a team's clients.
+    cat >>"$PG_DATA/postgresql.conf" <<CONF
+
+# Written by scripts/stack.sh
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+max_connections = 200
+CONF
+}
+
+start_database() {
+    PG_BIN=$("$ROOT/scripts/install-postgres.sh")
+    init_cluster
+    if is_running postgres postgres; then
+        PG_PORT=$(cluster_port)
+        echo "database: PostgreSQL already running (PID $(cat "$STACK_DIR/postgres.pid"), port $PG_PORT)"
+        return 0
+    fi
+    PG_PORT=${ANOMALY_POSTGRES_PORT:-$(free_port)}
+    echo "database: starting PostgreSQL on 127.0.0.1:$PG_PORT (cluster $PG_DATA)"
+    : >"$LOG_DIR/postgres.log"
+    if [[ $(id -u) == 0 ]]; then
+        chown "${ANOMALY_POSTGRES_OS_USER:-postgres}:" "$LOG_DIR/postgres.log"
+    fi
+    if ! run_as_cluster_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$LOG_DIR/postgres.log" -w -t "$STARTUP_TIMEOUT" \
+        -o "-p $PG_PORT" start >"$LOG_DIR/pg_ctl.log" 2>&1; then
+        echo "error: PostgreSQL did not start; the end of $LOG_DIR/postgres.log:" >&2
+        tail -n 30 "$LOG_DIR/postgres.log" >&2
+        exit 1
+    fi
+    head -n 1 "$PG_DATA/postmaster.pid" >"$STACK_DIR/postgres.pid"
+    local exists
+    exists=$(PGPASSWORD=$(cat "$PG_PASSWORD_FILE") "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = '$PG_DATABASE'")
+    if [[ "$exists" != 1 ]]; then
+        PGPASSWORD=$(cat "$PG_PASSWORD_FILE") "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$PG_DATABASE"
+    fi
+}
+
+# The server's database URL: the given one, or the private cluster's.
+database_url() {
+    if [[ $EXTERNAL_DATABASE == 1 ]]; then
+        echo "$ANOMALY_PREFECT_DATABASE_URL"
+    else
+        echo "postgresql+asyncpg://$PG_USER:$(cat "$PG_PASSWORD_FILE")@127.0.0.1:$PG_PORT/$PG_DATABASE"
+    fi
+}
+
+# A database URL without its password, for messages.
+redacted() {
+    sed -E 's#(://[^:/@]*):[^@]*@#\1:***@#' <<<"$1"
+}
+
+stop_database() {
+    if ! is_running postgres postgres; then
+        if [[ -f "$STACK_DIR/postgres.pid" ]]; then
+            echo "postgres: not running (stale PID file removed)"
+            rm -f "$STACK_DIR/postgres.pid"
+        fi
+        return 0
+    fi
+    local pid
+    pid=$(cat "$STACK_DIR/postgres.pid")
+    PG_BIN=$("$ROOT/scripts/install-postgres.sh")
+    # Fast shutdown: sessions are ended, every committed transaction is kept.
+    if ! run_as_cluster_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >"$LOG_DIR/pg_ctl.log" 2>&1; then
+        cat "$LOG_DIR/pg_ctl.log" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$STACK_DIR/postgres.pid"
+    echo "postgres: stopped (PID $pid)"
+}
 
 # Start "$@" detached, in a session and process group of its own; record its PID in $1.pid.
 start_detached() {
@@ -187,9 +336,16 @@ serve() {
             echo "error: $HOST:$PORT is taken by another program; choose a free port with ANOMALY_PREFECT_PORT=<port>" >&2
             exit 1
         fi
-        echo "server: starting on $HOST:$PORT (database and logs in $STACK_DIR)"
+        if [[ $EXTERNAL_DATABASE == 1 ]]; then
+            echo "database: $(redacted "$ANOMALY_PREFECT_DATABASE_URL") (ANOMALY_PREFECT_DATABASE_URL; nothing started)"
+        else
+            start_database
+        fi
+        echo "server: starting on $HOST:$PORT (logs in $LOG_DIR)"
         echo "$PORT" >"$STACK_DIR/port"
+        # The URL holds the database's password: it goes to the server's environment only, never to a log.
         start_detached server env PREFECT_SERVER_API_HOST="$HOST" PREFECT_SERVER_API_PORT="$PORT" \
+            PREFECT_SERVER_DATABASE_CONNECTION_URL="$(database_url)" \
             "$PREFECT" server start --host "$HOST" --port "$PORT"
     fi
     wait_for_api
@@ -267,11 +423,22 @@ else:
 stop() {
     stop_one worker
     stop_one server
+    stop_database
     rm -f "$STACK_DIR/port"
 }
 
 status() {
     local name code=0
+    if [[ $EXTERNAL_SERVER == 1 ]]; then
+        :
+    elif [[ $EXTERNAL_DATABASE == 1 ]]; then
+        echo "postgres: not started here; ANOMALY_PREFECT_DATABASE_URL=$(redacted "$ANOMALY_PREFECT_DATABASE_URL")"
+    elif is_running postgres postgres; then
+        echo "postgres: running (PID $(cat "$STACK_DIR/postgres.pid"), 127.0.0.1:$(cluster_port), cluster $PG_DATA, log $LOG_DIR/postgres.log)"
+    else
+        echo "postgres: not running$([[ -f "$PG_DATA/PG_VERSION" ]] && echo " (cluster kept in $PG_DATA)")"
+        code=1
+    fi
     for name in server worker; do
         if [[ $name == server && $EXTERNAL_SERVER == 1 ]]; then
             echo "server: not started here; PREFECT_API_URL=$API_URL"

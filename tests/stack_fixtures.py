@@ -1,4 +1,4 @@
-"""A real Prefect stack for the slow end-to-end tests: server, process work pool, deployments and worker.
+"""A real Prefect stack for the slow end-to-end tests: PostgreSQL, server, process work pool, deployments and worker.
 
 The stack is brought up by ``scripts/stack.sh serve`` (what ``make serve`` runs) on a free loopback
 port with a temporary PREFECT_HOME, and ended by ``scripts/stack.sh stop``. Test modules import
@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,10 +183,26 @@ class PrefectStack:
         assert not survivors, f"scripts/stack.sh stop left processes running (now killed): {survivors}"
 
 
-def start_stack(home: Path, alert_webhook_url: str | None = None) -> PrefectStack:
-    """Run ``scripts/stack.sh serve`` on a free port with ``home`` as PREFECT_HOME; return the running stack."""
-    # The user's own Prefect settings (a profile, an API URL, a key) must not leak into the test stack.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def stack_home(prefix: str = "anomaly-stack-") -> Path:
+    """Return a new folder for a stack's files that the postgres system user can reach when the stack runs as root.
+
+    pytest's own temporary folders sit under a private (0700) folder of the user's, where PostgreSQL,
+    which never runs as root, could not keep its cluster.
+    """
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    home.chmod(0o755)
+    return home
+
+
+def start_stack(home: Path, alert_webhook_url: str | None = None, database_url: str | None = None) -> PrefectStack:
+    """Run ``scripts/stack.sh serve`` on a free port with ``home`` as PREFECT_HOME; return the running stack.
+
+    The server's database is the stack's own PostgreSQL cluster in ``home``, or ``database_url``.
+    """
+    # The user's own Prefect settings (a profile, an API URL, a key, a database) must not leak into the test stack.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "ANOMALY_PREFECT_DATABASE_URL"}
     env.update(
         ANOMALY_STACK_DIR=str(home),
         ANOMALY_PREFECT_PORT=str(free_port()),
@@ -198,6 +215,8 @@ def start_stack(home: Path, alert_webhook_url: str | None = None) -> PrefectStac
         TF_CPP_MIN_LOG_LEVEL="2",
     )
     env.pop("ANOMALY_ALERT_WEBHOOK_URL", None)
+    if database_url:
+        env["ANOMALY_PREFECT_DATABASE_URL"] = database_url
     if alert_webhook_url:
         env["ANOMALY_ALERT_WEBHOOK_URL"] = alert_webhook_url
     stack = PrefectStack(home=home, port=int(env["ANOMALY_PREFECT_PORT"]), env=env)
@@ -205,7 +224,7 @@ def start_stack(home: Path, alert_webhook_url: str | None = None) -> PrefectStac
     try:
         result = subprocess.run([str(STACK_SCRIPT), "serve"], env=env, cwd=REPO, capture_output=True, text=True, timeout=START_TIMEOUT_S + 120)
     finally:
-        stack.started = [int(p.read_text()) for p in (home / "server.pid", home / "worker.pid") if p.exists()]
+        stack.started = [int(p.read_text()) for p in (home / "postgres.pid", home / "server.pid", home / "worker.pid") if p.exists()]
     if result.returncode != 0:
         server_log = stack.log("server")
         stack.stop()
@@ -225,7 +244,7 @@ _SHARED = pytest.StashKey[_Shared]()
 
 
 @pytest.fixture(scope="session", name="prefect_stack")
-def prefect_stack_fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
+def prefect_stack_fixture(request: pytest.FixtureRequest) -> Iterator[PrefectStack]:
     """The running stack; started on first use and stopped when the last module using it is done."""
     # Each importing module registers its own copy of this fixture; the stash makes them share one stack.
     shared = request.config.stash.get(_SHARED, None)
@@ -233,7 +252,7 @@ def prefect_stack_fixture(request: pytest.FixtureRequest, tmp_path_factory: pyte
         # Every notification the stack's automations send lands here.
         receiver = AlertReceiver()
         try:
-            stack = start_stack(tmp_path_factory.mktemp("prefect-home"), receiver.url)
+            stack = start_stack(stack_home(), receiver.url)
         except BaseException:
             receiver.close()
             raise
@@ -252,6 +271,7 @@ def prefect_stack_fixture(request: pytest.FixtureRequest, tmp_path_factory: pyte
             finally:
                 if shared.stack.alerts is not None:
                     shared.stack.alerts.close()
+                shutil.rmtree(shared.stack.home, ignore_errors=True)
 
 
 def as_utc(value: dt.datetime) -> dt.datetime:

@@ -186,7 +186,11 @@ def _run(command: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
-    "retrain": ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "validation_rows", "training_rows", "holdout_anomalies", "label_history", "epochs_run", "fit_seconds", "holdout_recall", "holdout_roc_auc", "model_dir", "report"),
+    "retrain": (
+        "model_version", "promoted", "promotion_refused", "promotion_warnings", "promote_command", "current_model", "preset", "threshold", "percentile",
+        "threshold_warning", "threshold_scheme", "validation_rows", "training_rows", "holdout_anomalies", "label_history", "epochs_run", "fit_seconds",
+        "holdout_recall", "holdout_roc_auc", "model_dir", "report",
+    ),
     "models": ("current", "versions"),
     "promote": ("model_version", "previous_version"),
     "alerts": ("api_url", "automations", "notifications", "warning"),

@@ -12,12 +12,13 @@ from pydantic import Field
 from data import storage
 from data.locks import retraining_lock
 from data.workspace import Workspace, default_workspace
-from models.bundle import discard_staging, new_version, staging_dir
+from models.bundle import current_version, discard_staging, new_version, promote_command, staging_dir
 from models.config import resolve_preset
 from tasks.events import emit_model_event
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.training import (
     check_promotion_gate,
+    choose_recipe,
     compute_reconstruction_errors,
     fix_threshold,
     gather_label_history,
@@ -88,14 +89,15 @@ def retrain_flow(
             # Step 1: normal rows only (with those of past nights that labels confirm), a seeded share held out for the threshold.
             confirmed = gather_label_history(str(ws.root), source, label_column, normal_label, dt.datetime.now(dt.UTC).date(), label_history_days, list(id_columns), staging) if use_label_history else None
             split = split_training_data(source, staging, label_column, normal_label, all_rows_normal, holdout_fraction, percentile, config.seed, confirmed["path"] if confirmed else None)
-            # Step 2: build and train the autoencoder; its scaling is learnt from training rows and saved inside it.
-            history = train_autoencoder(split["train_path"], split["feature_names"], config.model_dump(), staging)
-            # Step 3: the threshold is the percentile of errors on held-out normal rows.
-            errors_path = compute_reconstruction_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
-            threshold = fix_threshold(errors_path, percentile)
+            # Step 2: with labelled anomalies held out, the candidate recipe that ranks them best; then train it.
+            recipe = choose_recipe(split, preset, config.model_dump(), staging)
+            history = train_autoencoder(split["train_path"], split["feature_names"], recipe["config"], staging)
+            # Step 3: the threshold is the percentile of errors on normal rows the model did not see (held out, or out of fold).
+            errors_path = compute_reconstruction_errors(staging, split, history["config"], recipe["normal_errors_path"])
+            threshold = fix_threshold(errors_path, percentile, split["scheme"])
             # Step 4: bundle and reports, then the promotion gate, all inside the staging folder.
-            save_model_bundle(staging, version, split, history, threshold, preset, label_column, normal_label)
-            training_report = write_training_report(staging, version, errors_path, history, threshold, split, preset)
+            save_model_bundle(staging, version, split, history, threshold, preset, label_column, normal_label, recipe)
+            training_report = write_training_report(staging, version, errors_path, history, threshold, split, preset, recipe)
             holdout_summary = training_report["report"]["holdout_evaluation"]
             write_evaluation_report(holdout_summary, str(Path(staging) / "report"), "holdout-evaluation", f"Held-out evaluation, model {version}", {"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
             gate = check_promotion_gate(staging, errors_path, threshold, models_dir, split["feature_names"])
@@ -107,6 +109,11 @@ def retrain_flow(
         promoted = promote and gate["passed"]
         if promoted:
             promote_model(models_dir, version)
+        elif promote and gate["first_model"]:
+            logger.error(
+                "Model %s is saved but NOT promoted, and no model is current, so scoring cannot run until one is. Reasons: %s. Promote it anyway with: %s",
+                version, "; ".join(gate["reasons"]), promote_command(version),
+            )
         elif promote:
             logger.warning("Model %s is saved but NOT promoted; the current model keeps scoring. Reasons: %s", version, "; ".join(gate["reasons"]))
 
@@ -122,12 +129,18 @@ def retrain_flow(
         "model_version": version,
         "promoted": promoted,
         "promotion_refused": gate["reasons"],
+        "promotion_warnings": gate["warnings"],
+        "promote_command": promote_command(version) if gate["reasons"] else None,
+        "current_model": version if promoted else current_version(storage.as_path(models_dir), required=False),
         "preset": preset,
+        "recipe": recipe["name"],
+        "recipe_candidates": recipe["candidates"],
         "threshold": threshold["value"],
         "percentile": percentile,
         "threshold_warning": threshold["warning"],
         "training_rows": split["rows_train"],
-        "validation_rows": split["rows_holdout_normal"],
+        "validation_rows": split["rows_threshold"],
+        "threshold_scheme": split["scheme"],
         "holdout_anomalies": split["rows_holdout_anomalies"],
         "label_history": {k: v for k, v in confirmed.items() if k != "path"} if confirmed else None,
         "epochs_run": history["epochs_run"],
@@ -148,6 +161,7 @@ def _training_table(report: dict[str, Any]) -> dict[str, Any]:
         "preset": report["preset"],
         "training rows": report["training"]["rows_train"],
         "held-out normal rows": report["training"]["rows_holdout_normal"],
+        "normal rows fixing the threshold": report["training"]["rows_threshold"],
         "threshold": report["threshold"]["value"],
         "percentile": report["threshold"]["percentile"],
         "held-out flag rate": report["holdout_normal"]["flag_rate"],

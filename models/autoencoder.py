@@ -15,10 +15,35 @@ SCALING_LAYER = "scaling"
 OUTPUT_LAYER = "reconstruction"
 DEFAULT_INFERENCE_ROWS = 65_536
 STEPS_PER_EXECUTION = 16
-# Added to the correlation matrix's eigenvalues before whitening (their mean is 1): a direction with far
-# less variance, such as an exact linear combination, is weighted at most 1/sqrt(floor) instead of inverted,
-# so the noise of nearly constant directions does not swamp the error.
-WHITENING_FLOOR = 0.1
+# Standardised values are clipped to this many standard deviations: far beyond anything a normal row
+# shows, so every ranking is kept, while a value such as 1e30 cannot overflow the error to infinity,
+# nor one absurd training row outweigh the rest in the loss.
+STANDARD_LIMIT = 1000.0
+
+
+@keras.saving.register_keras_serializable(package="anomaly")
+class Standardize(keras.layers.Layer):
+    """Fixed preprocessing learnt from training rows: standardise each feature, clip, and optionally whiten (ZCA).
+
+    Its statistics are weights saved in the model, so scoring reads the raw columns.
+    """
+
+    def __init__(self, features: int, limit: float = STANDARD_LIMIT, whiten: bool = False, **kwargs: object):
+        kwargs["trainable"] = False
+        super().__init__(**kwargs)
+        self.features, self.limit, self.whiten = int(features), float(limit), bool(whiten)
+
+    def build(self, input_shape: object) -> None:
+        self.mean = self.add_weight(shape=(self.features,), initializer="zeros", trainable=False, name="mean")
+        self.scale = self.add_weight(shape=(self.features,), initializer="ones", trainable=False, name="scale")
+        self.whitening = self.add_weight(shape=(self.features, self.features), initializer="identity", trainable=False, name="whitening") if self.whiten else None
+
+    def call(self, inputs: object) -> object:
+        standard = keras.ops.clip((inputs - self.mean) / self.scale, -self.limit, self.limit)
+        return keras.ops.matmul(standard, self.whitening) if self.whiten else standard
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "features": self.features, "limit": self.limit, "whiten": self.whiten}
 
 
 def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) -> keras.Model:
@@ -28,23 +53,36 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
     inputs = keras.Input(shape=(n_features,), name="features")
     hidden = inputs
     if config.scale_inputs:
+        # The model reproduces, and the error is measured on, standardised (and maybe decorrelated) features.
         mean, std = standardisation(training_features)
+        scaling = Standardize(n_features, whiten=config.decorrelate_inputs, name=SCALING_LAYER)
+        hidden = scaling(hidden)
+        weights = [mean.astype(np.float32), std.astype(np.float32)]
         if config.decorrelate_inputs:
-            # One fixed affine layer standardises and whitens: the model reproduces, and the error is measured on, decorrelated features.
-            kernel = whitening_matrix(training_features) / std[:, None]
-            scaling = keras.layers.Dense(n_features, name=SCALING_LAYER, trainable=False)
-            hidden = scaling(hidden)
-            scaling.set_weights([kernel.astype(np.float32), (-(mean @ kernel)).astype(np.float32)])
-        else:
-            hidden = keras.layers.Normalization(mean=mean.tolist(), variance=(std**2).tolist(), name=SCALING_LAYER)(hidden)
-    if config.input_dropout:
-        hidden = keras.layers.Dropout(config.input_dropout, seed=config.seed, name="input_dropout")(hidden)
-    for i, units in enumerate(config.encoder_units):
-        hidden = keras.layers.Dense(units, activation=config.activation, name=f"encoder_{i}")(hidden)
-    for i, units in enumerate(config.decoder_units):
-        hidden = keras.layers.Dense(units, activation=config.activation, name=f"decoder_{i}")(hidden)
-    outputs = keras.layers.Dense(n_features, activation=config.output_activation, name=OUTPUT_LAYER)(hidden)
+            weights.append(whitening_matrix(training_features, config.whitening_floor).astype(np.float32))
+        scaling.set_weights(weights)
+    members = int(config.ensemble_size)
+    reconstructions = [_member(hidden, config, n_features, k, members) for k in range(members)]
+    outputs = reconstructions[0] if members == 1 else keras.layers.Concatenate(name=OUTPUT_LAYER)(reconstructions)
     return keras.Model(inputs, outputs, name="autoencoder")
+
+
+def _member(scaled: object, config: AutoencoderConfig, n_features: int, k: int, members: int) -> object:
+    # Members differ by their initial weights and their dropout masks; they train side by side, each on its own loss term.
+    suffix = f"_{k}" if members > 1 else ""
+    hidden = scaled
+    if config.input_dropout:
+        hidden = keras.layers.Dropout(config.input_dropout, seed=config.seed + k, name=f"input_dropout{suffix}")(hidden)
+    for i, units in enumerate(config.encoder_units):
+        hidden = keras.layers.Dense(units, activation=config.activation, name=f"encoder{suffix}_{i}" if suffix else f"encoder_{i}")(hidden)
+    for i, units in enumerate(config.decoder_units):
+        hidden = keras.layers.Dense(units, activation=config.activation, name=f"decoder{suffix}_{i}" if suffix else f"decoder_{i}")(hidden)
+    return keras.layers.Dense(n_features, activation=config.output_activation, name=f"{OUTPUT_LAYER}{suffix}")(hidden)
+
+
+def ensemble_members(model: keras.Model) -> int:
+    """Return how many autoencoders the model holds: its output is their reconstructions side by side."""
+    return int(model.outputs[0].shape[-1]) // int(model.inputs[0].shape[-1])
 
 
 def standardisation(training_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,26 +92,26 @@ def standardisation(training_features: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return features.mean(axis=0), np.where(std > 0, std, 1.0)
 
 
-def whitening_matrix(training_features: np.ndarray) -> np.ndarray:
+def whitening_matrix(training_features: np.ndarray, floor: float) -> np.ndarray:
     """Return the matrix that whitens standardised features (ZCA): ``standardised @ matrix`` has about unit variance in every direction the rows vary in.
 
     ZCA, the symmetric inverse square root of the correlation matrix, keeps each output closest to its
     own input feature, so residuals still name features. Directions of (near) zero variance, such as
-    exact linear combinations, are damped by a floor instead of blown up.
+    exact linear combinations, are damped by ``floor``, added to every eigenvalue of the correlation
+    matrix (whose mean is 1): a direction is weighted 1/sqrt(eigenvalue + floor), at most 1/sqrt(floor).
     """
     _, std = standardisation(training_features)
     correlation = np.atleast_2d(np.cov(training_features, rowvar=False)) / np.outer(std, std)
     eigenvalues, eigenvectors = np.linalg.eigh(correlation)
-    return (eigenvectors / np.sqrt(np.clip(eigenvalues, 0.0, None) + WHITENING_FLOOR)) @ eigenvectors.T
+    return (eigenvectors / np.sqrt(np.clip(eigenvalues, 0.0, None) + floor)) @ eigenvectors.T
 
 
 def scaled_targets(model: keras.Model, features: np.ndarray) -> np.ndarray:
-    """Return what the model learns to reproduce: the features after its scaling layer (or as they are)."""
+    """Return what the model learns to reproduce: the features after its scaling layer (or as they are), once per member."""
     features = np.asarray(features, dtype=np.float32)
-    if SCALING_LAYER not in {layer.name for layer in model.layers}:
-        return features
-    scaling = model.get_layer(SCALING_LAYER)
-    return np.asarray(scaling(features), dtype=np.float32)
+    if SCALING_LAYER in {layer.name for layer in model.layers}:
+        features = np.asarray(model.get_layer(SCALING_LAYER)(features), dtype=np.float32)
+    return np.tile(features, (1, ensemble_members(model)))
 
 
 @dataclass
@@ -98,7 +136,10 @@ def train_autoencoder(
 ) -> TrainingHistory:
     """Train ``model`` to reproduce ``features`` (normal rows only); early stopping uses a seeded share of them."""
     keras.utils.set_random_seed(config.seed)
-    optimizer = keras.optimizers.get({"class_name": config.optimizer, "config": {"learning_rate": config.learning_rate}})
+    settings: dict[str, float] = {"learning_rate": config.learning_rate}
+    if config.gradient_clip_norm is not None:
+        settings["clipnorm"] = config.gradient_clip_norm
+    optimizer = keras.optimizers.get({"class_name": config.optimizer, "config": settings})
     # Several steps per call into TensorFlow: for a network this small, Python overhead per step dominates.
     model.compile(optimizer=optimizer, loss=config.loss, steps_per_execution=STEPS_PER_EXECUTION)
     x = np.asarray(features, dtype=np.float32)
@@ -141,27 +182,63 @@ def train_autoencoder(
     )
 
 
-class ErrorScorer:
-    """Per-row reconstruction error of a model, as one compiled forward pass over large chunks."""
+# A fit whose loss ends this many times above the best it reached has blown up, even if it stayed finite.
+EXPLODED_LOSS_RATIO = 100.0
 
-    def __init__(self, model: keras.Model, loss: str, chunk_rows: int = DEFAULT_INFERENCE_ROWS):
+
+def divergence(history: TrainingHistory) -> str | None:
+    """Return why a fit diverged (a non-finite or exploding loss), or None when it converged."""
+    for name, values in (("loss", history.loss), ("validation loss", history.val_loss)):
+        if not values:
+            continue
+        bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
+        if bad:
+            return f"{name} became {values[bad[0]]} at epoch {bad[0] + 1}"
+        best = min(values)
+        if values[-1] > EXPLODED_LOSS_RATIO * max(best, 1e-12) and values[-1] > values[0]:
+            return f"{name} rose to {values[-1]:.4g}, {values[-1] / best:.0f} times its best ({best:.4g})"
+    return None
+
+
+class ErrorScorer:
+    """Per-row reconstruction error of a model, as one compiled forward pass over large chunks.
+
+    The error is the mean, over features and the ensemble's members, of each residual's square (MSE)
+    or absolute value (MAE). Residuals are reported per feature with the members folded in: a signed
+    value whose square (or absolute value) is the feature's mean term over members, so that the
+    features' terms still add up to the row's error exactly.
+    """
+
+    def __init__(self, model: keras.Model, loss: str, chunk_rows: int = DEFAULT_INFERENCE_ROWS, compiled: bool = True):
         self.chunk_rows = chunk_rows
         n_features = model.inputs[0].shape[-1]
+        members = ensemble_members(model)
+
+        def function(input_signature: list[tf.TensorSpec]) -> Callable[[Callable[..., object]], Callable[..., object]]:
+            # A model scored once (a fold's, a candidate's) is not worth tracing: TensorFlow warns when many are.
+            return tf.function(input_signature=input_signature, reduce_retracing=True) if compiled else (lambda fn: fn)
+
         scaling = model.get_layer(SCALING_LAYER) if SCALING_LAYER in {layer.name for layer in model.layers} else None
         reduce = tf.square if loss == "mse" else tf.abs
 
-        @tf.function(input_signature=[tf.TensorSpec([None, n_features], tf.float32)], reduce_retracing=True)
-        def errors(x: tf.Tensor) -> tf.Tensor:
+        def member_residuals(x: tf.Tensor) -> tf.Tensor:
             target = scaling(x) if scaling is not None else x
-            return tf.reduce_mean(reduce(model(x, training=False) - target), axis=1)
+            return tf.reshape(model(x, training=False), [-1, members, n_features]) - target[:, None, :]
 
-        @tf.function(input_signature=[tf.TensorSpec([None, n_features], tf.float32), tf.TensorSpec([], tf.float64)], reduce_retracing=True)
+        @function([tf.TensorSpec([None, n_features], tf.float32)])
+        def errors(x: tf.Tensor) -> tf.Tensor:
+            return tf.reduce_mean(reduce(member_residuals(x)), axis=[1, 2])
+
+        @function([tf.TensorSpec([None, n_features], tf.float32), tf.TensorSpec([], tf.float64)])
         def errors_and_flagged_residuals(x: tf.Tensor, threshold: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            target = scaling(x) if scaling is not None else x
-            residuals = target - model(x, training=False)
-            row_errors = tf.reduce_mean(reduce(residuals), axis=1)
+            # Input minus reconstruction, each member's, on the error's scale.
+            residuals = -member_residuals(x)
+            terms = tf.reduce_mean(reduce(residuals), axis=1)
+            row_errors = tf.reduce_mean(terms, axis=1)
+            magnitude = tf.sqrt(terms) if loss == "mse" else terms
+            folded = tf.where(tf.reduce_sum(residuals, axis=1) > 0, magnitude, -magnitude)
             # Compared in float64, as the caller compares the returned errors, so both pick the same rows.
-            return row_errors, tf.boolean_mask(residuals, tf.cast(row_errors, tf.float64) > threshold)
+            return row_errors, tf.boolean_mask(folded, tf.cast(row_errors, tf.float64) > threshold)
 
         self._errors = errors
         self._errors_and_flagged_residuals = errors_and_flagged_residuals
@@ -176,7 +253,7 @@ class ErrorScorer:
         return out
 
     def with_flagged_residuals(self, features: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Return each row's error (float64) and, for the rows above ``threshold`` in order, input minus reconstruction on the error's scale.
+        """Return each row's error (float64) and, for the rows above ``threshold`` in order, input minus reconstruction on the error's scale (members folded in).
 
         The residuals come from the same forward pass as the errors: explaining flagged rows costs no second pass.
         """
@@ -196,8 +273,10 @@ class ErrorScorer:
 _SCORERS: weakref.WeakKeyDictionary[keras.Model, dict[str, ErrorScorer]] = weakref.WeakKeyDictionary()
 
 
-def reconstruction_errors(model: keras.Model, features: np.ndarray, loss: str) -> np.ndarray:
-    """Return the per-row reconstruction error of ``features`` (mean squared or absolute, as ``loss``)."""
+def reconstruction_errors(model: keras.Model, features: np.ndarray, loss: str, compiled: bool = True) -> np.ndarray:
+    """Return the per-row reconstruction error of ``features`` (mean squared or absolute, as ``loss``); ``compiled=False`` for a model scored once."""
+    if not compiled:
+        return ErrorScorer(model, loss, compiled=False)(features)
     # One compiled function per model: tracing again on every call would cost more than small inputs do.
     scorers = _SCORERS.setdefault(model, {})
     if loss not in scorers:

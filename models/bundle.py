@@ -238,7 +238,8 @@ def _local_copy(model_path: Path) -> Path:
 @functools.lru_cache(maxsize=4)
 def _load_checked(model_path: str, checksum: str, metadata_json: str) -> LoadedBundle:
     # Cached by checksum so that one process loads each model once however many batches it scores.
-    from models.runtime import keras
+    # The autoencoder module registers the preprocessing layers the models hold, which safe mode loads by name.
+    from models.autoencoder import keras
 
     metadata = json.loads(metadata_json)
     try:
@@ -262,15 +263,38 @@ def promote(models_dir: Path, version: str) -> Path:
     )
 
 
+def promote_command(version: str) -> str:
+    """Return the command that makes ``version`` current by hand."""
+    return f"anomaly promote {version}"
+
+
+def newest_version_not_promoted(models_dir: Path) -> tuple[str, str] | None:
+    """Return the newest usable version with why it is not current (refused by the gate, or saved without promotion), or None."""
+    usable = [v for v in list_versions(models_dir) if v.get("usable")]
+    if not usable:
+        return None
+    newest = usable[-1]
+    gate = newest.get("promotion_gate") or {}
+    if gate and not gate.get("passed", True):
+        return newest["model_version"], f"its promotion gate refused it: {'; '.join(gate.get('reasons', []))}"
+    return newest["model_version"], "it was saved without being promoted"
+
+
 def current_version(models_dir: Path, required: bool = True) -> str | None:
     """Return the version models/current.json names, or raise if there is none and ``required``."""
     path = models_dir / CURRENT_FILE
     try:
         version = storage.read_json(path)["model_version"]
     except FileNotFoundError:
-        if required:
-            raise BundleError(f"{path}: no current model; run the retraining flow first (anomaly retrain)") from None
-        return None
+        if not required:
+            return None
+        waiting = newest_version_not_promoted(models_dir)
+        if waiting is not None:
+            name, why = waiting
+            raise BundleError(
+                f"{path}: no current model; model {name} was trained but {why}. Promote it with: {promote_command(name)}; or retrain (anomaly retrain)"
+            ) from None
+        raise BundleError(f"{path}: no current model; run the retraining flow first (anomaly retrain)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BundleError(f"{path}: damaged ({exc}); promote a version again with anomaly promote VERSION") from exc
     return check_path_part(str(version), "model_version")

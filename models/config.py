@@ -17,6 +17,7 @@ MAX_AUTO_WIDTH = 512
 MIN_AUTO_BATCH, MAX_AUTO_BATCH, ROWS_PER_AUTO_BATCH = 32, 1024, 50
 # Early stopping waits at least this many epochs, and longer when an epoch is only a few steps.
 MIN_AUTO_PATIENCE, MAX_AUTO_PATIENCE, AUTO_PATIENCE_STEPS = 4, 20, 160
+AUTO_ENSEMBLE_SIZE, AUTO_ENSEMBLE_ROWS = 3, 20_000
 
 
 class AutoencoderConfig(BaseModel):
@@ -25,7 +26,15 @@ class AutoencoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scale_inputs: bool = Field(True, description="Standardise features with statistics learnt from training rows (saved in the model).")
-    decorrelate_inputs: bool = Field(True, description="After standardising (needs scale_inputs), also whiten the features (ZCA, in the model), so that features that move together weigh once and a broken correlation shows in the error.")
+    decorrelate_inputs: bool = Field(
+        True,
+        description="After standardising (needs scale_inputs), also whiten the features (ZCA, in the model), so that features that move together weigh once and a broken correlation shows in the error.",
+    )
+    whitening_floor: float = Field(
+        1.0,
+        gt=0,
+        description="Added to each eigenvalue of the correlation matrix before whitening (their mean is 1): 1 shrinks directions many features share and never amplifies any beyond its standardised scale; 0.1 whitens fully, amplifying directions of little variance up to 3x.",
+    )
     input_dropout: float = Field(
         0.1,
         ge=0.0,
@@ -34,11 +43,18 @@ class AutoencoderConfig(BaseModel):
     )
     encoder_units: Widths | Auto = Field("auto", description="Units of each encoder layer; the last is the bottleneck. 'auto': 2d, d and 3d/4 for d features (at most 512).")
     decoder_units: list[Annotated[int, Field(ge=1)]] | Auto = Field("auto", description="Units of each hidden decoder layer; the output layer always has one unit per feature. 'auto': the encoder's in reverse, bottleneck left out.")
+    ensemble_size: Annotated[int, Field(ge=1, le=16)] | Auto = Field(
+        "auto",
+        description="Autoencoders trained side by side whose errors are averaged: the score varies less with their random start. 'auto': 3 below 20,000 training rows, where that variance is largest, else 1.",
+    )
     activation: Activation = Field("relu", description="Activation of the hidden layers.")
     output_activation: Activation = Field("linear", description="Activation of the output layer.")
     loss: Literal["mse", "mae"] = Field("mse", description="Training loss; the per-row reconstruction error uses the same measure.")
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = Field("adam", description="Optimizer.")
     learning_rate: float = Field(5e-3, gt=0, le=1, description="Optimizer learning rate.")
+    gradient_clip_norm: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Clip each step's gradient to this norm (None: no clipping); a fit that diverges is retried with clipping and a smaller learning rate."
+    )
     epochs: int = Field(60, ge=1, le=10_000, description="Most training epochs.")
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | Auto = Field("auto", description="Rows per training step. 'auto': a fiftieth of the training rows, between 32 and 1024.")
     early_stopping_patience: Annotated[int, Field(ge=1)] | Auto | None = Field(
@@ -60,13 +76,18 @@ class AutoencoderConfig(BaseModel):
         if patience == "auto":
             steps_per_epoch = max(1, math.ceil(rows * (1.0 - self.validation_fraction) / batch))
             patience = min(MAX_AUTO_PATIENCE, max(MIN_AUTO_PATIENCE, math.ceil(AUTO_PATIENCE_STEPS / steps_per_epoch)))
-        return self.model_copy(update={"encoder_units": encoder, "decoder_units": decoder, "batch_size": batch, "early_stopping_patience": patience})
+        members = self.ensemble_size
+        if members == "auto":
+            members = AUTO_ENSEMBLE_SIZE if rows < AUTO_ENSEMBLE_ROWS else 1
+        return self.model_copy(update={"encoder_units": encoder, "decoder_units": decoder, "batch_size": batch, "early_stopping_patience": patience, "ensemble_size": members})
 
 
 PRESETS: dict[str, AutoencoderConfig] = {
-    # Standardised and decorrelated inputs, with input dropout so that decorrelated features are
-    # predicted rather than copied; a linear output; widths from the feature count, batch size and
-    # patience from the training rows, so that a few hundred rows train as well as millions.
+    # Standardised and partly decorrelated inputs (directions many features share shrunk, none
+    # amplified), with input dropout so that each feature is predicted from the others rather than
+    # copied, by an ensemble of autoencoders on smaller sets; a linear output; widths from the
+    # feature count, batch size and patience from the training rows, so that a few hundred rows train
+    # as well as millions.
     "default": AutoencoderConfig(),
     # The tutorial's recipe as published: unscaled inputs, 4-unit bottleneck, sigmoid output, MAE, 20 epochs.
     "seed": AutoencoderConfig(
@@ -84,7 +105,22 @@ PRESETS: dict[str, AutoencoderConfig] = {
         batch_size=64,
         early_stopping_patience=None,
         validation_fraction=0.0,
+        ensemble_size=1,
     ),
+}
+
+
+# Recipes a preset chooses among when the training data holds labelled anomalies: each is the preset's
+# config with these changes, and the one that ranks the held-out anomalies best is trained. The first is
+# the preset itself, which is what training without labelled anomalies uses.
+RECIPE_CANDIDATES: dict[str, dict[str, dict[str, object]]] = {
+    "default": {
+        "default": {},
+        # Standardised only: where the features' correlations are weak or unstable, decorrelating adds noise.
+        "standardised": {"decorrelate_inputs": False},
+        # Fully whitened inputs: where many features are combinations of a few, as in sensor banks.
+        "whitened": {"decorrelate_inputs": True, "whitening_floor": 0.1},
+    },
 }
 
 

@@ -13,7 +13,7 @@ from data import storage
 from data.errors import BundleError
 from models.autoencoder import reconstruction_errors
 from models.bundle import PROMOTION_FILE, current_version, load_bundle
-from models.training import read_matrix
+from models.training import HOLDOUT_FILE, read_matrix
 
 MIN_ANOMALIES_FOR_RECALL_CHECK = 20
 RECALL_TOLERANCE = 0.05
@@ -50,7 +50,8 @@ def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], 
     rates = cross_checked_flag_rates(normal_errors, percentile) if finite else []
     tolerance = flag_rate_tolerance(expected, len(normal_errors) // 2)
     checks["flag_rate_cross_check"] = {"rates": rates, "expected": expected, "tolerance": tolerance}
-    if any(abs(rate - expected) > tolerance for rate in rates):
+    cross_check_failed = any(abs(rate - expected) > tolerance for rate in rates)
+    if cross_check_failed:
         reasons.append(f"flag rate on unseen held-out normal rows was {rates}, not within {tolerance:.4f} of {expected:.4f}: the threshold does not generalise")
 
     anomalies = int(labelled.sum())
@@ -70,8 +71,8 @@ def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], 
                 checks["current_recall"] = None
                 checks["current_recall_skipped"] = "current model uses other features"
             else:
-                holdout = pq.read_table(Path(errors_path).with_name("holdout.parquet"))
-                anomaly_rows = read_matrix(holdout, feature_names)[labelled]
+                holdout = pq.read_table(Path(errors_path).with_name(HOLDOUT_FILE))
+                anomaly_rows = read_matrix(holdout, feature_names)[holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)]
                 current_errors = reconstruction_errors(incumbent.model, anomaly_rows, incumbent.loss)
                 current_recall = float(np.mean(current_errors > incumbent.threshold))
                 allowed = max(RECALL_TOLERANCE, 2.0 * math.sqrt(max(current_recall * (1 - current_recall), 1e-12) / anomalies))
@@ -79,6 +80,11 @@ def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], 
                 checks["recall_tolerance"] = allowed
                 if new_recall is not None and new_recall < current_recall - allowed:
                     reasons.append(f"recall on {anomalies} held-out labelled anomalies is {new_recall:.3f}, clearly below the current model's {current_recall:.3f}")
-    decision = {"passed": not reasons, "reasons": reasons, "checks": checks}
+    warnings: list[str] = []
+    if current is None and finite and cross_check_failed and len(reasons) == 1:
+        # Without a current model nothing can be scored: a first model whose threshold is only less
+        # sure than hoped is better than none, and the flag-rate band of every night widens with it.
+        warnings.append(f"promoted although {reasons.pop()}, because no model was current; retrain on more normal rows to replace it")
+    decision = {"passed": not reasons, "reasons": reasons, "warnings": warnings, "first_model": current is None, "checks": checks}
     storage.write_json(staging / PROMOTION_FILE, decision)
     return decision

@@ -121,8 +121,8 @@ def threshold_uncertainty(holdout_errors: np.ndarray, percentile: float) -> dict
     }
 
 
-def threshold_warning(uncertainty: dict[str, object], percentile: float) -> str | None:
-    """Return a warning when so few held-out rows fixed the threshold that the normal flag rate is unsure, else None."""
+def threshold_warning(uncertainty: dict[str, object], percentile: float, rows_described: str = "held-out normal rows") -> str | None:
+    """Return a warning when so few normal rows fixed the threshold that the normal flag rate is unsure, else None."""
     shape = uncertainty["exceedance_rate_beta"]
     rows = shape["a"] + shape["b"] - 1
     if not threshold_is_wide(rows, percentile):
@@ -130,9 +130,9 @@ def threshold_warning(uncertainty: dict[str, object], percentile: float) -> str 
     low, high = exceedance_range(rows, percentile)
     expected = 1.0 - percentile / 100.0
     return (
-        f"the threshold rests on {rows} held-out normal rows: normal rows will exceed it at a rate anywhere between "
+        f"the threshold rests on {rows} {rows_described}: normal rows will exceed it at a rate anywhere between "
         f"{low:.2%} and {high:.2%} (95%), not exactly {expected:.2%}; from about {comfortable_holdout_rows(percentile)} "
-        "held-out normal rows on, that range is no wider than the rate itself"
+        "such rows on, that range is no wider than the rate itself"
     )
 
 

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 from data import storage
 from data.errors import TrainingDataError
 from data.parquet import ANOMALY, NORMAL, UNLABELLED, TrainingRows, feature_matrix, read_training_rows
-from models.autoencoder import build_autoencoder, reconstruction_errors, train_autoencoder
+from models.autoencoder import TrainingHistory, build_autoencoder, divergence, reconstruction_errors, train_autoencoder
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
-from models.config import AutoencoderConfig
+from models.config import RECIPE_CANDIDATES, AutoencoderConfig
 from models.drift import drift_reference, feature_reference, score_reference
 from models.error_summary import summarize_errors
 from models.reports import (
@@ -30,14 +30,42 @@ from models.reports import (
     write_report_files,
 )
 from models.runtime import keras
-from models.threshold import calibration_stats, check_percentile, fix_threshold, min_holdout_rows, threshold_uncertainty, threshold_warning
+from models.threshold import (
+    calibration_stats,
+    check_percentile,
+    comfortable_holdout_rows,
+    fix_threshold,
+    min_holdout_rows,
+    threshold_uncertainty,
+    threshold_warning,
+)
 
 WORK_DIR = "_work"
 REPORT_DIR = "report"
+HOLDOUT_FILE = "holdout.parquet"
+HOLDOUT_ERRORS_FILE = "holdout-errors.parquet"
+# The gradient norm a diverged fit is clipped to when it is tried again.
+SAFE_CLIP_NORM = 1.0
+# Choosing a recipe by how it ranks labelled anomalies needs a few of them; on large sets the candidates
+# are compared on a sample of the training rows, and the winner alone is trained on all of them.
+MIN_ANOMALIES_FOR_SELECTION = 5
+CONFIG_METADATA = b"anomaly.config"
+SELECTION_ROWS = 20_000
 # Fewer rows than this cannot train even the smallest network to anything but noise.
 MIN_TRAINING_ROWS = 20
 
 log = logging.getLogger(__name__)
+
+
+# Below this many held-out normal rows the threshold is called uncertain; sets that small fix it on
+# every normal row instead, through cross-fitting.
+HOLDOUT, CROSS_FIT = "holdout", "cross_fit"
+CROSS_FIT_FOLDS = 5
+
+
+def threshold_scheme(normal_rows: int, holdout_fraction: float, percentile: float) -> str:
+    """Return how the threshold's normal rows are kept from the model: a held-out share on large sets, cross-fitting on small ones."""
+    return HOLDOUT if round(normal_rows * holdout_fraction) >= comfortable_holdout_rows(percentile) else CROSS_FIT
 
 
 def split_training_data(
@@ -52,7 +80,12 @@ def split_training_data(
     feature_columns: Sequence[str] | None = None,
     label_history: str | None = None,
 ) -> dict[str, Any]:
-    """Keep normal rows, hold out a seeded share for the threshold, and write both splits as Parquet in ``staging``.
+    """Keep normal rows, decide how the threshold is fixed, and write the splits as Parquet in ``staging``.
+
+    On large sets a seeded share of the normal rows is held out (``holdout``). On sets where that share
+    would leave the threshold uncertain, every normal row is trained on and counts towards the threshold
+    through out-of-fold errors (``cross_fit``): ``train.parquet`` then holds every normal row, in a
+    seeded order that the folds are cut from, and ``holdout.parquet`` the labelled anomalies.
 
     ``label_history`` is a Parquet file of past nights' rows that later labels confirmed (features and
     label): its normal rows join the training data, its anomalies the held-out anomalies.
@@ -70,34 +103,38 @@ def split_training_data(
     normal = rows.features[rows.classes == NORMAL]
     anomalies = rows.features[rows.classes == ANOMALY]
     rows_unlabelled = int(np.count_nonzero(rows.classes == UNLABELLED))
-    n_holdout = int(round(len(normal) * holdout_fraction))
-    needed_holdout = min_holdout_rows(percentile)
-    needed_total = max(int(np.ceil((needed_holdout - 0.5) / holdout_fraction)), int(np.ceil((MIN_TRAINING_ROWS - 0.5) / (1.0 - holdout_fraction))))
     if len(normal) == 0:
         raise TrainingDataError(f"training_data={source!r}: no rows have {label_column}={normal_label!r}; check label_column and normal_label")
-    if n_holdout < needed_holdout or len(normal) - n_holdout < MIN_TRAINING_ROWS:
+    scheme = threshold_scheme(len(normal), holdout_fraction, percentile)
+    # Every normal row is a held-out row once when cross-fitting; each fold's model trains on the others.
+    needed = max(min_holdout_rows(percentile), int(np.ceil(MIN_TRAINING_ROWS * CROSS_FIT_FOLDS / (CROSS_FIT_FOLDS - 1))))
+    if len(normal) < needed:
         raise TrainingDataError(
             f"training_data={source!r}: {len(normal)} normal rows; the {percentile:g}th percentile cannot be estimated from fewer than "
-            f"{needed_holdout} held-out rows, and training needs {MIN_TRAINING_ROWS}: with holdout_fraction={holdout_fraction:g} "
-            f"that is at least {needed_total} normal rows"
+            f"{min_holdout_rows(percentile)} normal rows, and training needs {MIN_TRAINING_ROWS}: at least {needed} normal rows are needed"
         )
     order = np.random.default_rng(seed).permutation(len(normal))
+    n_holdout = int(round(len(normal) * holdout_fraction)) if scheme == HOLDOUT else 0
     holdout_idx, train_idx = order[:n_holdout], order[n_holdout:]
     work = storage.make_dir(staging / WORK_DIR)
     names = rows.feature_names
     train_path = work / "train.parquet"
-    holdout_path = work / "holdout.parquet"
+    holdout_path = work / HOLDOUT_FILE
     _write_table(_matrix_table(normal[train_idx], names), train_path)
     holdout = np.concatenate([normal[holdout_idx], anomalies])
     is_anomaly = np.concatenate([np.zeros(n_holdout, dtype=bool), np.ones(len(anomalies), dtype=bool)])
-    _write_table(_matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly)}), holdout_path)
+    _write_table(_matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly, type=pa.bool_())}), holdout_path)
     return {
         "train_path": str(train_path),
         "holdout_path": str(holdout_path),
         "feature_names": names,
+        "scheme": scheme,
+        "folds": CROSS_FIT_FOLDS if scheme == CROSS_FIT else None,
         "rows_total": int(len(rows.features)),
         "rows_train": int(len(train_idx)),
         "rows_holdout_normal": int(n_holdout),
+        # The normal rows whose errors fix the threshold: the held-out ones, or every one out of fold.
+        "rows_threshold": int(n_holdout if scheme == HOLDOUT else len(train_idx)),
         "rows_holdout_anomalies": int(len(anomalies)),
         "rows_unlabelled": rows_unlabelled,
         "rows_label_history_normal": history_normal,
@@ -123,19 +160,48 @@ def read_matrix(source: str | Path | pa.Table, names: Sequence[str]) -> np.ndarr
     return feature_matrix(table, names, dtype=np.float64)
 
 
+def safer_configs(config: AutoencoderConfig) -> list[AutoencoderConfig]:
+    """Return the settings a diverged fit is tried again with: a tenth, then a hundredth of the learning rate, gradients clipped."""
+    clip = min(config.gradient_clip_norm or SAFE_CLIP_NORM, SAFE_CLIP_NORM)
+    return [config.model_copy(update={"learning_rate": config.learning_rate / factor, "gradient_clip_norm": clip}) for factor in (10.0, 100.0)]
+
+
+def fit_autoencoder(features: np.ndarray, config: AutoencoderConfig, progress: Any = None) -> tuple[keras.Model, TrainingHistory, AutoencoderConfig, list[dict[str, Any]]]:
+    """Build and train the autoencoder; when the fit diverges, train it again with safer settings before giving up.
+
+    Returns the model, its history, the settings it converged with and the diverged attempts before it.
+    """
+    diverged: list[dict[str, Any]] = []
+    for attempt in [config, *safer_configs(config)]:
+        model = build_autoencoder(attempt, features)
+        history = train_autoencoder(model, features, attempt, on_epoch_end=progress)
+        problem = divergence(history)
+        if problem is None:
+            # The weights early stopping kept must also reconstruct the training rows with finite errors.
+            sample = features[:: max(1, len(features) // 10_000)]
+            if not np.isfinite(reconstruction_errors(model, sample, attempt.loss, compiled=False)).all():
+                problem = "reconstruction errors of training rows are not finite"
+        if problem is None:
+            return model, history, attempt, diverged
+        log.warning("Training diverged with learning_rate=%g, gradient_clip_norm=%s (%s); trying safer settings", attempt.learning_rate, attempt.gradient_clip_norm, problem)
+        diverged.append({"learning_rate": attempt.learning_rate, "gradient_clip_norm": attempt.gradient_clip_norm, "problem": problem})
+    raise TrainingDataError(
+        f"training diverged {len(diverged)} times, the last with learning_rate={diverged[-1]['learning_rate']:g} and clipped gradients "
+        f"({diverged[-1]['problem']}); check the features for extreme values, or set a smaller learning_rate"
+    )
+
+
 def train_model(train_path: str, feature_names: Sequence[str], config: AutoencoderConfig, staging: Path, progress: Any = None) -> dict[str, Any]:
     """Size ``config`` for the training split, build the autoencoder, train it and save it as ``staging/model.keras``.
 
-    The returned history carries the sized config under ``config``: that is what the bundle records.
+    The returned history carries the config it was trained with, sized, under ``config``: that is
+    what the bundle records, and what cross-fitting trains its fold models with.
     """
     features = read_matrix(train_path, feature_names)
     sized = config.sized_for(rows=len(features), features=features.shape[1])
     started = time.perf_counter()
-    model = build_autoencoder(sized, features)
-    history = train_autoencoder(model, features, sized, on_epoch_end=progress)
+    model, history, trained, diverged = fit_autoencoder(features, sized, progress)
     fit_seconds = time.perf_counter() - started
-    if not np.isfinite(history.loss[-1]):
-        raise TrainingDataError(f"training diverged (loss {history.loss[-1]}); lower learning_rate or check the features for extreme values")
     with storage.staged_path(staging / MODEL_FILE, suffix=".keras") as tmp:
         model.save(tmp)
     return {
@@ -145,22 +211,142 @@ def train_model(train_path: str, feature_names: Sequence[str], config: Autoencod
         "best_epoch": history.best_epoch,
         "stopped_early": history.stopped_early,
         "fit_seconds": round(fit_seconds, 3),
-        "config": sized.model_dump(),
+        "diverged_attempts": diverged,
+        "config": trained.model_dump(),
     }
 
 
-def compute_holdout_errors(staging: Path, holdout_path: str, feature_names: Sequence[str], loss: str) -> str:
-    """Score the held-out rows with the staged model and write their errors beside them; return that path."""
+def out_of_fold_errors(features: np.ndarray, config: AutoencoderConfig, folds: int, progress: Any = None) -> np.ndarray:
+    """Return each row's reconstruction error from a model trained on the other folds; fold k holds every row i with i % folds == k.
+
+    The rows come in a seeded random order, so the folds are random; interleaved, any half of the
+    errors holds rows of every fold model alike.
+    """
+    errors = np.empty(len(features), dtype=np.float64)
+    for k in range(folds):
+        held = np.arange(k, len(features), folds)
+        kept = np.ones(len(features), dtype=bool)
+        kept[held] = False
+        model, _, trained, _ = fit_autoencoder(features[kept], config)
+        errors[held] = reconstruction_errors(model, features[held], trained.loss, compiled=False)
+        if progress is not None:
+            progress(k, folds)
+    return errors
+
+
+def heldout_ranking(normal_errors: np.ndarray, anomaly_errors: np.ndarray) -> dict[str, float]:
+    """Return how well errors rank labelled anomalies above unseen normal rows: ROC-AUC and PR-AUC."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    truth = np.r_[np.zeros(len(normal_errors), dtype=bool), np.ones(len(anomaly_errors), dtype=bool)]
+    scores = np.r_[normal_errors, anomaly_errors]
+    return {"roc_auc": float(roc_auc_score(truth, scores)), "pr_auc": float(average_precision_score(truth, scores))}
+
+
+def candidate_errors(split: dict[str, Any], config: AutoencoderConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the errors of unseen normal rows and of the labelled anomalies under one candidate recipe.
+
+    Held out: a model trained on at most ``SELECTION_ROWS`` training rows scores the held-out rows.
+    Cross-fitted: the out-of-fold errors of the normal rows, and the fold models' mean error on each anomaly.
+    """
+    names = split["feature_names"]
+    train = read_matrix(split["train_path"], names)
+    holdout = pq.read_table(split["holdout_path"])
+    labelled = holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    held = read_matrix(holdout, names)
+    if split["scheme"] == HOLDOUT:
+        if len(train) > SELECTION_ROWS:
+            train = train[np.random.default_rng(seed).choice(len(train), SELECTION_ROWS, replace=False)]
+        model, _, trained, _ = fit_autoencoder(train, config.sized_for(rows=len(train), features=train.shape[1]))
+        errors = reconstruction_errors(model, held, trained.loss, compiled=False)
+        return errors[~labelled], errors[labelled]
+    sized = config.sized_for(rows=len(train), features=train.shape[1])
+    normal = np.empty(len(train), dtype=np.float64)
+    anomalies = np.zeros(int(labelled.sum()), dtype=np.float64)
+    folds = split["folds"]
+    for k in range(folds):
+        rows = np.arange(k, len(train), folds)
+        kept = np.ones(len(train), dtype=bool)
+        kept[rows] = False
+        model, _, trained, _ = fit_autoencoder(train[kept], sized)
+        normal[rows] = reconstruction_errors(model, train[rows], trained.loss, compiled=False)
+        anomalies += reconstruction_errors(model, held[labelled], trained.loss, compiled=False) / folds
+    return normal, anomalies
+
+
+def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig, staging: Path, progress: Any = None) -> dict[str, Any]:
+    """Pick, among the preset's candidate recipes, the one that ranks the held-out labelled anomalies best.
+
+    Without enough labelled anomalies (or for a preset without candidates) the preset's own recipe is
+    kept. When cross-fitting, the winner's out-of-fold errors are kept for the threshold, which is then
+    fixed on exactly the errors the choice was made on.
+    """
+    candidates = RECIPE_CANDIDATES.get(preset, {})
+    anomalies = split["rows_holdout_anomalies"]
+    if not candidates or anomalies < MIN_ANOMALIES_FOR_SELECTION:
+        why = f"{anomalies} labelled anomalies held out; at least {MIN_ANOMALIES_FOR_SELECTION} choose among candidate recipes" if candidates else f"preset {preset!r} has no candidate recipes"
+        name = next(iter(candidates), preset)
+        return {"name": name, "config": config.model_dump(), "chosen_on": None, "candidates": [], "note": why, "normal_errors_path": None}
+    table = []
+    errors: dict[str, np.ndarray] = {}
+    for name, changes in candidates.items():
+        candidate = config.model_copy(update=changes)
+        started = time.perf_counter()
+        normal, anomaly = candidate_errors(split, candidate, config.seed)
+        errors[name] = normal
+        table.append({"recipe": name, **heldout_ranking(normal, anomaly), "seconds": round(time.perf_counter() - started, 3), "changes": changes})
+        if progress is not None:
+            progress(table[-1])
+    best = max(table, key=lambda row: row["roc_auc"])  # the first of equals: the preset's own recipe comes first
+    for row in table:
+        row["chosen"] = row is best
+    normal_errors_path = None
+    if split["scheme"] == CROSS_FIT:
+        normal_errors_path = staging / WORK_DIR / "chosen-normal-errors.parquet"
+        chosen = config.model_copy(update=candidates[best["recipe"]]).sized_for(rows=split["rows_train"], features=len(split["feature_names"]))
+        table_ = pa.table({"reconstruction_error": pa.array(errors[best["recipe"]])}).replace_schema_metadata({CONFIG_METADATA: chosen.model_dump_json()})
+        _write_table(table_, normal_errors_path)
+    rows = "held-out normal rows" if split["scheme"] == HOLDOUT else "normal rows out of fold"
+    return {
+        "name": best["recipe"],
+        "config": config.model_copy(update=candidates[best["recipe"]]).model_dump(),
+        "chosen_on": f"ROC-AUC of {anomalies} labelled anomalies against the {rows}",
+        "candidates": table,
+        "note": None,
+        "normal_errors_path": str(normal_errors_path) if normal_errors_path else None,
+    }
+
+
+def compute_holdout_errors(staging: Path, split: dict[str, Any], config: dict[str, Any], progress: Any = None, normal_errors_path: str | None = None) -> str:
+    """Write the errors of the normal rows the model that scores them did not see, and of the labelled anomalies; return that path.
+
+    Held out (``holdout``): the staged model scores the held-out rows. Cross-fitted (``cross_fit``):
+    each normal row is scored by a model of the same settings trained on the other folds, and the
+    anomalies, never trained on, by the staged model. ``normal_errors_path`` holds out-of-fold errors
+    already computed with these settings (by :func:`choose_recipe`), which are then not computed again.
+    """
+    names = split["feature_names"]
+    sized = AutoencoderConfig.model_validate(config)
     model = keras.saving.load_model(staging / MODEL_FILE, compile=False, safe_mode=True)
-    errors = reconstruction_errors(model, read_matrix(holdout_path, feature_names), loss)
-    labelled = pq.read_table(holdout_path, columns=["labelled_anomaly"]).column("labelled_anomaly")
-    out = staging / WORK_DIR / "holdout-errors.parquet"
-    _write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": labelled}), out)
+    holdout = pq.read_table(split["holdout_path"])
+    labelled = holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    errors = reconstruction_errors(model, read_matrix(holdout, names), sized.loss)
+    if split.get("scheme") == CROSS_FIT:
+        known = pq.read_table(normal_errors_path) if normal_errors_path else None
+        # Only errors of exactly these settings will do: a final fit that diverged was trained with safer ones.
+        if known is not None and (known.schema.metadata or {}).get(CONFIG_METADATA) == sized.model_dump_json().encode():
+            normal = known.column("reconstruction_error").to_numpy()
+        else:
+            normal = out_of_fold_errors(read_matrix(split["train_path"], names), sized, split["folds"], progress)
+        errors = np.concatenate([normal, errors])
+        labelled = np.concatenate([np.zeros(len(normal), dtype=bool), labelled])
+    out = staging / WORK_DIR / HOLDOUT_ERRORS_FILE
+    _write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": pa.array(labelled, type=pa.bool_())}), out)
     return str(out)
 
 
-def fix_threshold_from_errors(errors_path: str, percentile: float) -> dict[str, Any]:
-    """Fix the threshold at ``percentile`` of the held-out normal rows' errors; return it with calibration statistics."""
+def fix_threshold_from_errors(errors_path: str, percentile: float, scheme: str = HOLDOUT) -> dict[str, Any]:
+    """Fix the threshold at ``percentile`` of the errors of normal rows their model did not see; return it with calibration statistics."""
     table = pq.read_table(errors_path)
     errors = table.column("reconstruction_error").to_numpy()
     normal = ~table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
@@ -172,13 +358,23 @@ def fix_threshold_from_errors(errors_path: str, percentile: float) -> dict[str, 
         "percentile": float(percentile),
         "rows": int(len(holdout_normal)),
         "uncertainty": uncertainty,
-        "warning": threshold_warning(uncertainty, percentile),
+        "warning": threshold_warning(uncertainty, percentile, "held-out normal rows" if scheme == HOLDOUT else "normal rows scored out of fold"),
         "calibration": calibration_stats(holdout_normal),
         "error_reference": score_reference(holdout_normal),
     }
 
 
-def write_bundle(staging: Path, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, label_column: str, normal_label: str) -> Path:
+def write_bundle(
+    staging: Path,
+    version: str,
+    split: dict[str, Any],
+    history: dict[str, Any],
+    threshold: dict[str, Any],
+    preset: str,
+    label_column: str,
+    normal_label: str,
+    recipe: dict[str, Any] | None = None,
+) -> Path:
     """Write bundle.json beside the staged model, with the model's checksum and everything scoring needs."""
     model_path = staging / MODEL_FILE
     config = AutoencoderConfig.model_validate(history["config"])
@@ -191,11 +387,13 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
         "features": [{"name": n, "dtype": "float64"} for n in split["feature_names"]],
         "label_column": label_column,
         "normal_label": normal_label,
-        "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty", "warning")} | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value"},
+        "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty", "warning")}
+        | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value", "scheme": split["scheme"], "folds": split["folds"]},
         "calibration": threshold["calibration"],
         # What nightly drift is measured against: the training rows' feature deciles and the held-out errors'.
         "drift_reference": drift_reference(feature_reference(read_matrix(split["train_path"], split["feature_names"]), split["feature_names"]), threshold["error_reference"]),
         "preset": preset,
+        "recipe": _recipe_record(recipe, preset),
         "config": config.model_dump(),
         "seed": config.seed,
         "training": {
@@ -204,6 +402,7 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
             "rows_total": split["rows_total"],
             "rows_train": split["rows_train"],
             "rows_holdout_normal": split["rows_holdout_normal"],
+            "rows_threshold": split["rows_threshold"],
             "rows_holdout_anomalies": split["rows_holdout_anomalies"],
             "rows_unlabelled": split.get("rows_unlabelled", 0),
             "rows_label_history_normal": split.get("rows_label_history_normal", 0),
@@ -211,6 +410,7 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
             "epochs_run": history["epochs_run"],
             "best_epoch": history["best_epoch"],
             "fit_seconds": history["fit_seconds"],
+            "diverged_attempts": history["diverged_attempts"],
         },
         "library_versions": library_versions(),
     }
@@ -218,7 +418,21 @@ def write_bundle(staging: Path, version: str, split: dict[str, Any], history: di
     return storage.write_json(staging / BUNDLE_FILE, payload)
 
 
-def write_training_report(staging: Path, version: str, errors_path: str, history: dict[str, Any], threshold: dict[str, Any], split: dict[str, Any], preset: str) -> dict[str, Any]:
+def _recipe_record(recipe: dict[str, Any] | None, preset: str) -> dict[str, Any]:
+    recipe = recipe or {"name": preset, "chosen_on": None, "candidates": [], "note": None}
+    return {key: recipe[key] for key in ("name", "chosen_on", "candidates", "note")}
+
+
+def write_training_report(
+    staging: Path,
+    version: str,
+    errors_path: str,
+    history: dict[str, Any],
+    threshold: dict[str, Any],
+    split: dict[str, Any],
+    preset: str,
+    recipe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write the training report (loss curves, held-out error histogram, JSON, Markdown) into ``staging/report``."""
     report_dir = staging / REPORT_DIR
     table = pq.read_table(errors_path)
@@ -229,12 +443,14 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
     evaluation = summarize_errors(errors, threshold["value"], threshold["percentile"], classes if has_anomalies else None)
     normal_summary = summarize_errors(errors[~labelled], threshold["value"], threshold["percentile"], None)
     loss_png = plot_loss_curves(history["loss"], history["val_loss"], report_dir / "loss-curves.png", f"Training loss, model {version}")
-    hist_png = plot_error_histogram(normal_summary, report_dir / "holdout-error-histogram.png", f"Held-out normal rows, model {version}")
+    unseen = "Held-out normal rows" if split["scheme"] == HOLDOUT else f"Normal rows out of fold ({split['folds']} folds)"
+    hist_png = plot_error_histogram(normal_summary, report_dir / "holdout-error-histogram.png", f"{unseen}, model {version}")
     report = {
         "kind": "training",
         "model_version": version,
         "preset": preset,
-        "training": {k: split.get(k, 0) for k in ("rows_total", "rows_train", "rows_holdout_normal", "rows_holdout_anomalies", "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies", "fingerprint")},
+        "recipe": _recipe_record(recipe, preset),
+        "training": {k: split.get(k, 0) for k in TRAINING_REPORT_KEYS},
         "history": history,
         "threshold": threshold,
         "holdout_normal": {k: normal_summary[k] for k in ("rows_scored", "rows_flagged", "flag_rate", "expected_flag_rate")},
@@ -247,6 +463,7 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
             "preset": preset,
             "training rows (normal)": split["rows_train"],
             "held-out normal rows": split["rows_holdout_normal"],
+            "threshold fixed on": _threshold_rows_text(split),
             "held-out labelled anomalies": split["rows_holdout_anomalies"],
             "rows without a label (left out)": split.get("rows_unlabelled", 0),
             "normal rows of past nights confirmed by labels (in the splits above)": split.get("rows_label_history_normal", 0),
@@ -256,6 +473,7 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
             "epochs run": history["epochs_run"],
             "best epoch": history["best_epoch"],
             "fit seconds": history["fit_seconds"],
+            "fits that diverged and were trained again": len(history["diverged_attempts"]),
         },
         "Threshold": {
             "value": threshold["value"],
@@ -267,11 +485,31 @@ def write_training_report(staging: Path, version: str, errors_path: str, history
             "expected flag rate": normal_summary["expected_flag_rate"],
         },
     }
+    chosen = _recipe_record(recipe, preset)
+    if chosen["candidates"]:
+        sections[f"Recipe chosen on the {chosen['chosen_on']}"] = [
+            {"recipe": row["recipe"], "ROC-AUC": row["roc_auc"], "PR-AUC": row["pr_auc"], "seconds": row["seconds"], "chosen": "yes" if row["chosen"] else ""}
+            for row in chosen["candidates"]
+        ]
+    else:
+        sections["Training"]["recipe"] = f"{chosen['name']} ({chosen['note']})" if chosen["note"] else chosen["name"]
     if evaluation["labels"]:
         sections["Held-out rows, per class"] = classification_table(evaluation["labels"])
     markdown = render_markdown(f"Training report: model {version}", sections, [str(loss_png), str(hist_png)])
     write_report_files(report, markdown, report_dir, "training-report")
     return {"report": report, "markdown": markdown}
+
+
+TRAINING_REPORT_KEYS = (
+    "scheme", "folds", "rows_total", "rows_train", "rows_holdout_normal", "rows_threshold", "rows_holdout_anomalies",
+    "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies", "fingerprint",
+)
+
+
+def _threshold_rows_text(split: dict[str, Any]) -> str:
+    if split["scheme"] == HOLDOUT:
+        return f"{split['rows_threshold']} held-out normal rows"
+    return f"all {split['rows_threshold']} normal rows, each scored by a model trained on the other {split['folds'] - 1} of {split['folds']} folds"
 
 
 def _uncertainty_rows(threshold: dict[str, Any]) -> dict[str, Any]:

@@ -30,8 +30,28 @@ def gather_label_history(workspace_root: str, source: str, label_column: str, no
 def split_training_data(source: str, staging: str, label_column: str, normal_label: str, all_rows_normal: bool, holdout_fraction: float, percentile: float, seed: int, label_history: str | None = None) -> dict[str, Any]:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
     split = training.split_training_data(source, Path(staging), label_column, normal_label, all_rows_normal, holdout_fraction, percentile, seed, label_history=label_history)
-    get_run_logger().info("Training rows: %d normal for training, %d normal held out, %d labelled anomalies held out", split["rows_train"], split["rows_holdout_normal"], split["rows_holdout_anomalies"])
+    if split["scheme"] == training.CROSS_FIT:
+        get_run_logger().info(
+            "Training rows: %d normal, each also scored out of fold for the threshold (%d folds: a %d%% hold-out would leave it uncertain), %d labelled anomalies held out",
+            split["rows_train"], split["folds"], round(100 * holdout_fraction), split["rows_holdout_anomalies"],
+        )
+    else:
+        get_run_logger().info("Training rows: %d normal for training, %d normal held out, %d labelled anomalies held out", split["rows_train"], split["rows_holdout_normal"], split["rows_holdout_anomalies"])
     return split
+
+
+@task(name="choose-recipe", cache_policy=NO_CACHE)
+def choose_recipe(split: dict[str, Any], preset: str, config: dict[str, Any], staging: str) -> dict[str, Any]:
+    """With labelled anomalies held out, pick the candidate recipe that ranks them best; else keep the preset's."""
+    logger = get_run_logger()
+
+    def log_candidate(row: dict[str, Any]) -> None:
+        logger.info("Candidate recipe %r: held-out ROC-AUC %.4f, PR-AUC %.4f (%.1f s)", row["recipe"], row["roc_auc"], row["pr_auc"], row["seconds"])
+
+    recipe = training.choose_recipe(split, preset, AutoencoderConfig.model_validate(config), Path(staging), progress=log_candidate)
+    if recipe["candidates"]:
+        logger.info("Recipe %r chosen on the %s", recipe["name"], recipe["chosen_on"])
+    return recipe
 
 
 @task(name="build-and-train-autoencoder", cache_policy=NO_CACHE)
@@ -50,36 +70,50 @@ def train_autoencoder(train_path: str, feature_names: list[str], config: dict[st
         "Trained %d epochs in %.1f s (best epoch %d); layers %s / %s, batch size %d, patience %s",
         history["epochs_run"], history["fit_seconds"], history["best_epoch"], sized["encoder_units"], sized["decoder_units"], sized["batch_size"], sized["early_stopping_patience"],
     )
+    for attempt in history["diverged_attempts"]:
+        logger.warning("A fit diverged and was trained again with safer settings: %s", attempt)
     return history
 
 
 @task(name="compute-reconstruction-errors", cache_policy=NO_CACHE)
-def compute_reconstruction_errors(staging: str, holdout_path: str, feature_names: list[str], loss: str) -> str:
-    """Score held-out rows with the freshly trained model; return the path of their errors."""
-    return training.compute_holdout_errors(Path(staging), holdout_path, feature_names, loss)
+def compute_reconstruction_errors(staging: str, split: dict[str, Any], config: dict[str, Any], normal_errors_path: str | None = None) -> str:
+    """Score the normal rows the model did not see (held out, or out of fold) and the labelled anomalies; return the path of their errors."""
+    logger = get_run_logger()
+    if split["scheme"] == training.CROSS_FIT:
+        logger.info("Cross-fitting: %d fold models, each scoring the normal rows the others trained on", split["folds"])
+
+    def log_fold(fold: int, folds: int) -> None:
+        logger.info("Fold %d/%d scored", fold + 1, folds)
+
+    return training.compute_holdout_errors(Path(staging), split, config, progress=log_fold, normal_errors_path=normal_errors_path)
 
 
 @task(name="fix-threshold", cache_policy=NO_CACHE)
-def fix_threshold(errors_path: str, percentile: float) -> dict[str, Any]:
-    """Fix the threshold at the percentile of held-out normal errors."""
-    threshold = training.fix_threshold_from_errors(errors_path, percentile)
+def fix_threshold(errors_path: str, percentile: float, scheme: str) -> dict[str, Any]:
+    """Fix the threshold at the percentile of the errors of normal rows the model did not see."""
+    threshold = training.fix_threshold_from_errors(errors_path, percentile, scheme)
     logger = get_run_logger()
-    logger.info("Threshold %.6g at the %gth percentile of %d held-out normal rows", threshold["value"], percentile, threshold["rows"])
+    unseen = "held-out normal rows" if scheme == training.HOLDOUT else "normal rows scored out of fold"
+    logger.info("Threshold %.6g at the %gth percentile of %d %s", threshold["value"], percentile, threshold["rows"], unseen)
     if threshold["warning"]:
         logger.warning("Uncertain threshold: %s", threshold["warning"])
     return threshold
 
 
 @task(name="save-model-bundle", cache_policy=NO_CACHE, **RETRIES)
-def save_model_bundle(staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, label_column: str, normal_label: str) -> str:
+def save_model_bundle(
+    staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, label_column: str, normal_label: str, recipe: dict[str, Any]
+) -> str:
     """Write bundle.json beside the model, with the config it was trained with."""
-    return str(training.write_bundle(Path(staging), version, split, history, threshold, preset, label_column, normal_label))
+    return str(training.write_bundle(Path(staging), version, split, history, threshold, preset, label_column, normal_label, recipe))
 
 
 @task(name="write-training-report", cache_policy=NO_CACHE)
-def write_training_report(staging: str, version: str, errors_path: str, history: dict[str, Any], threshold: dict[str, Any], split: dict[str, Any], preset: str) -> dict[str, Any]:
+def write_training_report(
+    staging: str, version: str, errors_path: str, history: dict[str, Any], threshold: dict[str, Any], split: dict[str, Any], preset: str, recipe: dict[str, Any]
+) -> dict[str, Any]:
     """Write the training report into the staged version."""
-    return training.write_training_report(Path(staging), version, errors_path, history, threshold, split, preset)
+    return training.write_training_report(Path(staging), version, errors_path, history, threshold, split, preset, recipe)
 
 
 @task(name="publish-model-version", cache_policy=NO_CACHE)
@@ -105,6 +139,8 @@ def check_promotion_gate(staging: str, errors_path: str, threshold: dict[str, An
         logger.info("Promotion gate passed: %s", decision["checks"])
     else:
         logger.warning("Promotion gate refused the new model: %s", "; ".join(decision["reasons"]))
+    for warning in decision["warnings"]:
+        logger.warning("Promotion gate: %s", warning)
     return decision
 
 

@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 N_FEATURES = 6
 FEATURES = [f"f{j}" for j in range(N_FEATURES)]
 RUN_DATE = dt.date(2026, 11, 27)
@@ -64,7 +65,7 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     staging = bundle.staging_dir(root / "models", version)
     split = training.split_training_data(str(root / "training"), staging, "label", "0", False, 0.2, 98.0, config.seed)
     history = training.train_model(split["train_path"], split["feature_names"], config, staging)
-    errors = training.compute_holdout_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
+    errors = training.compute_holdout_errors(staging, split, history["config"])
     threshold = training.fix_threshold_from_errors(errors, 98.0)
     training.write_bundle(staging, version, split, history, threshold, "default", "label", "0")
     training.publish_version(staging)

@@ -107,7 +107,11 @@ def test_calibration_stats_summarise_errors():
 
 
 def test_whitening_decorrelates_features_keeps_each_one_and_damps_exact_combinations():
-    from models.autoencoder import WHITENING_FLOOR, standardisation, whitening_matrix
+    from models.autoencoder import standardisation, whitening_matrix
+    from models.config import RECIPE_CANDIDATES
+
+    # The fully whitening recipe; the default's floor of 1 decorrelates less and damps more.
+    floor = RECIPE_CANDIDATES["default"]["whitened"]["whitening_floor"]
 
     rng = np.random.default_rng(4)
     base = rng.normal(size=(20_000, 3))
@@ -115,15 +119,15 @@ def test_whitening_decorrelates_features_keeps_each_one_and_damps_exact_combinat
     features = np.column_stack([base[:, 0], moving_together, base[:, 2], np.full(len(base), 7.0)])
     mean, std = standardisation(features)
     standardised = (features - mean) / std
-    whitened = standardised @ whitening_matrix(features)
+    whitened = standardised @ whitening_matrix(features, floor)
     before, after = np.corrcoef(standardised[:, :2], rowvar=False)[0, 1], np.corrcoef(whitened[:, :2], rowvar=False)[0, 1]
     assert before > 0.75 and abs(after) < before / 3, "features that move together are decorrelated"
     assert all(np.corrcoef(standardised[:, j], whitened[:, j])[0, 1] > 0.9 for j in range(3)), "each output stays closest to its own feature"
     assert np.all(whitened[:, 3] == 0.0), "a constant feature stays centred"
 
     with_combination = np.column_stack([features, 2.0 * features[:, 0] - features[:, 1]])
-    matrix = whitening_matrix(with_combination)
-    assert np.isfinite(matrix).all() and np.abs(matrix).max() <= 1.0 / np.sqrt(WHITENING_FLOOR), "an exact combination is damped, not inverted"
+    matrix = whitening_matrix(with_combination, floor)
+    assert np.isfinite(matrix).all() and np.abs(matrix).max() <= 1.0 / np.sqrt(floor), "an exact combination is damped, not inverted"
     mean, std = standardisation(with_combination)
     assert ((with_combination - mean) / std @ matrix).std(axis=0).max() <= 1.0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
 
 import duckdb
@@ -144,16 +145,16 @@ def test_retraining_refuses_too_few_normal_rows_and_keeps_the_current_model(retr
     shutil.copytree(base, root)
     features, labels, ids = rows
     small = root / "small.parquet"
-    normal = np.flatnonzero(labels == 0)[:240]
+    normal = np.flatnonzero(labels == 0)[:49]
     pq.write_table(rows_table(features[normal], labels[normal], ids[normal]), small)
-    with pytest.raises(TrainingDataError, match=r"small.parquet'?: 240 normal rows; the 98th percentile cannot be estimated from fewer than 50 held-out rows.* holdout_fraction=0.2 that is at least 248 normal rows"):
+    with pytest.raises(TrainingDataError, match=r"small.parquet'?: 49 normal rows; the 98th percentile cannot be estimated from fewer than 50 normal rows.* at least 50 normal rows are needed"):
         retrain_flow(workspace=str(root), training_data=str(small))
     ws = Workspace.at(root)
     assert json.loads((ws.models_dir / "current.json").read_text())["model_version"] == result["model_version"]
     assert not list(ws.models_dir.glob("*.partial"))
 
 
-def test_retraining_on_a_few_hundred_rows_trains_and_says_how_unsure_its_threshold_is(retrained, tmp_path):
+def test_retraining_on_a_few_hundred_rows_trains_on_all_of_them_and_says_how_unsure_its_threshold_is(retrained, tmp_path):
     from flows.retrain import retrain_flow
 
     base, _, rows = retrained
@@ -164,10 +165,13 @@ def test_retraining_on_a_few_hundred_rows_trains_and_says_how_unsure_its_thresho
     small = root / "small.parquet"
     pq.write_table(rows_table(features[normal], labels[normal], ids[normal]), small)
     outcome = retrain_flow(workspace=str(root), training_data=str(small), promote=False)
-    assert (outcome["training_rows"], outcome["validation_rows"]) == (240, 60)
-    assert outcome["threshold_warning"].startswith("the threshold rests on 60 held-out normal rows: normal rows will exceed it at a rate anywhere between")
+    # A 20% hold-out would fix the threshold on 60 rows and train on 240: cross-fitting uses all 300 for both.
+    assert (outcome["training_rows"], outcome["validation_rows"], outcome["threshold_scheme"]) == (300, 300, "cross_fit")
+    assert outcome["threshold_warning"].startswith("the threshold rests on 300 normal rows scored out of fold: normal rows will exceed it at a rate anywhere between")
     version_dir = Workspace.at(root).version_dir(outcome["model_version"])
-    assert json.loads((version_dir / "bundle.json").read_text())["threshold"]["warning"] == outcome["threshold_warning"]
+    bundle = json.loads((version_dir / "bundle.json").read_text())
+    assert bundle["threshold"]["warning"] == outcome["threshold_warning"]
+    assert (bundle["threshold"]["scheme"], bundle["threshold"]["folds"], bundle["threshold"]["rows"]) == ("cross_fit", 5, 300)
     assert json.loads((version_dir / "report" / "training-report.json").read_text())["threshold"]["warning"] == outcome["threshold_warning"]
     assert outcome["threshold_warning"] in (version_dir / "report" / "training-report.md").read_text()
 
@@ -192,6 +196,66 @@ def test_retraining_with_label_history_trains_on_rows_labels_confirm_normal(retr
 
     outcome = retrain_flow(workspace=str(root), training_data=str(small), promote=False, use_label_history=True, label_history_days=3)
     assert (outcome["label_history"]["rows_confirmed_normal"], outcome["label_history"]["rows_confirmed_anomalous"]) == (200, 20)
-    assert outcome["training_rows"] + outcome["validation_rows"] == 500 and outcome["holdout_anomalies"] == 20
+    # 500 normal rows: too few for a comfortable hold-out, so all of them train and fix the threshold out of fold.
+    assert outcome["training_rows"] == outcome["validation_rows"] == 500 and outcome["holdout_anomalies"] == 20
     report = (Workspace.at(root).version_dir(outcome["model_version"]) / "report" / "training-report.md").read_text()
     assert "| normal rows of past nights confirmed by labels (in the splits above) | 200 |" in report
+
+
+def test_a_first_model_of_120_normal_rows_is_trained_promoted_and_says_how_unsure_it_is(harness, tmp_path):
+    from flows.retrain import retrain_flow
+
+    features, labels = make_tutorial_data(n_samples=200, random_state=11)
+    normal = np.flatnonzero(labels == 0)[:120]
+    ws = Workspace.at(tmp_path)
+    ws.training_dir.mkdir(parents=True)
+    pq.write_table(rows_table(features[normal], labels[normal], normal), ws.training_dir / "few.parquet")
+    outcome = retrain_flow(workspace=str(tmp_path), epochs=10)
+    assert outcome["promoted"] and outcome["current_model"] == outcome["model_version"]
+    assert (outcome["training_rows"], outcome["validation_rows"], outcome["threshold_scheme"]) == (120, 120, "cross_fit")
+    assert outcome["threshold_warning"].startswith("the threshold rests on 120 normal rows scored out of fold")
+    bundle = json.loads((ws.version_dir(outcome["model_version"]) / "bundle.json").read_text())
+    low, high = bundle["threshold"]["uncertainty"]["confidence_interval"]
+    assert low <= bundle["threshold"]["value"] <= high
+
+
+def test_a_refused_first_model_says_so_with_the_command_and_scoring_names_it(harness, tmp_path, monkeypatch):
+    from data.errors import BundleError
+    from flows.retrain import retrain_flow
+    from flows.score import score_flow
+    from models import promotion
+
+    refuse = promotion.check_promotion
+
+    def refusing_gate(staging, *args, **kwargs):
+        # The real gate's decision, refused, saved where the gate saves it.
+        decision = refuse(staging, *args, **kwargs)
+        decision.update(passed=False, reasons=["a refusal this test asks for"])
+        (staging / "promotion.json").write_text(json.dumps(decision))
+        return decision
+
+    monkeypatch.setattr(promotion, "check_promotion", refusing_gate)
+    features, labels = make_tutorial_data(n_samples=1000, random_state=12)
+    ws = Workspace.at(tmp_path)
+    ws.training_dir.mkdir(parents=True)
+    pq.write_table(rows_table(features, labels, np.arange(len(labels))), ws.training_dir / "t.parquet")
+    records: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = records.append
+    run_logger = logging.getLogger("prefect.flow_runs")
+    run_logger.addHandler(listener)
+    try:
+        outcome = retrain_flow(workspace=str(tmp_path), epochs=5)
+    finally:
+        run_logger.removeHandler(listener)
+    version = outcome["model_version"]
+    assert not outcome["promoted"] and outcome["promotion_refused"] == ["a refusal this test asks for"]
+    assert outcome["promote_command"] == f"anomaly promote {version}" and outcome["current_model"] is None
+    # The run's log says what to do.
+    logged = "\n".join(record.getMessage() for record in records if record.levelno >= logging.ERROR)
+    assert f"Model {version} is saved but NOT promoted, and no model is current" in logged and f"Promote it anyway with: anomaly promote {version}" in logged
+    folder = ws.incoming_for(RUN_DATE)
+    folder.mkdir(parents=True)
+    pq.write_table(rows_table(features[:100], labels[:100], np.arange(100)), folder / "night.parquet")
+    with pytest.raises(BundleError, match=rf"no current model; model {version} was trained but its promotion gate refused it: a refusal this test asks for\. Promote it with: anomaly promote {version}"):
+        score_flow(workspace=str(tmp_path), run_date=RUN_DATE)

@@ -42,14 +42,36 @@ def test_non_finite_errors_are_refused(tmp_path):
     assert not decision["passed"] and "not finite" in decision["reasons"][0]
 
 
-def test_a_threshold_that_does_not_generalise_is_refused(tmp_path):
+def test_a_threshold_that_does_not_generalise_is_refused_while_another_model_is_current(workspace_copy):
     rng = np.random.default_rng(0)
     # The two halves of the held-out rows disagree: a threshold fixed on one flags far more than 2% of the other.
     errors = np.concatenate([rng.exponential(size=2000), 3 + rng.exponential(size=2000)])
     assert max(cross_checked_flag_rates(errors, 98.0)) > 0.3
+    ws = Workspace.at(workspace_copy)
+    staging, path = _staging_with_errors(workspace_copy, errors, np.zeros(4000, dtype=bool))
+    decision = check_promotion(staging, path, _threshold(errors), ws.models_dir, FEATURES)
+    assert not decision["passed"] and "does not generalise" in decision["reasons"][0]
+    assert decision["first_model"] is False and decision["warnings"] == []
+
+
+def test_a_first_model_failing_only_the_flag_rate_cross_check_is_promoted_with_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    errors = np.concatenate([rng.exponential(size=2000), 3 + rng.exponential(size=2000)])
     staging, path = _staging_with_errors(tmp_path, errors, np.zeros(4000, dtype=bool))
     decision = check_promotion(staging, path, _threshold(errors), tmp_path / "models", FEATURES)
-    assert not decision["passed"] and "does not generalise" in decision["reasons"][0]
+    # With no model current nothing could be scored: an unsure threshold is better than none.
+    assert decision["passed"] and decision["first_model"] and decision["reasons"] == []
+    [warning] = decision["warnings"]
+    assert warning.startswith("promoted although flag rate on unseen held-out normal rows was") and "no model was current" in warning
+    assert json.loads((staging / "promotion.json").read_text())["warnings"] == [warning]
+
+
+def test_a_first_model_with_non_finite_errors_is_still_refused(tmp_path):
+    errors = np.random.default_rng(0).exponential(size=4000)
+    errors[7] = np.inf
+    staging, path = _staging_with_errors(tmp_path, errors, np.zeros(4000, dtype=bool))
+    decision = check_promotion(staging, path, {"value": 1.0, "percentile": 98.0, "rows": 4000}, tmp_path / "models", FEATURES)
+    assert not decision["passed"] and decision["first_model"] and decision["warnings"] == []
 
 
 def test_a_model_clearly_worse_than_the_current_one_on_labelled_anomalies_is_refused(workspace_copy):

@@ -64,7 +64,7 @@ def sensor_workspace(tmp_path_factory):
     staging = bundle.staging_dir(root / "models", "20260102T000000Z")
     split = training.split_training_data(str(root / "training"), staging, "label", "0", False, 0.2, 98.0, config.seed)
     history = training.train_model(split["train_path"], split["feature_names"], config, staging)
-    errors = training.compute_holdout_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
+    errors = training.compute_holdout_errors(staging, split, history["config"])
     threshold = training.fix_threshold_from_errors(errors, 98.0)
     training.write_bundle(staging, "20260102T000000Z", split, history, threshold, "default", "label", "0")
     training.publish_version(staging)

@@ -52,17 +52,20 @@ def detection_metrics(errors: np.ndarray, threshold: float, labels: np.ndarray) 
     }
 
 
-def retrain(preset: str, training_file: Path, staging: Path, **overrides: Any) -> tuple[dict[str, Any], float, keras.Model, dict[str, Any]]:
-    """Run the product's retraining steps; return the split, fit+threshold seconds, the model and the threshold."""
+def retrain(preset: str, training_file: Path, staging: Path, choose: bool = True, **overrides: Any) -> tuple[dict[str, Any], float, keras.Model, dict[str, Any]]:
+    """Run the product's retraining steps; return the split, fit+threshold seconds, the model and the threshold (``choose=False``: no recipe chosen)."""
     config = resolve_preset(preset, **overrides)
     split = training.split_training_data(str(training_file), staging, "label", "0", False, 0.2, PERCENTILE, config.seed)
     started = time.perf_counter()
-    history = training.train_model(split["train_path"], split["feature_names"], config, staging)
-    errors_path = training.compute_holdout_errors(staging, split["holdout_path"], split["feature_names"], config.loss)
+    # Overrides name one recipe: candidates are chosen among only for the preset as it is.
+    recipe = training.choose_recipe(split, preset if choose and not overrides else "", config, staging)
+    history = training.train_model(split["train_path"], split["feature_names"], AutoencoderConfig.model_validate(recipe["config"]), staging)
+    errors_path = training.compute_holdout_errors(staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"])
     threshold = training.fix_threshold_from_errors(errors_path, PERCENTILE)
     seconds = time.perf_counter() - started
     model = keras.saving.load_model(staging / "model.keras", compile=False, safe_mode=True)
     split["history"] = history
+    split["recipe"] = recipe
     split["errors_path"] = errors_path
     split["config"] = AutoencoderConfig.model_validate(history["config"])
     return split, seconds, model, threshold
@@ -145,7 +148,7 @@ def small_real_data(work: Path, log) -> list[dict[str, Any]]:
             per_digit["default"].append({**detection_metrics(reconstruction_errors(model, x_test, split["config"].loss), threshold["value"], y_test), "fit_and_threshold_seconds": seconds})
             per_digit["gaussian_ledoit_wolf"].append(ledoit_wolf_gaussian(split, x_test, y_test))
             per_digit["isolation_forest"].append(isolation_forest(split, x_test, y_test))
-        row: dict[str, Any] = {"dataset": label, "training_rows": split["rows_train"], "holdout_rows": split["rows_holdout_normal"], "threshold_warning": threshold.get("warning")}
+        row: dict[str, Any] = {"dataset": label, "training_rows": split["rows_train"], "holdout_rows": split["rows_threshold"], "threshold_warning": threshold.get("warning")}
         for system, runs in per_digit.items():
             row[system] = {metric: float(np.mean([r[metric] for r in runs])) for metric in runs[0]} | {"worst_roc_auc": float(min(r["roc_auc"] for r in runs))}
         row["default_roc_auc_minus_isolation_forest"] = row["default"]["roc_auc"] - row["isolation_forest"]["roc_auc"]
@@ -171,11 +174,14 @@ def quality_and_training(spec: DatasetSpec, work: Path, scale: float, with_seed:
     result["default_recall_share_of_limit"] = result["default"]["recall"] / result["limit"]["recall"]
     result["default_roc_auc_gap_to_limit"] = result["limit"]["roc_auc"] - result["default"]["roc_auc"]
     result["_default_run"] = (split, model, threshold)
+    result["default"]["recipe"] = split["recipe"]["name"]
     if spec.n_redundant:
-        # The same recipe without decorrelation, to show what it buys where features move together.
-        plain_split, plain_seconds, plain_model, plain_threshold = retrain("default", training_file, staging_dir(work / spec.name / "models", "standardised"), decorrelate_inputs=False, input_dropout=0.0)
-        result["standardised_only"] = {**detection_metrics(reconstruction_errors(plain_model, x_test, "mse"), plain_threshold["value"], y_test), "fit_and_threshold_seconds": plain_seconds}
-        log(f"{spec.name}: standardised only, recall {result['standardised_only']['recall']:.3f} roc_auc {result['standardised_only']['roc_auc']:.3f}")
+        # The default recipe as training without labelled anomalies runs it (no recipe chosen), and standardised
+        # only: what choosing a recipe, and decorrelating, buy where features move together.
+        for key, overrides in (("default_unlabelled", {}), ("standardised_only", {"decorrelate_inputs": False})):
+            plain_split, plain_seconds, plain_model, plain_threshold = retrain("default", training_file, staging_dir(work / spec.name / "models", key), choose=False, **overrides)
+            result[key] = {**detection_metrics(reconstruction_errors(plain_model, x_test, "mse"), plain_threshold["value"], y_test), "fit_and_threshold_seconds": plain_seconds}
+            log(f"{spec.name}: {key.replace('_', ' ')}, recall {result[key]['recall']:.3f} roc_auc {result[key]['roc_auc']:.3f}")
     if with_seed:
         seed_split, seed_seconds, seed_model, seed_threshold = retrain("seed", training_file, staging_dir(work / spec.name / "models", "seed"))
         result["seed"] = {**detection_metrics(reconstruction_errors(seed_model, x_test, "mae"), seed_threshold["value"], y_test), "fit_and_threshold_seconds": seed_seconds, "epochs_run": seed_split["history"]["epochs_run"]}
@@ -450,11 +456,12 @@ def render_table(results: dict[str, Any]) -> str:
     """Render the results as Markdown tables with the bars they are held to."""
     lines = ["| dataset | system | recall | precision | F1 | ROC-AUC | PR-AUC | fit+threshold s |", "|---|---|---|---|---|---|---|---|"]
     for row in results["quality"]:
-        for system in ("default", "standardised_only", "seed", "limit"):
+        for system in ("default", "default_unlabelled", "standardised_only", "seed", "limit"):
             if system in row:
                 m = row[system]
                 seconds = f"{m['fit_and_threshold_seconds']:.1f}" if "fit_and_threshold_seconds" in m else "-"
-                lines.append(f"| {row['dataset']} | {system.replace('_', ' ')} | {m['recall']:.3f} | {m['precision']:.3f} | {m['f1']:.3f} | {m['roc_auc']:.3f} | {m['pr_auc']:.3f} | {seconds} |")
+                name = system.replace("_", " ") + (f" (recipe chosen: {m['recipe']})" if "recipe" in m else "")
+                lines.append(f"| {row['dataset']} | {name} | {m['recall']:.3f} | {m['precision']:.3f} | {m['f1']:.3f} | {m['roc_auc']:.3f} | {m['pr_auc']:.3f} | {seconds} |")
     for row in results.get("small_real_data", []):
         for system in ("default", "gaussian_ledoit_wolf", "isolation_forest"):
             m = row[system]
@@ -501,6 +508,16 @@ def render_table(results: dict[str, Any]) -> str:
         sizes = [k for k in m if k.isdigit()]
         lines.append(f"| flow process peak RSS, labelled night of {int(sizes[0]):,} / {int(sizes[1]):,} rows, workspace in S3 (MB) | {m[sizes[0]]['peak_rss_mb']:.0f} / {m[sizes[1]]['peak_rss_mb']:.0f} | - |")
         lines.append(f"| peak RSS difference, workspace in S3 (MB) | {m['peak_difference_mb']:.0f} | <= 100 |")
+    if "adbench" in results and "summary" in results["adbench"]:
+        for mode, label in (("product", "normal rows only"), ("product_labelled", "with the training split's labelled anomalies")):
+            a = results["adbench"]["summary"][mode]
+            knn = a["peer_mean_roc_auc"]["knn"]
+            lines.append(f"| ADBench development sets, {label}: trained and scored | {a['scored']} of {a['datasets']} | all |")
+            if a["mean_roc_auc"] is not None:
+                lines.append(f"| the same: mean ROC-AUC, product / k-NN | {a['mean_roc_auc']:.3f} / {knn:.3f} | product >= k-NN |")
+            if a["worst_gap_to_isolation_forest"] is not None:
+                lines.append(f"| the same: worst product ROC-AUC - IsolationForest's | {a['worst_gap_to_isolation_forest']:.3f} | >= -0.05 |")
+                lines.append(f"| the same: median flag rate on the test split's normal rows | {a['median_flag_rate_normal']:.2%} | 1.5% to 3% |")
     for database, load in results.get("stack_load", {}).items():
         what = (
             f"{load['runs_requested']} runs created at once, {load['readers']} readers and {load['writers']} writers "
@@ -518,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite and write bench/results/latest.{json,md}."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (figures are not comparable to a full run)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "small", "throughput", "dask", "prefect", "memory", "evaluation", "s3", "stack"], help="sections to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "others", "small", "throughput", "dask", "prefect", "memory", "evaluation", "s3", "adbench", "stack"], help="sections to leave out")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -565,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         if "s3" not in args.skip:
             sizes = (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000)
             results["object_storage"] = object_storage(workspace, 200_000 if args.quick else 1_000_000, sizes, rows_like, log)
+        if "adbench" not in args.skip:
+            from bench.adbench import adbench
+
+            results["adbench"] = adbench(work / "adbench", log, only=("glass", "WBC", "thyroid") if args.quick else ())
     if "stack" not in args.skip:
         from bench.stack_load import stack_load
 
@@ -574,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     table = render_table(results)
     stem = "quick" if args.quick else "latest"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (RESULTS / f"{stem}.md").write_text(f"Benchmark ({results['mode']}, {results['started_at'][:19]}Z, {results['machine']['cpus']} CPUs, {results['seconds']:.0f} s)\n\n{table}")
+    from bench.adbench import render as render_adbench
+
+    adbench_table = render_adbench(results.get("adbench", {}))
+    header = f"Benchmark ({results['mode']}, {results['started_at'][:19]}Z, {results['machine']['cpus']} CPUs, {results['seconds']:.0f} s)"
+    (RESULTS / f"{stem}.md").write_text(f"{header}\n\n{table}" + (f"\n{adbench_table}" if adbench_table else ""))
     print(table)
     return 0
 

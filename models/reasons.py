@@ -1,7 +1,7 @@
 """Why a row was flagged: each feature's share of the row's reconstruction error, and which way the input is off.
 
 The error is the mean over features of each residual's square (MSE) or absolute value (MAE), on the
-scale the model computes it (standardised and decorrelated inputs for the default preset); a feature's share is its
+scale the model computes it (standardised inputs for the default preset); a feature's share is its
 term over the sum of all terms, so the shares of a row sum to 1 and decompose its score exactly.
 """
 

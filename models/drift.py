@@ -32,7 +32,6 @@ FALSE_ALARM_RATE = 0.001
 DRIFT_ROWS_PER_CHUNK = 8192
 # Half a row added to every bin that either side uses, so that a bin empty on one side keeps the index finite.
 SMOOTHING = 0.5
-PLOTTED_FEATURES = 4
 
 FLAG_RATE_ABOVE = "flag_rate_above_band"
 FLAG_RATE_BELOW = "flag_rate_below_band"
@@ -117,13 +116,6 @@ class FeatureBins:
     def to_json(self) -> list[list[int]]:
         """Return the counts (the edges live in the bundle)."""
         return self.counts.tolist()
-
-
-def merge_counts(payloads: Sequence[list[list[int]] | None]) -> list[list[int]] | None:
-    """Add up the feature bin counts of several summaries; None when any of them has none (older outputs)."""
-    if not payloads or any(p is None for p in payloads):
-        return None
-    return np.sum([np.asarray(p, dtype=np.int64) for p in payloads], axis=0).tolist()
 
 
 def psi(reference_counts: Sequence[int], observed_counts: Sequence[int]) -> tuple[float, int]:

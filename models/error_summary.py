@@ -8,12 +8,14 @@ keep quantiles within 0.1% of exact and the AUCs within 0.001 of scikit-learn's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from data.parquet import ANOMALY, NORMAL, UNLABELLED
+from models.reasons import ReasonTally
 
 # Bins cover thresholds x 1e-6 .. x 1e6 on a log scale, 0.1% wide; one more bin below, one above.
 LOG_SPAN = float(np.log(1e6))
@@ -238,11 +240,15 @@ def summarize_errors(errors: np.ndarray, threshold: float, percentile: float, cl
     return summary
 
 
+def merge_counts(payloads: Sequence[list[list[int]] | None]) -> list[list[int]] | None:
+    """Add up the feature bin counts of several summaries; None when any of them has none (older outputs)."""
+    if not payloads or any(p is None for p in payloads):
+        return None
+    return np.sum([np.asarray(p, dtype=np.int64) for p in payloads], axis=0).tolist()
+
+
 def combine(summaries: list[dict[str, Any]], threshold: float, percentile: float) -> dict[str, Any]:
     """Add up summaries of several batches scored with one threshold into one summary (reasons and feature bin counts too, where they have them)."""
-    from models.drift import merge_counts
-    from models.reasons import ReasonTally
-
     total = ErrorDistribution(float(threshold))
     reasons: ReasonTally | None = None
     for summary in summaries:

@@ -34,10 +34,6 @@ class ModelFacts:
 
     version: str
     threshold: float
-    percentile: float
-    features: list[str]
-    label_column: str = "label"
-    normal_label: str = "0"
 
 
 @dataclass
@@ -70,7 +66,7 @@ def resolve_model(workspace_root: str, model_version: str | None) -> ModelFacts:
     """Return the facts of the requested (or current) model version, after checking it loads."""
     workspace = Workspace.at(workspace_root)
     loaded = load_bundle(workspace.version_dir(model_version or current_version(workspace.models_dir)))
-    return ModelFacts(loaded.version, loaded.threshold, loaded.percentile, loaded.feature_names, loaded.label_column, loaded.normal_label)
+    return ModelFacts(loaded.version, loaded.threshold)
 
 
 def read_state(path: Path) -> FileState:

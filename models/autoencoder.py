@@ -48,6 +48,9 @@ class Standardize(keras.layers.Layer):
 
 def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) -> keras.Model:
     """Build an uncompiled autoencoder whose first layer standardises with statistics of ``training_features``."""
+    unsized = [name for name, value in config.model_dump().items() if value == "auto"]
+    if unsized:
+        raise ValueError(f"size the config for its data first (AutoencoderConfig.sized_for): {', '.join(unsized)} still 'auto'")
     keras.utils.set_random_seed(config.seed)
     n_features = training_features.shape[1]
     inputs = keras.Input(shape=(n_features,), name="features")
@@ -90,6 +93,23 @@ def standardisation(training_features: np.ndarray) -> tuple[np.ndarray, np.ndarr
     features = np.asarray(training_features, dtype=np.float64)
     std = features.std(axis=0)
     return features.mean(axis=0), np.where(std > 0, std, 1.0)
+
+
+# An eigenvalue of the correlation matrix (their mean is 1) this small is an exact linear dependency, not noise.
+DEPENDENCY_EIGENVALUE = 1e-6
+DEPENDENCY_SAMPLE_ROWS = 100_000
+
+
+def linear_dependencies(training_features: np.ndarray) -> int:
+    """Return how many of the (non-constant) features are exact linear combinations of the others: the correlation matrix's rank deficit."""
+    features = np.asarray(training_features, dtype=np.float64)
+    # Any sample of rows keeps an exact dependency; an evenly spaced one bounds the cost on large sets.
+    features = features[:: max(1, len(features) // DEPENDENCY_SAMPLE_ROWS)]
+    varying = features[:, features.std(axis=0) > 0]
+    if varying.shape[1] < 2 or len(varying) < 3:
+        return 0
+    eigenvalues = np.linalg.eigvalsh(np.atleast_2d(np.corrcoef(varying, rowvar=False)))
+    return int(np.sum(eigenvalues < DEPENDENCY_EIGENVALUE))
 
 
 def whitening_matrix(training_features: np.ndarray, floor: float) -> np.ndarray:

@@ -18,6 +18,10 @@ MIN_AUTO_BATCH, MAX_AUTO_BATCH, ROWS_PER_AUTO_BATCH = 32, 1024, 50
 # Early stopping waits at least this many epochs, and longer when an epoch is only a few steps.
 MIN_AUTO_PATIENCE, MAX_AUTO_PATIENCE, AUTO_PATIENCE_STEPS = 4, 20, 160
 AUTO_ENSEMBLE_SIZE, AUTO_ENSEMBLE_ROWS = 3, 20_000
+# Decorrelate when at least this share of the features are exact linear combinations of the others: derived
+# columns (totals, differences) then count several times over, and a row that breaks the relation is seen only
+# through decorrelated inputs. On real tables without such columns standardised inputs ranked anomalies better.
+AUTO_DECORRELATE_SHARE = 0.1
 
 
 class AutoencoderConfig(BaseModel):
@@ -26,14 +30,20 @@ class AutoencoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scale_inputs: bool = Field(True, description="Standardise features with statistics learnt from training rows (saved in the model).")
-    decorrelate_inputs: bool = Field(
-        False,
-        description="After standardising (needs scale_inputs), also whiten the features (ZCA, in the model), so that features that move together weigh once and a broken correlation shows in the error.",
+    decorrelate_inputs: bool | Auto = Field(
+        "auto",
+        description=(
+            "After standardising (needs scale_inputs), also whiten the features (ZCA, in the model), so that features that move together weigh once "
+            "and a broken correlation shows in the error. 'auto': only when at least a tenth of the features are exact linear combinations of others."
+        ),
     )
     whitening_floor: float = Field(
-        1.0,
+        0.1,
         gt=0,
-        description="Added to each eigenvalue of the correlation matrix before whitening (their mean is 1): 1 shrinks directions many features share and never amplifies any beyond its standardised scale; 0.1 whitens fully, amplifying directions of little variance up to 3x.",
+        description=(
+            "Added to each eigenvalue of the correlation matrix before whitening (their mean is 1): 0.1 whitens fully, amplifying directions of "
+            "little variance up to 3x and damping exact combinations; 1 shrinks directions many features share and never amplifies any."
+        ),
     )
     input_dropout: float = Field(
         0.1,
@@ -63,8 +73,8 @@ class AutoencoderConfig(BaseModel):
     validation_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of training rows used only to decide early stopping.")
     seed: int = Field(42, description="Seed for weights, shuffling and splits.")
 
-    def sized_for(self, rows: int, features: int) -> AutoencoderConfig:
-        """Return this config with every 'auto' setting sized for ``rows`` training rows of ``features`` features."""
+    def sized_for(self, rows: int, features: int, linear_dependencies: int = 0) -> AutoencoderConfig:
+        """Return this config with every 'auto' setting sized for ``rows`` training rows of ``features`` features, ``linear_dependencies`` of them exact combinations."""
         encoder = self.encoder_units
         if encoder == "auto":
             encoder = [min(MAX_AUTO_WIDTH, max(2, round(features * share))) for share in (2.0, 1.0, 0.75)]
@@ -79,11 +89,23 @@ class AutoencoderConfig(BaseModel):
         members = self.ensemble_size
         if members == "auto":
             members = AUTO_ENSEMBLE_SIZE if rows < AUTO_ENSEMBLE_ROWS else 1
-        return self.model_copy(update={"encoder_units": encoder, "decoder_units": decoder, "batch_size": batch, "early_stopping_patience": patience, "ensemble_size": members})
+        decorrelate = self.decorrelate_inputs
+        if decorrelate == "auto":
+            decorrelate = linear_dependencies >= max(1.0, AUTO_DECORRELATE_SHARE * features)
+        return self.model_copy(
+            update={
+                "encoder_units": encoder,
+                "decoder_units": decoder,
+                "batch_size": batch,
+                "early_stopping_patience": patience,
+                "ensemble_size": members,
+                "decorrelate_inputs": decorrelate,
+            }
+        )
 
 
 PRESETS: dict[str, AutoencoderConfig] = {
-    # Standardised inputs (decorrelating them ranked real tables' anomalies worse on average), with
+    # Standardised inputs (decorrelated only where many features are exact combinations of others), with
     # input dropout so that each feature is predicted from the others rather than copied, by an
     # ensemble of autoencoders on smaller sets; a linear output; widths from the
     # feature count, batch size and patience from the training rows, so that a few hundred rows train

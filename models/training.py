@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from data import storage
 from data.errors import TrainingDataError
 from data.parquet import ANOMALY, NORMAL, UNLABELLED, TrainingRows, feature_matrix, read_training_rows
-from models.autoencoder import TrainingHistory, build_autoencoder, divergence, reconstruction_errors, train_autoencoder
+from models.autoencoder import TrainingHistory, build_autoencoder, divergence, linear_dependencies, reconstruction_errors, train_autoencoder
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import RECIPE_CANDIDATES, AutoencoderConfig
 from models.drift import drift_reference, feature_reference, score_reference
@@ -198,7 +198,7 @@ def train_model(train_path: str, feature_names: Sequence[str], config: Autoencod
     what the bundle records, and what cross-fitting trains its fold models with.
     """
     features = read_matrix(train_path, feature_names)
-    sized = config.sized_for(rows=len(features), features=features.shape[1])
+    sized = config.sized_for(rows=len(features), features=features.shape[1], linear_dependencies=linear_dependencies(features))
     started = time.perf_counter()
     model, history, trained, diverged = fit_autoencoder(features, sized, progress)
     fit_seconds = time.perf_counter() - started
@@ -257,10 +257,10 @@ def candidate_errors(split: dict[str, Any], config: AutoencoderConfig, seed: int
     if split["scheme"] == HOLDOUT:
         if len(train) > SELECTION_ROWS:
             train = train[np.random.default_rng(seed).choice(len(train), SELECTION_ROWS, replace=False)]
-        model, _, trained, _ = fit_autoencoder(train, config.sized_for(rows=len(train), features=train.shape[1]))
+        model, _, trained, _ = fit_autoencoder(train, config.sized_for(rows=len(train), features=train.shape[1], linear_dependencies=linear_dependencies(train)))
         errors = reconstruction_errors(model, held, trained.loss, compiled=False)
         return errors[~labelled], errors[labelled]
-    sized = config.sized_for(rows=len(train), features=train.shape[1])
+    sized = config.sized_for(rows=len(train), features=train.shape[1], linear_dependencies=linear_dependencies(train))
     normal = np.empty(len(train), dtype=np.float64)
     anomalies = np.zeros(int(labelled.sum()), dtype=np.float64)
     folds = split["folds"]
@@ -303,7 +303,8 @@ def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig,
     normal_errors_path = None
     if split["scheme"] == CROSS_FIT:
         normal_errors_path = staging / WORK_DIR / "chosen-normal-errors.parquet"
-        chosen = config.model_copy(update=candidates[best["recipe"]]).sized_for(rows=split["rows_train"], features=len(split["feature_names"]))
+        dependencies = linear_dependencies(read_matrix(split["train_path"], split["feature_names"]))
+        chosen = config.model_copy(update=candidates[best["recipe"]]).sized_for(rows=split["rows_train"], features=len(split["feature_names"]), linear_dependencies=dependencies)
         table_ = pa.table({"reconstruction_error": pa.array(errors[best["recipe"]])}).replace_schema_metadata({CONFIG_METADATA: chosen.model_dump_json()})
         _write_table(table_, normal_errors_path)
     rows = "held-out normal rows" if split["scheme"] == HOLDOUT else "normal rows out of fold"

@@ -131,3 +131,18 @@ def test_whitening_decorrelates_features_keeps_each_one_and_damps_exact_combinat
     mean, std = standardisation(with_combination)
     assert ((with_combination - mean) / std @ matrix).std(axis=0).max() <= 1.0
 
+
+
+def test_exact_linear_dependencies_are_counted_and_decide_auto_decorrelation():
+    from models.autoencoder import linear_dependencies
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(500, 5))
+    derived = np.column_stack([base, base[:, 0] - base[:, 1], base.sum(axis=1), np.full(500, 7.0)])
+    assert linear_dependencies(base) == 0
+    # Two derived columns; the constant one is no dependency, only unused.
+    assert linear_dependencies(derived) == 2
+    config = resolve_preset("default")
+    assert config.sized_for(rows=500, features=8, linear_dependencies=2).decorrelate_inputs is True
+    assert config.sized_for(rows=500, features=21, linear_dependencies=1).decorrelate_inputs is False
+    assert resolve_preset("default", decorrelate_inputs=False).sized_for(rows=500, features=8, linear_dependencies=2).decorrelate_inputs is False

@@ -74,10 +74,17 @@ def test_a_near_constant_feature_and_an_exact_linear_dependency_train_and_rank(t
         return roc_auc_score(np.r_[normal, np.ones(len(anomaly_errors))], np.r_[errors, anomaly_errors])
 
     assert ranking(broken_errors[200:]) > 0.99
-    # Standardised inputs see a broken dependency only through how far `combined` is from what the others
-    # predict (an offset of 1.3 of its standard deviations); the decorrelating recipes, chosen when labelled
-    # anomalies show them better (the next test), see it more sharply.
-    assert ranking(broken_errors[:200]) > 0.8
+    # One feature in seven is an exact combination of others, so the default whitens its inputs: an offset of
+    # 1.3 of `combined`'s standard deviations, ordinary on its own, breaks the relation and stands out.
+    assert history["config"]["decorrelate_inputs"] is True
+    assert ranking(broken_errors[:200]) > 0.95
+
+
+def test_without_exact_dependencies_the_default_keeps_standardised_inputs(tmp_path):
+    rows = _awkward_rows(600, seed=11)
+    source = write_rows(_table(rows).drop_columns(["combined"]), tmp_path / "train.parquet")
+    _, _, history, _ = _retrain(source, tmp_path / "staging", resolve_preset("default", epochs=3))
+    assert history["config"]["decorrelate_inputs"] is False
 
 
 def test_a_diverged_fit_is_trained_again_with_a_smaller_learning_rate_and_clipped_gradients():

@@ -25,7 +25,7 @@ test: install  ## Every test, slow ones included.
 test-fast: install  ## Unit tests only.
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: install  ## Benchmarks side by side (about 25 minutes on 2 cores); writes bench/results/latest.{json,md}.
+bench: install  ## Benchmarks side by side (about 75 minutes on 2 cores, 45 of them the ADBench section); writes bench/results/latest.{json,md}.
 	$(BIN)/python -m bench.run
 
 bench-quick: install  ## Smoke run of the benchmarks on small sizes; writes bench/results/quick.{json,md}.

@@ -198,7 +198,7 @@ def train_model(train_path: str, feature_names: Sequence[str], config: Autoencod
     what the bundle records, and what cross-fitting trains its fold models with.
     """
     features = read_matrix(train_path, feature_names)
-    sized = config.sized_for(rows=len(features), features=features.shape[1], linear_dependencies=linear_dependencies(features))
+    sized = sized_for_data(config, features)
     started = time.perf_counter()
     model, history, trained, diverged = fit_autoencoder(features, sized, progress)
     fit_seconds = time.perf_counter() - started
@@ -216,22 +216,32 @@ def train_model(train_path: str, feature_names: Sequence[str], config: Autoencod
     }
 
 
-def out_of_fold_errors(features: np.ndarray, config: AutoencoderConfig, folds: int, progress: Any = None) -> np.ndarray:
-    """Return each row's reconstruction error from a model trained on the other folds; fold k holds every row i with i % folds == k.
+def sized_for_data(config: AutoencoderConfig, features: np.ndarray) -> AutoencoderConfig:
+    """Return ``config`` with every 'auto' setting decided for these training rows."""
+    return config.sized_for(rows=len(features), features=features.shape[1], linear_dependencies=linear_dependencies(features))
 
-    The rows come in a seeded random order, so the folds are random; interleaved, any half of the
-    errors holds rows of every fold model alike.
+
+def out_of_fold_errors(
+    features: np.ndarray, config: AutoencoderConfig, folds: int, progress: Any = None, unseen: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return each row's reconstruction error from a model trained on the other folds, and the fold models' mean error on ``unseen`` rows.
+
+    Fold k holds every row i with i % folds == k. The rows come in a seeded random order, so the
+    folds are random; interleaved, any half of the errors holds rows of every fold model alike.
     """
     errors = np.empty(len(features), dtype=np.float64)
+    unseen_errors = np.zeros(0 if unseen is None else len(unseen), dtype=np.float64)
     for k in range(folds):
         held = np.arange(k, len(features), folds)
         kept = np.ones(len(features), dtype=bool)
         kept[held] = False
         model, _, trained, _ = fit_autoencoder(features[kept], config)
         errors[held] = reconstruction_errors(model, features[held], trained.loss, compiled=False)
+        if unseen is not None:
+            unseen_errors += reconstruction_errors(model, unseen, trained.loss, compiled=False) / folds
         if progress is not None:
             progress(k, folds)
-    return errors
+    return errors, unseen_errors
 
 
 def heldout_ranking(normal_errors: np.ndarray, anomaly_errors: np.ndarray) -> dict[str, float]:
@@ -243,35 +253,23 @@ def heldout_ranking(normal_errors: np.ndarray, anomaly_errors: np.ndarray) -> di
     return {"roc_auc": float(roc_auc_score(truth, scores)), "pr_auc": float(average_precision_score(truth, scores))}
 
 
-def candidate_errors(split: dict[str, Any], config: AutoencoderConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return the errors of unseen normal rows and of the labelled anomalies under one candidate recipe.
+def candidate_errors(
+    train: np.ndarray, held: np.ndarray, labelled: np.ndarray, scheme: str, folds: int, config: AutoencoderConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray, AutoencoderConfig]:
+    """Return the errors of unseen normal rows and of the labelled anomalies under one candidate recipe, and its sized settings.
 
     Held out: a model trained on at most ``SELECTION_ROWS`` training rows scores the held-out rows.
     Cross-fitted: the out-of-fold errors of the normal rows, and the fold models' mean error on each anomaly.
     """
-    names = split["feature_names"]
-    train = read_matrix(split["train_path"], names)
-    holdout = pq.read_table(split["holdout_path"])
-    labelled = holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)
-    held = read_matrix(holdout, names)
-    if split["scheme"] == HOLDOUT:
-        if len(train) > SELECTION_ROWS:
-            train = train[np.random.default_rng(seed).choice(len(train), SELECTION_ROWS, replace=False)]
-        model, _, trained, _ = fit_autoencoder(train, config.sized_for(rows=len(train), features=train.shape[1], linear_dependencies=linear_dependencies(train)))
+    if scheme == HOLDOUT and len(train) > SELECTION_ROWS:
+        train = train[np.random.default_rng(seed).choice(len(train), SELECTION_ROWS, replace=False)]
+    sized = sized_for_data(config, train)
+    if scheme == HOLDOUT:
+        model, _, trained, _ = fit_autoencoder(train, sized)
         errors = reconstruction_errors(model, held, trained.loss, compiled=False)
-        return errors[~labelled], errors[labelled]
-    sized = config.sized_for(rows=len(train), features=train.shape[1], linear_dependencies=linear_dependencies(train))
-    normal = np.empty(len(train), dtype=np.float64)
-    anomalies = np.zeros(int(labelled.sum()), dtype=np.float64)
-    folds = split["folds"]
-    for k in range(folds):
-        rows = np.arange(k, len(train), folds)
-        kept = np.ones(len(train), dtype=bool)
-        kept[rows] = False
-        model, _, trained, _ = fit_autoencoder(train[kept], sized)
-        normal[rows] = reconstruction_errors(model, train[rows], trained.loss, compiled=False)
-        anomalies += reconstruction_errors(model, held[labelled], trained.loss, compiled=False) / folds
-    return normal, anomalies
+        return errors[~labelled], errors[labelled], sized
+    normal, anomalies = out_of_fold_errors(train, sized, folds, unseen=held[labelled])
+    return normal, anomalies, sized
 
 
 def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig, staging: Path, progress: Any = None) -> dict[str, Any]:
@@ -287,13 +285,18 @@ def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig,
         why = f"{anomalies} labelled anomalies held out; at least {MIN_ANOMALIES_FOR_SELECTION} choose among candidate recipes" if candidates else f"preset {preset!r} has no candidate recipes"
         name = next(iter(candidates), preset)
         return {"name": name, "config": config.model_dump(), "chosen_on": None, "candidates": [], "note": why, "normal_errors_path": None}
+    names = split["feature_names"]
+    train = read_matrix(split["train_path"], names)
+    holdout = pq.read_table(split["holdout_path"])
+    labelled = holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    held = read_matrix(holdout, names)
     table = []
-    errors: dict[str, np.ndarray] = {}
+    errors: dict[str, tuple[np.ndarray, AutoencoderConfig]] = {}
     for name, changes in candidates.items():
         candidate = config.model_copy(update=changes)
         started = time.perf_counter()
-        normal, anomaly = candidate_errors(split, candidate, config.seed)
-        errors[name] = normal
+        normal, anomaly, sized = candidate_errors(train, held, labelled, split["scheme"], split["folds"], candidate, config.seed)
+        errors[name] = (normal, sized)
         table.append({"recipe": name, **heldout_ranking(normal, anomaly), "seconds": round(time.perf_counter() - started, 3), "changes": changes})
         if progress is not None:
             progress(table[-1])
@@ -303,9 +306,9 @@ def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig,
     normal_errors_path = None
     if split["scheme"] == CROSS_FIT:
         normal_errors_path = staging / WORK_DIR / "chosen-normal-errors.parquet"
-        dependencies = linear_dependencies(read_matrix(split["train_path"], split["feature_names"]))
-        chosen = config.model_copy(update=candidates[best["recipe"]]).sized_for(rows=split["rows_train"], features=len(split["feature_names"]), linear_dependencies=dependencies)
-        table_ = pa.table({"reconstruction_error": pa.array(errors[best["recipe"]])}).replace_schema_metadata({CONFIG_METADATA: chosen.model_dump_json()})
+        # Stamped with the settings they were computed with: the threshold reuses them only for a model trained with the same.
+        normal, chosen = errors[best["recipe"]]
+        table_ = pa.table({"reconstruction_error": pa.array(normal)}).replace_schema_metadata({CONFIG_METADATA: chosen.model_dump_json()})
         _write_table(table_, normal_errors_path)
     rows = "held-out normal rows" if split["scheme"] == HOLDOUT else "normal rows out of fold"
     return {
@@ -338,7 +341,7 @@ def compute_holdout_errors(staging: Path, split: dict[str, Any], config: dict[st
         if known is not None and (known.schema.metadata or {}).get(CONFIG_METADATA) == sized.model_dump_json().encode():
             normal = known.column("reconstruction_error").to_numpy()
         else:
-            normal = out_of_fold_errors(read_matrix(split["train_path"], names), sized, split["folds"], progress)
+            normal, _ = out_of_fold_errors(read_matrix(split["train_path"], names), sized, split["folds"], progress)
         errors = np.concatenate([normal, errors])
         labelled = np.concatenate([np.zeros(len(normal), dtype=bool), labelled])
     out = staging / WORK_DIR / HOLDOUT_ERRORS_FILE

@@ -24,15 +24,15 @@ import pyarrow.parquet as pq
 
 from bench.datasets import OTHERS, TUTORIAL, DatasetSpec, digits_as_anomaly_sets, make_dataset, normal_class, write_large_batch, write_training_file
 from data import storage
+from data.outputs import batch_outputs
 from data.parquet import feature_matrix
 from data.workspace import Workspace
-from models import training
 from models.autoencoder import reconstruction_errors
 from models.bundle import load_bundle, promote, staging_dir
 from models.config import AutoencoderConfig, resolve_preset
-from models.publishing import batch_outputs
 from models.runtime import cpu_threads, keras, tf
-from models.scoring import score_file
+from models.scoring.batch import score_file
+from models.training import retraining
 
 RESULTS = Path(__file__).parent / "results"
 PERCENTILE = 98.0
@@ -55,13 +55,13 @@ def detection_metrics(errors: np.ndarray, threshold: float, labels: np.ndarray) 
 def retrain(preset: str, training_file: Path, staging: Path, choose: bool = True, **overrides: Any) -> tuple[dict[str, Any], float, keras.Model, dict[str, Any]]:
     """Run the product's retraining steps; return the split, fit+threshold seconds, the model and the threshold (``choose=False``: no recipe chosen)."""
     config = resolve_preset(preset, **overrides)
-    split = training.split_training_data(str(training_file), staging, "label", "0", False, 0.2, PERCENTILE, config.seed)
+    split = retraining.split_training_data(str(training_file), staging, "label", "0", False, 0.2, PERCENTILE, config.seed)
     started = time.perf_counter()
     # Overrides name one recipe: candidates are chosen among only for the preset as it is.
-    recipe = training.choose_recipe(split, preset if choose and not overrides else "", config, staging)
-    history = training.train_model(split["train_path"], split["feature_names"], AutoencoderConfig.model_validate(recipe["config"]), staging)
-    errors_path = training.compute_holdout_errors(staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"])
-    threshold = training.fix_threshold_from_errors(errors_path, PERCENTILE)
+    recipe = retraining.choose_recipe(split, preset if choose and not overrides else "", config, staging)
+    history = retraining.train_model(split["train_path"], split["feature_names"], AutoencoderConfig.model_validate(recipe["config"]), staging)
+    errors_path = retraining.compute_holdout_errors(staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"])
+    threshold = retraining.fix_threshold_from_errors(errors_path, PERCENTILE)
     seconds = time.perf_counter() - started
     model = keras.saving.load_model(staging / "model.keras", compile=False, safe_mode=True)
     split["history"] = history
@@ -197,11 +197,11 @@ def publish_for_scoring(run: tuple[dict[str, Any], keras.Model, dict[str, Any]],
     """Turn the tutorial's default-preset staging folder into the workspace's current bundle."""
     split, _, threshold = run
     version = "20000101T000000Z"
-    training.write_bundle(staging, version, split, split["history"], threshold, "default", "label", "0")
+    retraining.write_bundle(staging, version, split, split["history"], threshold, "default", "label", "0")
     target = workspace.models_dir / f"{version}.partial"
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, target)
-    training.publish_version(target)
+    retraining.publish_version(target)
     promote(workspace.models_dir, version)
 
 

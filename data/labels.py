@@ -8,8 +8,10 @@ model's normal value, as in training; a null or NaN label labels nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -94,3 +96,42 @@ def _labelled_rows(batch: pa.RecordBatch, id_columns: Sequence[str], label_colum
         LABELLED_AT: labelled_at,
         FILE_RANK: pa.array([rank] * n, pa.int32()),
     })
+
+
+DUCKDB_MEMORY_LIMIT = "512MB"
+
+
+def dates_ending(last: dt.date, days: int) -> list[dt.date]:
+    """Return the ``days`` dates up to and including ``last``, oldest first."""
+    return [last - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
+
+
+def quoted(name: str) -> str:
+    """Return a column name quoted for DuckDB SQL."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def connect_with_latest_labels(workspace: Workspace, staged_labels: str, id_columns: Sequence[str]) -> Any:
+    """Open a DuckDB connection (memory-limited, spilling under state/tmp/, or the spool for object storage) holding ``latest``: each labelled row's latest label class."""
+    import duckdb
+
+    spill = storage.make_dir(storage.local_work_dir(workspace.state_dir / "tmp") / "duckdb")
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+    con.execute(f"SET temp_directory = '{str(spill)}'")
+    con.execute("SET preserve_insertion_order = false")
+    ids = ", ".join(quoted(c) for c in id_columns)
+    # Ids are kept as text, so that a label file holding 42 labels the row whose id was written as "42", and back.
+    as_text = ", ".join(f"CAST({quoted(c)} AS VARCHAR) AS {quoted(c)}" for c in id_columns)
+    # The newest labelled_at wins, then the file modified last.
+    con.execute(
+        f"CREATE TEMP TABLE latest AS SELECT {as_text}, {LABEL_CLASS} FROM read_parquet(?) WHERE {LABEL_CLASS} >= 0 "
+        f"QUALIFY row_number() OVER (PARTITION BY {ids} ORDER BY {LABELLED_AT} DESC NULLS LAST, {FILE_RANK} DESC) = 1",
+        storage.register_with_duckdb(con, [staged_labels]),
+    )
+    return con
+
+
+def join_on_ids(left: str, id_columns: Sequence[str]) -> str:
+    """Return the condition joining table alias ``left`` to ``latest`` (alias l) on the id columns, compared as text."""
+    return " AND ".join(f"CAST({left}.{quoted(c)} AS VARCHAR) = l.{quoted(c)}" for c in id_columns)

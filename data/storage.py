@@ -1,4 +1,4 @@
-"""Every workspace file operation in one place: read, list, write-then-publish, remove and lock.
+"""Every workspace file operation in one place: read, list, fingerprint, write-then-publish and remove (locks are in data.locks).
 
 A location is a local path or an object-storage URI (``s3://bucket/prefix``, ``gs://…``, any fsspec
 protocol): :func:`as_path` turns it into a ``pathlib.Path`` or a ``upath.UPath``, and every function
@@ -9,7 +9,7 @@ when complete, so readers never see half a file. Temporaries are created the way
 a file, so the process's umask decides their permissions (0644 under umask 022) and other users can
 read what is published. Object stores have no rename: a file is written to a local spool file, then
 uploaded once to its final key, and an upload (single or multipart) becomes visible only when it
-completes. Locks are OS file locks on a disk and leases with an expiry in a bucket.
+completes.
 """
 
 from __future__ import annotations
@@ -25,24 +25,18 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from filelock import FileLock, Timeout
 from upath import UPath
 
 from data.errors import AnomalyJobError
 
 TEMP_MARKER = ".tmp"
-DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
-LEASE_ENV = "ANOMALY_LOCK_LEASE_S"
-DEFAULT_LEASE_S = 120.0
 SPOOL_STALE_S = 24 * 3600.0
 _HASH_BLOCK = 1 << 20
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
@@ -52,14 +46,6 @@ UPLOAD_CONCURRENCY = 2
 log = logging.getLogger(__name__)
 
 Location = str | os.PathLike[str] | UPath
-
-
-class LockTimeoutError(AnomalyJobError):
-    """Another run held the lock for longer than this run was willing to wait."""
-
-
-class LockBusyError(LockTimeoutError):
-    """The lock is held by another run and this run asked not to wait."""
 
 
 # Locations
@@ -492,126 +478,3 @@ def remove_stale_temporaries(folder: Location) -> list[Path]:
     return stale
 
 
-# Locking
-
-
-@contextlib.contextmanager
-def lock(path: Location, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold the lock ``path`` for the block: an OS-level file lock (released if the process dies) on a disk, a lease in object storage.
-
-    ``timeout_s=0`` does not wait: :class:`LockBusyError` says another run holds it.
-    """
-    path = as_path(path)
-    if is_remote(path):
-        with Lease(path, timeout_s):
-            yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    held = FileLock(path)
-    try:
-        held.acquire(timeout=timeout_s)
-    except Timeout:
-        if timeout_s <= 0:
-            raise LockBusyError(f"{path}: held by another run") from None
-        raise LockTimeoutError(f"{path}: another run has held this lock for over {timeout_s:g} s; is a run stuck? Its process holds the file open") from None
-    try:
-        yield
-    finally:
-        held.release()
-
-
-def lease_seconds() -> float:
-    """Return how long a lease in object storage lasts without renewal (ANOMALY_LOCK_LEASE_S, default 120 s)."""
-    value = os.environ.get(LEASE_ENV, "")
-    try:
-        seconds = float(value) if value else DEFAULT_LEASE_S
-    except ValueError:
-        raise AnomalyJobError(f"{LEASE_ENV}={value!r} is not a number of seconds") from None
-    if seconds < 1:
-        raise AnomalyJobError(f"{LEASE_ENV}={value!r}: a lease must last at least 1 s")
-    return seconds
-
-
-class Lease:
-    """A lock in object storage: an object created only if absent, renewed while held, taken over once expired.
-
-    The holder rewrites the object every third of the lease; a run that dies stops renewing, and
-    another run takes the lock over once the lease has expired. On S3 the takeover and each renewal
-    are conditional on the object's ETag, so two runs never both hold it.
-    """
-
-    def __init__(self, path: UPath, timeout_s: float):
-        self.path, self.fs, self.key = path, path.fs, path.path
-        self.timeout_s, self.lease_s = timeout_s, lease_seconds()
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
-        self.etag: str | None = None
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-
-    def _body(self) -> bytes:
-        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lease_s)
-        return json.dumps({"owner": self.owner, "expires_at": expires.isoformat()}).encode()
-
-    def _conditional_put(self, if_match: str) -> str:
-        bucket, key, _ = self.fs.split_path(self.key)
-        return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfMatch=if_match)["ETag"]
-
-    def _try_acquire(self) -> bool:
-        try:
-            self.fs.pipe_file(self.key, self._body(), mode="create")
-        except FileExistsError:
-            return self._take_over_if_expired()
-        self.etag = self.fs.info(self.key).get("ETag")
-        return True
-
-    def _take_over_if_expired(self) -> bool:
-        held: Any = {}
-        try:
-            info = self.fs.info(self.key)
-            held = json.loads(self.fs.cat_file(self.key))
-            expired = dt.datetime.fromisoformat(held["expires_at"]) < dt.datetime.now(dt.UTC)
-        except FileNotFoundError:
-            return False  # released meanwhile: the next attempt creates it
-        except (ValueError, KeyError, TypeError):
-            expired = True  # a damaged lease object protects nothing
-        if not expired:
-            return False
-        log.warning("%s: taking over the lease of %s, expired", self.path, held.get("owner", "an unknown run") if isinstance(held, dict) else "an unknown run")
-        if hasattr(self.fs, "call_s3") and info.get("ETag"):
-            try:
-                self.etag = self._conditional_put(info["ETag"])
-            except OSError:
-                return False  # another run took it over first
-            return True
-        self.fs.rm_file(self.key)
-        return False
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            try:
-                if hasattr(self.fs, "call_s3") and self.etag:
-                    self.etag = self._conditional_put(self.etag)
-                else:
-                    self.fs.pipe_file(self.key, self._body())
-            except OSError as exc:
-                log.error("%s: could not renew the lease (%s); another run may take the lock over", self.path, exc)
-
-    def __enter__(self) -> Lease:
-        deadline = time.monotonic() + self.timeout_s
-        while not self._try_acquire():
-            if self.timeout_s <= 0:
-                raise LockBusyError(f"{self.path}: held by another run")
-            if time.monotonic() >= deadline:
-                raise LockTimeoutError(f"{self.path}: another run has held this lease for over {self.timeout_s:g} s; is a run stuck? A dead run's lease expires {self.lease_s:g} s after its last renewal")
-            time.sleep(min(1.0, self.lease_s / 10))
-        self._renewer = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
-        self._renewer.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
-        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-            if json.loads(self.fs.cat_file(self.key)).get("owner") == self.owner:
-                self.fs.rm_file(self.key)

@@ -8,9 +8,9 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from pydantic import BeforeValidator, Field
 
+from data.labels import dates_ending
 from data.workspace import Workspace, default_workspace, resolve_run_date
 from flows.parameters import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_today
-from models.evaluation import dates_ending
 from tasks.evaluation import evaluate_dates, read_label_rule, stage_labels, write_trend_report
 from tasks.reporting import publish_report_artifacts
 

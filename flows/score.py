@@ -27,9 +27,9 @@ from data.locks import LockBusyError, scoring_lock
 from data.output_schema import MAX_REASONS
 from data.workspace import Workspace, default_workspace, resolve_run_date
 from flows.parameters import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_today
-from models.drift import with_alarm
-from models.reports import anomaly_class_metrics
-from models.scoring import BatchResult, describe_failure
+from models.evaluation.reports import anomaly_class_metrics
+from models.monitoring.drift import with_alarm
+from models.scoring.batch import BatchResult, describe_failure
 from tasks.events import emit_night_events
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.scoring import (

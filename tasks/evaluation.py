@@ -9,15 +9,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import labels
+from data.evaluations import read_evaluations
 from data.workspace import Workspace
-from models import evaluation
+from models.evaluation import labelled
 from tasks.common import RETRIES
 
 
 @task(name="read-label-rule", cache_policy=NO_CACHE, **RETRIES)
 def read_label_rule(workspace_root: str) -> dict[str, str]:
     """Return the current model's label column and normal value, which label files follow."""
-    return evaluation.label_rule(workspace_root)
+    return labelled.label_rule(workspace_root)
 
 
 @task(name="stage-labels", cache_policy=NO_CACHE, **RETRIES)
@@ -39,12 +40,12 @@ def evaluate_dates(workspace_root: str, dates: list[dt.date], id_columns: list[s
         for row in rows:
             logger.info("%s, model %s: %d rows, %d labelled, precision %s, recall %s", date, row["model_version"], row["rows_scored"], row["rows_labelled"], row["precision"], row["recall"])
 
-    return evaluation.evaluate_dates(workspace_root, dates, id_columns, staged_labels, progress)
+    return labelled.evaluate_dates(workspace_root, dates, id_columns, staged_labels, progress)
 
 
 @task(name="write-trend-report", cache_policy=NO_CACHE, **RETRIES)
 def write_trend_report(workspace_root: str, dates: list[dt.date], title: str) -> dict[str, str]:
     """Write the trend report of the window's evaluations (JSON, Markdown, PNG)."""
     workspace = Workspace.at(workspace_root)
-    return evaluation.write_trend_report(workspace, evaluation.read_evaluations(workspace, dates), title)
+    return labelled.write_trend_report(workspace, read_evaluations(workspace, dates), title)
 

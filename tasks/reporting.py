@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from data import storage
-from models import reports
+from models.evaluation import reports
 from tasks.common import RETRIES
 
 

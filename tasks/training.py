@@ -10,15 +10,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import storage
-from models import bundle, label_history, promotion, training
+from models import bundle
 from models.config import AutoencoderConfig
+from models.training import label_history, promotion, retraining
 from tasks.common import RETRIES
 
 
 @task(name="gather-label-history", cache_policy=NO_CACHE, **RETRIES)
 def gather_label_history(workspace_root: str, source: str, label_column: str, normal_label: str, end_date: dt.date, days: int, id_columns: list[str], staging: str) -> dict[str, Any]:
     """Gather the rows of past nights that later labels confirmed, as extra training data."""
-    history = label_history.label_history_for_training(workspace_root, source, label_column, normal_label, end_date, days, id_columns, Path(staging) / training.WORK_DIR)
+    history = label_history.label_history_for_training(workspace_root, source, label_column, normal_label, end_date, days, id_columns, Path(staging) / retraining.WORK_DIR)
     get_run_logger().info(
         "Label history %s..%s: %d confirmed normal row(s) added, %d confirmed anomalies held out, from %d night(s) with files",
         history["first_date"], history["last_date"], history["rows_confirmed_normal"], history["rows_confirmed_anomalous"], history["nights_with_files"],
@@ -29,8 +30,8 @@ def gather_label_history(workspace_root: str, source: str, label_column: str, no
 @task(name="split-training-data", cache_policy=NO_CACHE, **RETRIES)
 def split_training_data(source: str, staging: str, label_column: str, normal_label: str, all_rows_normal: bool, holdout_fraction: float, percentile: float, seed: int, label_history: str | None = None) -> dict[str, Any]:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
-    split = training.split_training_data(source, Path(staging), label_column, normal_label, all_rows_normal, holdout_fraction, percentile, seed, label_history=label_history)
-    if split["scheme"] == training.CROSS_FIT:
+    split = retraining.split_training_data(source, Path(staging), label_column, normal_label, all_rows_normal, holdout_fraction, percentile, seed, label_history=label_history)
+    if split["scheme"] == retraining.CROSS_FIT:
         get_run_logger().info(
             "Training rows: %d normal, each also scored out of fold for the threshold (%d folds: a %d%% hold-out would leave it uncertain), %d labelled anomalies held out",
             split["rows_train"], split["folds"], round(100 * holdout_fraction), split["rows_holdout_anomalies"],
@@ -48,7 +49,7 @@ def choose_recipe(split: dict[str, Any], preset: str, config: dict[str, Any], st
     def log_candidate(row: dict[str, Any]) -> None:
         logger.info("Candidate recipe %r: held-out ROC-AUC %.4f, PR-AUC %.4f (%.1f s)", row["recipe"], row["roc_auc"], row["pr_auc"], row["seconds"])
 
-    recipe = training.choose_recipe(split, preset, AutoencoderConfig.model_validate(config), Path(staging), progress=log_candidate)
+    recipe = retraining.choose_recipe(split, preset, AutoencoderConfig.model_validate(config), Path(staging), progress=log_candidate)
     if recipe["candidates"]:
         logger.info("Recipe %r chosen on the %s", recipe["name"], recipe["chosen_on"])
     return recipe
@@ -64,7 +65,7 @@ def train_autoencoder(train_path: str, feature_names: list[str], config: dict[st
         val = f", val_loss {logs['val_loss']:.5f}" if "val_loss" in logs else ""
         logger.info("Epoch %d/%d: loss %.5f%s", epoch + 1, settings.epochs, logs.get("loss", float("nan")), val)
 
-    history = training.train_model(train_path, feature_names, settings, Path(staging), progress=log_epoch)
+    history = retraining.train_model(train_path, feature_names, settings, Path(staging), progress=log_epoch)
     sized = history["config"]
     logger.info(
         "Trained %d epochs in %.1f s (best epoch %d); layers %s / %s, batch size %d, patience %s",
@@ -79,21 +80,21 @@ def train_autoencoder(train_path: str, feature_names: list[str], config: dict[st
 def compute_reconstruction_errors(staging: str, split: dict[str, Any], config: dict[str, Any], normal_errors_path: str | None = None) -> str:
     """Score the normal rows the model did not see (held out, or out of fold) and the labelled anomalies; return the path of their errors."""
     logger = get_run_logger()
-    if split["scheme"] == training.CROSS_FIT:
+    if split["scheme"] == retraining.CROSS_FIT:
         logger.info("Cross-fitting: %d fold models, each scoring the normal rows the others trained on", split["folds"])
 
     def log_fold(fold: int, folds: int) -> None:
         logger.info("Fold %d/%d scored", fold + 1, folds)
 
-    return training.compute_holdout_errors(Path(staging), split, config, progress=log_fold, normal_errors_path=normal_errors_path)
+    return retraining.compute_holdout_errors(Path(staging), split, config, progress=log_fold, normal_errors_path=normal_errors_path)
 
 
 @task(name="fix-threshold", cache_policy=NO_CACHE)
 def fix_threshold(errors_path: str, percentile: float, scheme: str) -> dict[str, Any]:
     """Fix the threshold at the percentile of the errors of normal rows the model did not see."""
-    threshold = training.fix_threshold_from_errors(errors_path, percentile, scheme)
+    threshold = retraining.fix_threshold_from_errors(errors_path, percentile, scheme)
     logger = get_run_logger()
-    unseen = "held-out normal rows" if scheme == training.HOLDOUT else "normal rows scored out of fold"
+    unseen = "held-out normal rows" if scheme == retraining.HOLDOUT else "normal rows scored out of fold"
     logger.info("Threshold %.6g at the %gth percentile of %d %s", threshold["value"], percentile, threshold["rows"], unseen)
     if threshold["warning"]:
         logger.warning("Uncertain threshold: %s", threshold["warning"])
@@ -105,7 +106,7 @@ def save_model_bundle(
     staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, label_column: str, normal_label: str, recipe: dict[str, Any]
 ) -> str:
     """Write bundle.json beside the model, with the config it was trained with."""
-    return str(training.write_bundle(Path(staging), version, split, history, threshold, preset, label_column, normal_label, recipe))
+    return str(retraining.write_bundle(Path(staging), version, split, history, threshold, preset, label_column, normal_label, recipe))
 
 
 @task(name="write-training-report", cache_policy=NO_CACHE)
@@ -113,13 +114,13 @@ def write_training_report(
     staging: str, version: str, errors_path: str, history: dict[str, Any], threshold: dict[str, Any], split: dict[str, Any], preset: str, recipe: dict[str, Any]
 ) -> dict[str, Any]:
     """Write the training report into the staged version."""
-    return training.write_training_report(Path(staging), version, errors_path, history, threshold, split, preset, recipe)
+    return retraining.write_training_report(Path(staging), version, errors_path, history, threshold, split, preset, recipe)
 
 
 @task(name="publish-model-version", cache_policy=NO_CACHE)
 def publish_model_version(staging: str, models_dir: str) -> str:
     """Publish the complete staging folder as its version folder in the models folder."""
-    return str(training.publish_version(Path(staging), storage.as_path(models_dir)))
+    return str(retraining.publish_version(Path(staging), storage.as_path(models_dir)))
 
 
 @task(name="promote-model", cache_policy=NO_CACHE)

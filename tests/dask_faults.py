@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 
-import models.units
+import models.scoring.units
 
 FAULTS_DIR = os.environ.get("DASK_FAULTS_DIR", "")
 
@@ -29,8 +29,8 @@ def _claim(fault: str) -> bool:
 
 
 # Dask may run a preload more than once in a process; wrap the real function only once.
-if FAULTS_DIR and not hasattr(models.units.score_unit, "unfaulted"):
-    unfaulted = models.units.score_unit
+if FAULTS_DIR and not hasattr(models.scoring.units.score_unit, "unfaulted"):
+    unfaulted = models.scoring.units.score_unit
 
     def score_unit_with_faults(workspace_root, run_date, batch, *args, **kwargs):
         if _claim("exit") or os.path.exists(os.path.join(FAULTS_DIR, f"poison-{batch.name}")):
@@ -40,11 +40,11 @@ if FAULTS_DIR and not hasattr(models.units.score_unit, "unfaulted"):
         return unfaulted(workspace_root, run_date, batch, *args, **kwargs)
 
     score_unit_with_faults.unfaulted = unfaulted
-    models.units.score_unit = score_unit_with_faults
+    models.scoring.units.score_unit = score_unit_with_faults
 
 
-if FAULTS_DIR and not hasattr(models.units.concatenate_parquet, "unfaulted"):
-    unfaulted_concatenate = models.units.concatenate_parquet
+if FAULTS_DIR and not hasattr(models.scoring.units.concatenate_parquet, "unfaulted"):
+    unfaulted_concatenate = models.scoring.units.concatenate_parquet
 
     def concatenate_with_faults(parts, target):
         if _claim("merge-oserror"):
@@ -52,11 +52,11 @@ if FAULTS_DIR and not hasattr(models.units.concatenate_parquet, "unfaulted"):
         return unfaulted_concatenate(parts, target)
 
     concatenate_with_faults.unfaulted = unfaulted_concatenate
-    models.units.concatenate_parquet = concatenate_with_faults
+    models.scoring.units.concatenate_parquet = concatenate_with_faults
 
 
-if FAULTS_DIR and not hasattr(models.units.merge_units, "unfaulted"):
-    unfaulted_merge = models.units.merge_units
+if FAULTS_DIR and not hasattr(models.scoring.units.merge_units, "unfaulted"):
+    unfaulted_merge = models.scoring.units.merge_units
 
     def merge_with_faults(*args, **kwargs):
         result = unfaulted_merge(*args, **kwargs)
@@ -65,4 +65,4 @@ if FAULTS_DIR and not hasattr(models.units.merge_units, "unfaulted"):
         return result
 
     merge_with_faults.unfaulted = unfaulted_merge
-    models.units.merge_units = merge_with_faults
+    models.scoring.units.merge_units = merge_with_faults

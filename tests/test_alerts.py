@@ -6,7 +6,7 @@ import datetime as dt
 from uuid import uuid4
 
 from flows.automations import MISSING_RUN_WINDOW, WEBHOOK_ENV, automation_definitions
-from models.drift import with_alarm
+from models.monitoring.drift import with_alarm
 
 
 def test_without_a_webhook_the_automations_exist_and_do_nothing_saying_so() -> None:

@@ -10,8 +10,8 @@ from data import storage
 from data.batches import Batch, already_scored, awaits_scoring, batch_name, find_batches, withdraw_record, write_record, write_rejection
 from data.errors import NoBatchesError, ParameterError
 from data.workspace import Workspace, check_path_part, resolve_run_date
-from models.error_summary import classification_report_from_confusion, combine, summarize_errors
-from models.reports import render_markdown
+from models.evaluation.reports import render_markdown
+from models.monitoring.error_summary import classification_report_from_confusion, combine, summarize_errors
 from tests.conftest import RUN_DATE, make_rows, write_rows
 
 

@@ -86,11 +86,11 @@ def test_two_dask_workers_score_a_night_exactly_as_one_process(harness, workspac
 
 
 def test_a_unit_that_fails_once_is_retried_and_nothing_is_lost(harness, workspace_copy, monkeypatch):
-    import models.scoring
+    import models.scoring.batch
     from flows.score import score_flow
 
     rows = _night(workspace_copy)
-    real = models.scoring.stream_batch_file
+    real = models.scoring.batch.stream_batch_file
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -99,7 +99,7 @@ def test_a_unit_that_fails_once_is_retried_and_nothing_is_lost(harness, workspac
             raise OSError(errno.EIO, "disk went away for a moment")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models.scoring, "stream_batch_file", flaky)
+    monkeypatch.setattr(models.scoring.batch, "stream_batch_file", flaky)
     outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE)
     assert calls["n"] == 5  # four files, one of them twice
     assert outcome["batches_failed"] == 0 and outcome["rows_read"] == rows

@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from models.drift import (
+from data.outputs import batch_outputs
+from models.monitoring.drift import (
     PSI_FLOOR,
     FeatureBins,
     alarm_reasons,
@@ -17,8 +18,7 @@ from models.drift import (
     psi_cutoff,
     with_drift,
 )
-from models.publishing import batch_outputs
-from models.scoring import score_file
+from models.scoring.batch import score_file
 from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from data.parquet import ANOMALY, NORMAL, UNLABELLED, label_classes
-from models.error_summary import ErrorDistribution, combine, summarize
+from models.monitoring.error_summary import ErrorDistribution, combine, summarize
 
 
 def _scored(seed: int, n: int, shift: float, scale: float) -> tuple[np.ndarray, np.ndarray]:

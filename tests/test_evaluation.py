@@ -16,9 +16,9 @@ from sklearn.metrics import average_precision_score, f1_score, precision_score, 
 
 from data.errors import SchemaError
 from data.labels import labels_dir, stage_labels
-from models.evaluation import RECALL_UNKNOWN, evaluate_dates
-from models.publishing import batch_outputs
-from models.scoring import score_file
+from data.outputs import batch_outputs
+from models.evaluation.labelled import RECALL_UNKNOWN, evaluate_dates
+from models.scoring.batch import score_file
 from tests.conftest import SCORED_AT, current_bundle, make_rows, write_rows
 
 NIGHTS = [dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)]
@@ -122,8 +122,8 @@ def test_a_label_file_without_its_label_column_is_refused_naming_file_and_column
 
 def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_those_confirmed_anomalous(tmp_path: Path) -> None:
     from data.workspace import Workspace
-    from models.label_history import label_history_for_training
-    from models.training import split_training_data
+    from models.training.label_history import label_history_for_training
+    from models.training.retraining import split_training_data
 
     ws = Workspace.at(tmp_path / "ws")
     write_rows(make_rows(2000, seed=1, anomaly_share=0.02), ws.training_dir / "train.parquet")

@@ -223,7 +223,7 @@ def test_a_refused_first_model_says_so_with_the_command_and_scoring_names_it(har
     from data.errors import BundleError
     from flows.retrain import retrain_flow
     from flows.score import score_flow
-    from models import promotion
+    from models.training import promotion
 
     refuse = promotion.check_promotion
 

@@ -60,3 +60,32 @@ def test_no_module_imports_itself_through_others():
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+# Lower layers never import higher ones: data knows nothing of models, the network and bundle at the
+# top of models/ know none of its subpackages, monitoring and evaluation serve training and scoring,
+# and training and scoring never import each other.
+LAYER_RANKS = {
+    "data": 0,
+    "models": 1,
+    "models.monitoring": 2,
+    "models.evaluation": 3,
+    "models.training": 4,
+    "models.scoring": 4,
+    "tasks": 5,
+    "flows": 6,
+}
+
+
+def _layer(module: str) -> str:
+    return max((layer for layer in LAYER_RANKS if module == layer or module.startswith(layer + ".")), key=len)
+
+
+def test_imports_point_down_the_layers():
+    upward = sorted(
+        f"{name} imports {target}"
+        for name, targets in _project_graph().items()
+        for target in targets
+        if _layer(target) != _layer(name) and LAYER_RANKS[_layer(target)] >= LAYER_RANKS[_layer(name)]
+    )
+    assert upward == []

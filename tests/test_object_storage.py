@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import storage
+from data import locks, storage
 from data.errors import AnomalyJobError
 from data.workspace import Workspace
 from tests.conftest import FAST_OVERRIDES, RUN_DATE, make_rows, write_rows
@@ -26,7 +26,7 @@ LEASE_S = 3
 @pytest.fixture(scope="module")
 def s3():
     """One loopback S3 server for the module; leases last a few seconds so that a killed run's lock expires quickly."""
-    with loopback_s3({storage.LEASE_ENV: str(LEASE_S)}) as server:
+    with loopback_s3({locks.LEASE_ENV: str(LEASE_S)}) as server:
         yield server
 
 
@@ -105,7 +105,7 @@ def test_a_lease_is_held_by_one_run_renewed_while_held_and_taken_over_once_expir
     release = threading.Event()
 
     def hold() -> None:
-        with storage.lock(path):
+        with locks.lock(path):
             entered.set()
             release.wait(30)
 
@@ -113,10 +113,10 @@ def test_a_lease_is_held_by_one_run_renewed_while_held_and_taken_over_once_expir
     holder.start()
     assert entered.wait(30)
     try:
-        with pytest.raises(storage.LockBusyError, match="held by another run"), storage.lock(path, timeout_s=0):
+        with pytest.raises(locks.LockBusyError, match="held by another run"), locks.lock(path, timeout_s=0):
             pass
         time.sleep(LEASE_S * 1.5)  # past the lease: only renewal keeps it
-        with pytest.raises(storage.LockTimeoutError, match="another run has held this lease"), storage.lock(path, timeout_s=0.5):
+        with pytest.raises(locks.LockTimeoutError, match="another run has held this lease"), locks.lock(path, timeout_s=0.5):
             pass
     finally:
         release.set()
@@ -126,7 +126,7 @@ def test_a_lease_is_held_by_one_run_renewed_while_held_and_taken_over_once_expir
     # A run that died leaves its lease behind; it protects nothing once expired.
     expired = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).isoformat()
     storage.write_json(path, {"owner": "a run that died", "expires_at": expired})
-    with storage.lock(path, timeout_s=5):
+    with locks.lock(path, timeout_s=5):
         assert storage.read_json(path)["owner"] != "a run that died"
 
 
@@ -190,9 +190,9 @@ def test_a_workspace_in_a_missing_bucket_is_refused_naming_it(s3):
 
 
 def test_a_bad_lease_length_is_refused_naming_the_setting(monkeypatch):
-    monkeypatch.setenv(storage.LEASE_ENV, "soon")
-    with pytest.raises(AnomalyJobError, match=storage.LEASE_ENV):
-        storage.lease_seconds()
+    monkeypatch.setenv(locks.LEASE_ENV, "soon")
+    with pytest.raises(AnomalyJobError, match=locks.LEASE_ENV):
+        locks.lease_seconds()
 
 
 # The flows end to end

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from data.workspace import Workspace
 from models import bundle
-from models.promotion import check_promotion, cross_checked_flag_rates
+from models.training.promotion import check_promotion, cross_checked_flag_rates
 from tests.conftest import FEATURES, make_rows
 
 

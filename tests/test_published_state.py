@@ -152,7 +152,7 @@ def test_a_task_that_crashes_fails_its_batch_and_the_run_still_reports(harness, 
 
 def test_a_transient_read_error_is_retried_and_a_corrupt_file_is_not(harness, workspace_copy, monkeypatch):
     import data.parquet
-    import models.scoring
+    import models.scoring.batch
     from flows.score import BatchesFailedError, score_flow
 
     ws = Workspace.at(workspace_copy)
@@ -163,7 +163,7 @@ def test_a_transient_read_error_is_retried_and_a_corrupt_file_is_not(harness, wo
     whole = write_rows(table, ws.incoming_for(RUN_DATE) / "corrupt.parquet").read_bytes()
     middle = len(whole) // 3
     (ws.incoming_for(RUN_DATE) / "corrupt.parquet").write_bytes(whole[:middle] + b"\xff" * 400 + whole[middle + 400 :])
-    real_open, real_stream = data.parquet.pq.ParquetFile, models.scoring.stream_batch_file
+    real_open, real_stream = data.parquet.pq.ParquetFile, models.scoring.batch.stream_batch_file
     failures = {"flaky": 1}
     attempts = {"flaky": 0, "corrupt": 0}
 
@@ -178,7 +178,7 @@ def test_a_transient_read_error_is_retried_and_a_corrupt_file_is_not(harness, wo
         return real_stream(bundle, source, batch, *args, **kwargs)
 
     monkeypatch.setattr(data.parquet.pq, "ParquetFile", open_failing_once)
-    monkeypatch.setattr(models.scoring, "stream_batch_file", counted)
+    monkeypatch.setattr(models.scoring.batch, "stream_batch_file", counted)
     with pytest.raises(BatchesFailedError) as caught:
         score_flow(workspace=str(workspace_copy), run_date=RUN_DATE)
     assert attempts == {"flaky": 2, "corrupt": 1}

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.output_schema import reason_fields
+from data.outputs import batch_outputs
 from models import bundle
-from models.publishing import batch_outputs
-from models.reasons import ReasonTally, explain_rows
-from models.scoring import score_file
+from models.monitoring.reasons import ReasonTally, explain_rows
+from models.scoring.batch import score_file
 from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 
@@ -53,8 +53,8 @@ def _sensor_rows(n: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def sensor_workspace(tmp_path_factory):
     """A workspace with a model of the sensors, trained with the plain functions on normal rows only."""
-    from models import training
     from models.config import resolve_preset
+    from models.training import retraining
 
     root = tmp_path_factory.mktemp("sensors")
     rows = _sensor_rows(8000, seed=1)
@@ -62,12 +62,12 @@ def sensor_workspace(tmp_path_factory):
     write_rows(table, root / "training" / "train.parquet")
     config = resolve_preset("default", epochs=30, batch_size=256, encoder_units=[24, 6], decoder_units=[24], early_stopping_patience=None)
     staging = bundle.staging_dir(root / "models", "20260102T000000Z")
-    split = training.split_training_data(str(root / "training"), staging, "label", "0", False, 0.2, 98.0, config.seed)
-    history = training.train_model(split["train_path"], split["feature_names"], config, staging)
-    errors = training.compute_holdout_errors(staging, split, history["config"])
-    threshold = training.fix_threshold_from_errors(errors, 98.0)
-    training.write_bundle(staging, "20260102T000000Z", split, history, threshold, "default", "label", "0")
-    training.publish_version(staging)
+    split = retraining.split_training_data(str(root / "training"), staging, "label", "0", False, 0.2, 98.0, config.seed)
+    history = retraining.train_model(split["train_path"], split["feature_names"], config, staging)
+    errors = retraining.compute_holdout_errors(staging, split, history["config"])
+    threshold = retraining.fix_threshold_from_errors(errors, 98.0)
+    retraining.write_bundle(staging, "20260102T000000Z", split, history, threshold, "default", "label", "0")
+    retraining.publish_version(staging)
     bundle.promote(root / "models", "20260102T000000Z")
     return root
 

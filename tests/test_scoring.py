@@ -7,8 +7,8 @@ import pytest
 
 from data.errors import BatchFileError, SchemaError
 from data.output_schema import FLAGGED_COLUMNS, reason_fields
-from models.publishing import batch_outputs
-from models.scoring import score_file
+from data.outputs import batch_outputs
+from models.scoring.batch import score_file
 from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 
@@ -167,23 +167,23 @@ def test_scoring_without_scores_removes_the_earlier_scores_file(workspace_copy):
 
 
 def test_a_file_that_changes_while_it_is_scored_publishes_nothing(workspace_copy, monkeypatch):
-    import models.scoring
+    import models.scoring.batch
     from data.batches import Batch, write_record
     from data.storage import fingerprint
-    from models.scoring import score_batch
+    from models.scoring.batch import score_batch
 
     ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(800, seed=9), ws.incoming_for(RUN_DATE) / "moving.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "moving")
     write_record(ws, RUN_DATE, Batch("moving", source), loaded.version, fingerprint(source), {})
-    real = models.scoring.stream_batch_file
+    real = models.scoring.batch.stream_batch_file
 
     def rewritten_meanwhile(*args, **kwargs):
         counts = real(*args, **kwargs)
         write_rows(make_rows(900, seed=10), source)
         return counts
 
-    monkeypatch.setattr(models.scoring, "stream_batch_file", rewritten_meanwhile)
+    monkeypatch.setattr(models.scoring.batch, "stream_batch_file", rewritten_meanwhile)
     with pytest.raises(BatchFileError, match="moving.parquet: file changed while it was scored") as caught:
         score_batch(str(workspace_copy), RUN_DATE, Batch("moving", source), loaded.version)
     assert caught.value.code == "changed_during_scoring"

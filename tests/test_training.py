@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models import training
 from models.config import RECIPE_CANDIDATES, resolve_preset
+from models.training import retraining
 from tests.conftest import REPO_ROOT, write_rows
 
 pytestmark = pytest.mark.slow
@@ -39,11 +39,11 @@ def _table(rows: np.ndarray, labels: np.ndarray | None = None) -> pa.Table:
 
 
 def _retrain(source: Path, staging: Path, config, all_rows_normal: bool = True, preset: str = "default"):
-    split = training.split_training_data(str(source), staging, "label", "0", all_rows_normal, 0.2, 98.0, config.seed)
-    recipe = training.choose_recipe(split, preset, config, staging)
-    history = training.train_model(split["train_path"], split["feature_names"], config.model_validate(recipe["config"]), staging)
-    errors = training.compute_holdout_errors(staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"])
-    threshold = training.fix_threshold_from_errors(errors, 98.0, split["scheme"])
+    split = retraining.split_training_data(str(source), staging, "label", "0", all_rows_normal, 0.2, 98.0, config.seed)
+    recipe = retraining.choose_recipe(split, preset, config, staging)
+    history = retraining.train_model(split["train_path"], split["feature_names"], config.model_validate(recipe["config"]), staging)
+    errors = retraining.compute_holdout_errors(staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"])
+    threshold = retraining.fix_threshold_from_errors(errors, 98.0, split["scheme"])
     return split, recipe, history, threshold
 
 
@@ -92,7 +92,7 @@ def test_a_diverged_fit_is_trained_again_with_a_smaller_learning_rate_and_clippe
     # Unscaled values in the hundreds and plain SGD at 0.5: the first fit's loss becomes NaN at once.
     features = rng.normal(size=(2000, 6)) * 100.0
     config = resolve_preset("default", scale_inputs=False, optimizer="sgd", learning_rate=0.5, epochs=10, ensemble_size=1, input_dropout=0.0)
-    model, history, trained, diverged = training.fit_autoencoder(features, config.sized_for(rows=2000, features=6))
+    model, history, trained, diverged = retraining.fit_autoencoder(features, config.sized_for(rows=2000, features=6))
     assert [d["learning_rate"] for d in diverged] == [0.5] and "nan" in diverged[0]["problem"]
     assert (trained.learning_rate, trained.gradient_clip_norm) == (pytest.approx(0.05), 1.0)
     assert np.isfinite(history.loss).all() and history.loss[-1] < history.loss[0]
@@ -117,7 +117,7 @@ def test_fewer_normal_rows_than_the_percentile_needs_are_refused_with_the_number
     rows = np.random.default_rng(5).normal(size=(49, 3))
     source = write_rows(pa.table({f"x{j}": pa.array(rows[:, j]) for j in range(3)}), tmp_path / "tiny.parquet")
     with pytest.raises(TrainingDataError, match="49 normal rows; the 98th percentile cannot be estimated from fewer than 50 normal rows"):
-        training.split_training_data(str(source), tmp_path / "staging", "label", "0", True, 0.2, 98.0, 0)
+        retraining.split_training_data(str(source), tmp_path / "staging", "label", "0", True, 0.2, 98.0, 0)
 
 
 def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
@@ -137,8 +137,8 @@ def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
     # The chosen recipe's settings are what was trained, and its out-of-fold errors fixed the threshold.
     changes = RECIPE_CANDIDATES["default"][recipe["name"]]
     assert all(history["config"][key] == value for key, value in changes.items())
-    report = training.write_training_report(tmp_path / "staging", "20300101T000000Z", str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"), history,
-                                            training.fix_threshold_from_errors(str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"), 98.0, split["scheme"]),
+    report = retraining.write_training_report(tmp_path / "staging", "20300101T000000Z", str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"), history,
+                                            retraining.fix_threshold_from_errors(str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"), 98.0, split["scheme"]),
                                             split, "default", recipe)
     assert f"Recipe chosen on the {recipe['chosen_on']}" in report["markdown"]
     assert report["report"]["recipe"]["name"] == recipe["name"]
@@ -146,8 +146,8 @@ def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
 
 def test_without_labelled_anomalies_the_preset_recipe_is_kept_and_says_why(tmp_path):
     source = write_rows(_table(_awkward_rows(300, seed=9)), tmp_path / "normal.parquet")
-    split = training.split_training_data(str(source), tmp_path / "staging", "label", "0", True, 0.2, 98.0, 0)
-    recipe = training.choose_recipe(split, "default", resolve_preset("default"), tmp_path / "staging")
+    split = retraining.split_training_data(str(source), tmp_path / "staging", "label", "0", True, 0.2, 98.0, 0)
+    recipe = retraining.choose_recipe(split, "default", resolve_preset("default"), tmp_path / "staging")
     assert recipe["name"] == "default" and recipe["candidates"] == [] and recipe["normal_errors_path"] is None
     assert recipe["note"] == "0 labelled anomalies held out; at least 5 choose among candidate recipes"
 
@@ -157,14 +157,14 @@ def test_the_same_data_and_seed_give_the_same_threshold_in_two_processes(tmp_pat
     code = (
         "import sys, json\n"
         "from pathlib import Path\n"
-        "from models import training\n"
+        "from models.training import retraining\n"
         "from models.config import resolve_preset\n"
         "source, staging = sys.argv[1], Path(sys.argv[2])\n"
         "config = resolve_preset('default', epochs=10)\n"
-        "split = training.split_training_data(source, staging, 'label', '0', True, 0.2, 98.0, config.seed)\n"
-        "history = training.train_model(split['train_path'], split['feature_names'], config, staging)\n"
-        "errors = training.compute_holdout_errors(staging, split, history['config'])\n"
-        "print(json.dumps(training.fix_threshold_from_errors(errors, 98.0, split['scheme'])['value']))\n"
+        "split = retraining.split_training_data(source, staging, 'label', '0', True, 0.2, 98.0, config.seed)\n"
+        "history = retraining.train_model(split['train_path'], split['feature_names'], config, staging)\n"
+        "errors = retraining.compute_holdout_errors(staging, split, history['config'])\n"
+        "print(json.dumps(retraining.fix_threshold_from_errors(errors, 98.0, split['scheme'])['value']))\n"
     )
     values = []
     for run in range(2):

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 from scipy.stats import beta
 
-from models.publishing import batch_outputs
-from models.scoring import score_file
+from data.outputs import batch_outputs
+from models.scoring.batch import score_file
 from models.threshold import fix_threshold, flag_rate_band, flag_rate_verdict, order_statistic, threshold_uncertainty
 from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 

@@ -12,58 +12,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from data import storage
-from data.labels import FILE_RANK, LABEL_CLASS, LABELLED_AT
+from data.evaluations import write_evaluation
+from data.labels import LABEL_CLASS, connect_with_latest_labels, join_on_ids
 from data.parquet import ANOMALY
 from data.workspace import Workspace
 from models.bundle import current_version, read_bundle_json
-from models.reports import plot_trend, render_markdown, write_report_files
+from models.evaluation.reports import plot_trend, render_markdown, write_report_files
 
-DUCKDB_MEMORY_LIMIT = "512MB"
 RECALL_UNKNOWN = "only flagged rows are labelled: recall (and F1, ROC-AUC, PR-AUC) cannot be known"
-EVALUATION_FILE = "evaluation"
-# Readers of outputs/evaluation/ as one Hive-partitioned dataset (pyarrow, pandas, Spark) skip files
-# whose names start with "_": the JSON twin sits beside the Parquet file without breaking them.
-EVALUATION_JSON = "_evaluation.json"
-
-
-def dates_ending(last: dt.date, days: int) -> list[dt.date]:
-    """Return the ``days`` dates up to and including ``last``, oldest first."""
-    return [last - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
-
-
-def quoted(name: str) -> str:
-    """Return a column name quoted for DuckDB SQL."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def connect_with_latest_labels(workspace: Workspace, staged_labels: str, id_columns: Sequence[str]) -> Any:
-    """Open a DuckDB connection (memory-limited, spilling under state/tmp/, or the spool for object storage) holding ``latest``: each labelled row's latest label class."""
-    import duckdb
-
-    spill = storage.make_dir(storage.local_work_dir(workspace.state_dir / "tmp") / "duckdb")
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
-    con.execute(f"SET temp_directory = '{str(spill)}'")
-    con.execute("SET preserve_insertion_order = false")
-    ids = ", ".join(quoted(c) for c in id_columns)
-    # Ids are kept as text, so that a label file holding 42 labels the row whose id was written as "42", and back.
-    as_text = ", ".join(f"CAST({quoted(c)} AS VARCHAR) AS {quoted(c)}" for c in id_columns)
-    # The newest labelled_at wins, then the file modified last.
-    con.execute(
-        f"CREATE TEMP TABLE latest AS SELECT {as_text}, {LABEL_CLASS} FROM read_parquet(?) WHERE {LABEL_CLASS} >= 0 "
-        f"QUALIFY row_number() OVER (PARTITION BY {ids} ORDER BY {LABELLED_AT} DESC NULLS LAST, {FILE_RANK} DESC) = 1",
-        storage.register_with_duckdb(con, [staged_labels]),
-    )
-    return con
-
-
-def join_on_ids(left: str, id_columns: Sequence[str]) -> str:
-    """Return the condition joining table alias ``left`` to ``latest`` (alias l) on the id columns, compared as text."""
-    return " AND ".join(f"CAST({left}.{quoted(c)} AS VARCHAR) = l.{quoted(c)}" for c in id_columns)
 
 
 def label_rule(workspace_root: str) -> dict[str, str]:
@@ -181,47 +139,6 @@ def quality_row(
         "note": "; ".join(notes) or None,
         "evaluated_at": evaluated_at.isoformat(),
     }
-
-
-EVALUATION_SCHEMA = pa.schema([
-    ("scored_date", pa.string()),
-    ("model_version", pa.string()),
-    ("rows_scored", pa.int64()),
-    ("rows_flagged", pa.int64()),
-    ("flag_rate", pa.float64()),
-    ("rows_labelled", pa.int64()),
-    ("labelled_anomalies", pa.int64()),
-    ("label_coverage_flagged", pa.float64()),
-    ("label_coverage_unflagged", pa.float64()),
-    ("recall_known", pa.bool_()),
-    ("precision", pa.float64()),
-    ("recall", pa.float64()),
-    ("f1", pa.float64()),
-    ("roc_auc", pa.float64()),
-    ("pr_auc", pa.float64()),
-    ("note", pa.string()),
-    ("evaluated_at", pa.string()),
-])
-
-
-def write_evaluation(workspace: Workspace, date: dt.date, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Write (replacing) a date's evaluation as Parquet and JSON under outputs/evaluation/date=<date>/."""
-    folder = workspace.output_partition("evaluation", date)
-    target = folder / f"{EVALUATION_FILE}.parquet"
-    with storage.staged_path(target) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=EVALUATION_SCHEMA), tmp)
-    json_path = storage.write_json(folder / EVALUATION_JSON, {"date": date.isoformat(), "by_model_version": rows})
-    return {"parquet": str(target), "json": str(json_path)}
-
-
-def read_evaluations(workspace: Workspace, dates: Sequence[dt.date]) -> list[dict[str, Any]]:
-    """Return the evaluation rows written for ``dates``, oldest first."""
-    rows = []
-    for date in sorted(dates):
-        payload = storage.read_json_if_present(workspace.output_partition("evaluation", date) / EVALUATION_JSON)
-        if payload:
-            rows += payload["by_model_version"]
-    return rows
 
 
 def write_trend_report(workspace: Workspace, rows: list[dict[str, Any]], title: str) -> dict[str, str]:

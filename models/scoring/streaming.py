@@ -14,12 +14,12 @@ import pyarrow as pa
 
 from data.errors import BatchFileError, SchemaError
 from data.output_schema import TIMESTAMP, flagged_schema, output_metadata, quarantine_schema, scores_schema
+from data.outputs import StagedOutputs
 from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, label_classes, parquet_writer
 from models.bundle import LoadedBundle
-from models.drift import FeatureBins
-from models.error_summary import ErrorDistribution
-from models.publishing import StagedOutputs
-from models.reasons import ReasonTally, explain_rows
+from models.monitoring.drift import FeatureBins
+from models.monitoring.error_summary import ErrorDistribution
+from models.monitoring.reasons import ReasonTally, explain_rows
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFAULT_REASON_COUNT = 3

@@ -6,12 +6,12 @@ import datetime as dt
 from typing import Any
 
 from data import batches, storage
+from data.outputs import batch_report_dir
 from data.workspace import Workspace
 from models.bundle import read_bundle_json
-from models.drift import with_drift
-from models.error_summary import combine
-from models.publishing import batch_report_dir
-from models.scoring import with_flag_rate_verdict
+from models.monitoring.drift import with_drift
+from models.monitoring.error_summary import combine
+from models.scoring.batch import with_flag_rate_verdict
 
 
 def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -> dict[str, Any]:

@@ -19,9 +19,7 @@ from data.parquet import ANOMALY, NORMAL, UNLABELLED, TrainingRows, feature_matr
 from models.autoencoder import TrainingHistory, build_autoencoder, divergence, linear_dependencies, reconstruction_errors, train_autoencoder
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import RECIPE_CANDIDATES, AutoencoderConfig
-from models.drift import drift_reference, feature_reference, score_reference
-from models.error_summary import summarize_errors
-from models.reports import (
+from models.evaluation.reports import (
     anomaly_class_metrics,
     classification_table,
     plot_error_histogram,
@@ -29,6 +27,8 @@ from models.reports import (
     render_markdown,
     write_report_files,
 )
+from models.monitoring.drift import drift_reference, feature_reference, score_reference
+from models.monitoring.error_summary import summarize_errors
 from models.runtime import keras
 from models.threshold import (
     calibration_stats,

@@ -16,15 +16,15 @@ from typing import Any
 from data import batches, storage
 from data.batches import Batch
 from data.errors import BatchFileError
+from data.outputs import BatchOutputs, StagedOutputs, batch_outputs, withdraw_outputs
 from data.parquet import DEFAULT_CHUNK_ROWS, open_parquet, read_error
 from data.storage import FileState, Fingerprint
 from data.workspace import Workspace
 from models.bundle import LoadedBundle, current_version, exceedance_beta, load_bundle
-from models.drift import FeatureBins
-from models.error_summary import ErrorDistribution, summarize
-from models.publishing import BatchOutputs, StagedOutputs, batch_outputs, withdraw_outputs
-from models.reasons import ReasonTally
-from models.streaming import DEFAULT_REASON_COUNT, check_bad_row_share, stream_batch_file
+from models.monitoring.drift import FeatureBins
+from models.monitoring.error_summary import ErrorDistribution, summarize
+from models.monitoring.reasons import ReasonTally
+from models.scoring.streaming import DEFAULT_REASON_COUNT, check_bad_row_share, stream_batch_file
 from models.threshold import BAND_LEVEL, flag_rate_band, flag_rate_verdict
 
 

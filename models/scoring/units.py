@@ -10,16 +10,16 @@ from typing import Any
 
 from data import batches, storage
 from data.batches import Batch
+from data.outputs import BatchOutputs, StagedOutputs, batch_outputs
 from data.parquet import DEFAULT_CHUNK_ROWS, concatenate_parquet, plan_row_group_units
 from data.storage import FileState
 from data.workspace import Workspace, check_path_part
 from models.bundle import load_bundle
-from models.drift import FeatureBins
-from models.error_summary import ErrorDistribution
-from models.publishing import BatchOutputs, StagedOutputs, batch_outputs
-from models.reasons import ReasonTally
-from models.scoring import BatchResult, batch_summary, fingerprint_unchanged, read_state
-from models.streaming import DEFAULT_REASON_COUNT, check_bad_row_share, stream_batch_file
+from models.monitoring.drift import FeatureBins
+from models.monitoring.error_summary import ErrorDistribution
+from models.monitoring.reasons import ReasonTally
+from models.scoring.batch import BatchResult, batch_summary, fingerprint_unchanged, read_state
+from models.scoring.streaming import DEFAULT_REASON_COUNT, check_bad_row_share, stream_batch_file
 
 
 @dataclass(frozen=True)

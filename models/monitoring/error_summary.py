@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from data.parquet import ANOMALY, NORMAL, UNLABELLED
-from models.reasons import ReasonTally
+from models.monitoring.reasons import ReasonTally
 
 # Bins cover thresholds x 1e-6 .. x 1e6 on a log scale, 0.1% wide; one more bin below, one above.
 LOG_SPAN = float(np.log(1e6))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from models.error_summary import ErrorDistribution, fine_index
+from models.monitoring.error_summary import ErrorDistribution, fine_index
 
 REFERENCE_BINS = 10
 PSI_FLOOR = 0.1

@@ -13,7 +13,7 @@ from data import storage
 from data.errors import BundleError
 from models.autoencoder import reconstruction_errors
 from models.bundle import PROMOTION_FILE, current_version, load_bundle
-from models.training import HOLDOUT_FILE, read_matrix
+from models.training.retraining import HOLDOUT_FILE, read_matrix
 
 MIN_ANOMALIES_FOR_RECALL_CHECK = 20
 RECALL_TOLERANCE = 0.05

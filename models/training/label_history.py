@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from data import storage
-from data.labels import STAGED_LABELS, stage_labels
+from data.labels import STAGED_LABELS, connect_with_latest_labels, dates_ending, join_on_ids, quoted, stage_labels
 from data.parquet import training_files_and_features
 from data.workspace import Workspace
-from models.evaluation import connect_with_latest_labels, dates_ending, join_on_ids, quoted
 
 CONFIRMED_ANOMALY = "confirmed anomaly"
 

@@ -14,6 +14,7 @@ from data.locks import retraining_lock
 from data.workspace import Workspace, default_workspace
 from models.bundle import current_version, discard_staging, new_version, promote_command, staging_dir
 from models.config import resolve_preset
+from models.training.outcome import RetrainingRun
 from tasks.events import emit_model_event
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.training import (
@@ -86,85 +87,52 @@ def retrain_flow(
         staging = str(staging_dir(ws.models_dir, version))
         logger.info("Retraining model %s with preset %r from %s", version, preset, source)
         try:
-            # Step 1: normal rows only (with those of past nights that labels confirm), a seeded share held out for the threshold.
-            confirmed = gather_label_history(str(ws.root), source, label_column, normal_label, dt.datetime.now(dt.UTC).date(), label_history_days, list(id_columns), staging) if use_label_history else None
-            split = split_training_data(source, staging, label_column, normal_label, all_rows_normal, holdout_fraction, percentile, config.seed, confirmed["path"] if confirmed else None)
-            # Step 2: with labelled anomalies held out, the candidate recipe that ranks them best; then train it.
-            recipe = choose_recipe(split, preset, config.model_dump(), staging)
-            history = train_autoencoder(split["train_path"], split["feature_names"], recipe["config"], staging)
-            # Step 3: the threshold is the percentile of errors on normal rows the model did not see (held out, or out of fold).
-            errors_path = compute_reconstruction_errors(staging, split, history["config"], recipe["normal_errors_path"])
-            threshold = fix_threshold(errors_path, percentile, split["scheme"])
-            # Step 4: bundle and reports, then the promotion gate, all inside the staging folder.
-            save_model_bundle(staging, version, split, history, threshold, preset, label_column, normal_label, recipe)
-            training_report = write_training_report(staging, version, errors_path, history, threshold, split, preset, recipe)
-            holdout_summary = training_report["report"]["holdout_evaluation"]
-            write_evaluation_report(holdout_summary, str(Path(staging) / "report"), "holdout-evaluation", f"Held-out evaluation, model {version}", {"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
-            gate = check_promotion_gate(staging, errors_path, threshold, models_dir, split["feature_names"])
-            # Step 5: publish the version (a rename, or uploads with bundle.json last), then promote it if asked and the gate allows.
-            version_dir = publish_model_version(staging, models_dir)
+            # Normal rows only (with those of past nights that labels confirm), a seeded share held out for the threshold.
+            confirmed = None
+            if use_label_history:
+                confirmed = gather_label_history(workspace_root=str(ws.root), source=source, label_column=label_column, normal_label=normal_label, end_date=dt.datetime.now(dt.UTC).date(), days=label_history_days, id_columns=list(id_columns), staging=staging)
+            split = split_training_data(source=source, staging=staging, label_column=label_column, normal_label=normal_label, all_rows_normal=all_rows_normal, holdout_fraction=holdout_fraction, percentile=percentile, seed=config.seed, label_history=confirmed["path"] if confirmed else None)
+            # With labelled anomalies held out, the candidate recipe that ranks them best; then train it.
+            recipe = choose_recipe(split=split, preset=preset, config=config.model_dump(), staging=staging)
+            history = train_autoencoder(train_path=split["train_path"], feature_names=split["feature_names"], config=recipe["config"], staging=staging)
+            # The threshold is the percentile of errors on normal rows the model did not see (held out, or out of fold).
+            errors_path = compute_reconstruction_errors(staging=staging, split=split, config=history["config"], normal_errors_path=recipe["normal_errors_path"])
+            threshold = fix_threshold(errors_path=errors_path, percentile=percentile, scheme=split["scheme"])
+            # Bundle, reports and the promotion gate, all inside the staging folder; then publish the version
+            # (a rename, or uploads with bundle.json last).
+            save_model_bundle(staging=staging, version=version, split=split, history=history, threshold=threshold, preset=preset, label_column=label_column, normal_label=normal_label, recipe=recipe)
+            training_report = write_training_report(staging=staging, version=version, errors_path=errors_path, history=history, threshold=threshold, split=split, preset=preset, recipe=recipe)
+            write_evaluation_report(summary=training_report["report"]["holdout_evaluation"], directory=str(Path(staging) / "report"), stem="holdout-evaluation", title=f"Held-out evaluation, model {version}", context={"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
+            gate = check_promotion_gate(staging=staging, errors_path=errors_path, threshold=threshold, models_dir=models_dir, feature_names=split["feature_names"])
+            version_dir = publish_model_version(staging=staging, models_dir=models_dir)
         except BaseException:
             discard_staging(staging)
             raise
-        promoted = promote and gate["passed"]
-        if promoted:
-            promote_model(models_dir, version)
-        elif promote and gate["first_model"]:
-            logger.error(
-                "Model %s is saved but NOT promoted, and no model is current, so scoring cannot run until one is. Reasons: %s. Promote it anyway with: %s",
-                version, "; ".join(gate["reasons"]), promote_command(version),
-            )
-        elif promote:
-            logger.warning("Model %s is saved but NOT promoted; the current model keeps scoring. Reasons: %s", version, "; ".join(gate["reasons"]))
+        promoted = _promote_if_allowed(models_dir=models_dir, version=version, gate=gate, promote=promote)
 
-    report_dir = storage.as_path(version_dir) / "report"
-    publish_report_artifacts(
-        f"training-report-{version}",
-        training_report["markdown"],
-        [{"metric": k, "value": v} for k, v in _training_table(training_report["report"]).items()] + [{"metric": "promotion gate", "value": "passed" if gate["passed"] else "; ".join(gate["reasons"])}],
-        f"Training report of model {version}",
-    )
-    anomaly = training_report["report"]["anomaly_class"]
-    outcome = {
-        "model_version": version,
-        "promoted": promoted,
-        "promotion_refused": gate["reasons"],
-        "promotion_warnings": gate["warnings"],
-        "promote_command": promote_command(version) if gate["reasons"] else None,
-        "current_model": version if promoted else current_version(storage.as_path(models_dir), required=False),
-        "preset": preset,
-        "recipe": recipe["name"],
-        "recipe_candidates": recipe["candidates"],
-        "threshold": threshold["value"],
-        "percentile": percentile,
-        "threshold_warning": threshold["warning"],
-        "training_rows": split["rows_train"],
-        "validation_rows": split["rows_threshold"],
-        "threshold_scheme": split["scheme"],
-        "holdout_anomalies": split["rows_holdout_anomalies"],
-        "label_history": {k: v for k, v in confirmed.items() if k != "path"} if confirmed else None,
-        "epochs_run": history["epochs_run"],
-        "fit_seconds": history["fit_seconds"],
-        "holdout_recall": anomaly.get("recall"),
-        "holdout_roc_auc": anomaly.get("roc_auc"),
-        "model_dir": version_dir,
-        "report": str(report_dir / "training-report.md"),
-        "report_json": str(report_dir / "training-report.json"),
-    }
+    run = RetrainingRun(version, preset, percentile, split, recipe, history, threshold, gate, confirmed, training_report, version_dir)
+    publish_report_artifacts(key=f"training-report-{version}", markdown=training_report["markdown"], table=run.artifact_rows(), description=f"Training report of model {version}")
+    current = version if promoted else current_version(storage.as_path(models_dir), required=False)
+    outcome = run.outcome(promoted=promoted, current_model=current)
     emit_model_event(str(ws.root), outcome)
     return outcome
 
 
-def _training_table(report: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "model_version": report["model_version"],
-        "preset": report["preset"],
-        "training rows": report["training"]["rows_train"],
-        "held-out normal rows": report["training"]["rows_holdout_normal"],
-        "normal rows fixing the threshold": report["training"]["rows_threshold"],
-        "threshold": report["threshold"]["value"],
-        "percentile": report["threshold"]["percentile"],
-        "held-out flag rate": report["holdout_normal"]["flag_rate"],
-        "epochs run": report["history"]["epochs_run"],
-        **{f"held-out anomaly {k}": v for k, v in report["anomaly_class"].items()},
-    }
+def _promote_if_allowed(models_dir: str, version: str, gate: dict[str, Any], promote: bool) -> bool:
+    """Promote ``version`` if asked and the gate allows; otherwise say why not, and how to promote it anyway."""
+    logger = get_run_logger()
+    if promote and gate["passed"]:
+        promote_model(models_dir, version)
+        return True
+    reasons = "; ".join(gate["reasons"])
+    if promote and gate["first_model"]:
+        logger.error(
+            "Model %s is saved but NOT promoted, and no model is current, so scoring cannot run until one is. "
+            "Reasons: %s. Promote it anyway with: %s",
+            version,
+            reasons,
+            promote_command(version),
+        )
+    elif promote:
+        logger.warning("Model %s is saved but NOT promoted; the current model keeps scoring. Reasons: %s", version, reasons)
+    return False

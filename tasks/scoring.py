@@ -15,7 +15,8 @@ from data.outputs import batch_report_dir
 from data.storage import FileState
 from data.workspace import Workspace
 from models.evaluation import reports
-from models.scoring import batch, run_summary, units
+from models.scoring import batch as batch_scoring
+from models.scoring import run_summary, units
 from models.scoring.batch import BatchResult, ModelFacts
 from models.scoring.units import UnitPlan, UnitResult
 from tasks.common import RETRIES
@@ -24,7 +25,7 @@ from tasks.common import RETRIES
 @task(name="resolve-model-version", cache_policy=NO_CACHE)
 def resolve_model_version(workspace_root: str, model_version: str | None) -> ModelFacts:
     """Return the facts of the requested (or current) model version, after checking it loads."""
-    return batch.resolve_model(workspace_root, model_version)
+    return batch_scoring.resolve_model(workspace_root, model_version)
 
 
 @task(name="find-batches", cache_policy=NO_CACHE, **RETRIES)
@@ -69,7 +70,7 @@ def score_batch(
     before: FileState | None = None,
 ) -> BatchResult:
     """Score one batch file; publish its flagged rows (with their reasons), scores and quarantined rows."""
-    result = batch.score_batch(
+    result = batch_scoring.score_batch(
         workspace_root, run_date, batch, model_version,
         write_scores=write_scores, chunk_rows=chunk_rows, max_bad_row_share=max_bad_row_share, scored_at=scored_at, reason_count=reason_count, before=before,
     )
@@ -91,13 +92,13 @@ def write_batch_report(workspace_root: str, result: BatchResult, model_version: 
 @task(name="record-scored-batch", cache_policy=NO_CACHE, **RETRIES)
 def record_scored_batch(workspace_root: str, result: BatchResult, model_version: str) -> str:
     """Publish the batch by adding it to the manifest; only after its outputs and report are in place."""
-    return str(batch.record_scored_batch(workspace_root, result, model_version))
+    return str(batch_scoring.record_scored_batch(workspace_root, result, model_version))
 
 
 @task(name="reject-batch", cache_policy=NO_CACHE, **RETRIES)
 def reject_batch(workspace_root: str, run_date: dt.date, batch: Batch, rejection: dict[str, Any]) -> dict[str, Any]:
     """Withdraw a failed batch's record and outputs and record why it failed."""
-    outcome = batch.reject_batch(workspace_root, run_date, batch, rejection)
+    outcome = batch_scoring.reject_batch(workspace_root, run_date, batch, rejection)
     if outcome["withdrawn"]:
         get_run_logger().warning("Batch %s: withdrew %d earlier output file(s), which no longer match the file", batch.name, len(outcome["withdrawn"]))
     return outcome

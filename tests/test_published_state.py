@@ -126,20 +126,20 @@ def test_no_scores_removes_the_batchs_earlier_scores_and_the_run_counts_only_wha
 def test_a_task_that_crashes_fails_its_batch_and_the_run_still_reports(harness, workspace_copy, monkeypatch):
     from prefect.states import Crashed
 
-    import flows.score
+    import flows.fanout
     from flows.score import BatchesFailedError, score_flow
 
     ws = Workspace.at(workspace_copy)
     for i in range(3):
         write_rows(make_rows(1000, 46 + i, start_id=i * 1000), ws.incoming_for(RUN_DATE) / f"p{i}.parquet")
-    real = flows.score._score_whole_files
+    real = flows.fanout.score_whole_files
 
     def second_crashes(*args, **kwargs):
         states = real(*args, **kwargs)
         states[1] = Crashed(message="the worker process was killed")
         return states
 
-    monkeypatch.setattr(flows.score, "_score_whole_files", second_crashes)
+    monkeypatch.setattr(flows.fanout, "score_whole_files", second_crashes)
     with pytest.raises(BatchesFailedError, match="the worker process was killed") as caught:
         score_flow(workspace=str(workspace_copy), run_date=RUN_DATE)
     outcome = caught.value.outcome

@@ -1,17 +1,19 @@
-"""The summary of a date: every batch of it published by one model, added up from their reports in constant memory."""
+"""The summary of a date (every batch of it published by one model, added up from their reports in constant memory) and of a scoring run."""
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from data import batches, storage
 from data.outputs import batch_report_dir
 from data.workspace import Workspace
 from models.bundle import read_bundle_json
+from models.evaluation.reports import anomaly_class_metrics
 from models.monitoring.drift import with_drift
 from models.monitoring.error_summary import combine
-from models.scoring.batch import with_flag_rate_verdict
+from models.scoring.batch import BatchResult, with_flag_rate_verdict
 
 
 def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -> dict[str, Any]:
@@ -26,3 +28,77 @@ def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -
     summary["rows_quarantined"] = sum(int(r.get("rows_quarantined", 0)) for r in records)
     summary["batches"] = [r["batch"] for r in records]
     return with_drift(with_flag_rate_verdict(summary, meta), meta)
+
+
+@dataclass(frozen=True)
+class ScoringRun:
+    """What one scoring run did: the batches it published, skipped and failed, and the late files it caught up."""
+
+    date: dt.date
+    model_version: str
+    threshold: float
+    scored: list[BatchResult]
+    skipped: list[str]
+    failed: list[dict[str, Any]]
+    caught_up: list[dict[str, str]]
+
+    def dates_reported(self) -> list[dt.date]:
+        """Return the run's date, then every earlier date that got late files, oldest first."""
+        return [self.date, *sorted({r.run_date for r in self.scored} - {self.date})]
+
+    def report_context(self, day: dt.date) -> dict[str, Any]:
+        """Return the header figures of ``day``'s run report."""
+        return {
+            "date": day.isoformat(),
+            "model_version": self.model_version,
+            "batches_scored": sum(r.run_date == day for r in self.scored),
+            "batches_skipped": len(self.skipped) if day == self.date else 0,
+            "batches_failed": sum(f["date"] == day.isoformat() for f in self.failed),
+        }
+
+    def artifact_rows(self) -> list[dict[str, Any]]:
+        """Return one row per published or failed batch, for the run's table artifact."""
+        published = [
+            {
+                "date": r.run_date.isoformat(),
+                "batch": r.batch,
+                "rows_read": r.rows_read,
+                "rows_scored": r.rows_scored,
+                "rows_flagged": r.rows_flagged,
+                "rows_quarantined": r.rows_quarantined,
+                "flag_rate": round(r.summary["flag_rate"], 6),
+                "error": None,
+            }
+            for r in self.scored
+        ]
+        unscored = {"rows_read": 0, "rows_scored": 0, "rows_flagged": 0, "rows_quarantined": 0, "flag_rate": None}
+        return published + [{"date": f["date"], "batch": f["batch"], **unscored, "error": f["error"]} for f in self.failed]
+
+    def outcome(self, summary: dict[str, Any], report_paths: dict[str, str], workspace: Workspace, write_scores: bool) -> dict[str, Any]:
+        """Return the run's JSON outcome from the date's summary and run report."""
+        return {
+            "date": self.date.isoformat(),
+            "model_version": self.model_version,
+            "threshold": self.threshold,
+            "batches_scored": sum(r.run_date == self.date for r in self.scored),
+            "batches_skipped": len(self.skipped),
+            "batches_failed": len(self.failed),
+            "rows_read": summary["rows_read"],
+            "rows_scored": summary["rows_scored"],
+            "rows_flagged": summary["rows_flagged"],
+            "rows_quarantined": summary["rows_quarantined"],
+            "rows_unlabelled": summary["rows_unlabelled"] if summary["labels"] else None,
+            "flag_rate": summary["flag_rate"] if summary["rows_scored"] else None,
+            "expected_flag_rate": summary["expected_flag_rate"],
+            "flag_rate_band": summary["flag_rate_band"],
+            "flag_rate_verdict": summary["flag_rate_verdict"],
+            "alarm": summary["alarm"],
+            "alarm_reasons": summary["alarm_reasons"],
+            **anomaly_class_metrics(summary),
+            "catch_up_batches": self.caught_up,
+            "flagged_dir": str(workspace.output_partition("flagged", self.date)),
+            "scores_dir": str(workspace.output_partition("scores", self.date)) if write_scores else None,
+            "report": report_paths["markdown"],
+            "report_json": report_paths["json"],
+            "failed": self.failed,
+        }

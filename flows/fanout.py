@@ -1,0 +1,176 @@
+"""How a scoring run's batches reach the task runner: in this process one at a time, or fanned out on Dask in units of row groups, with the retries Dask's lost workers call for."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+from distributed import KilledWorker
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.futures import PrefectFuture
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Failed, State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect_dask import DaskTaskRunner
+from prefect_dask.task_runners import PrefectDaskFuture
+
+from data.batches import Batch
+from tasks.scoring import discard_units, merge_units, plan_units, remove_stale_temporaries, score_batch, score_unit
+
+
+def task_runner(dask_address: str | None, dask_workers: int, threads_per_worker: int) -> TaskRunner:
+    """Return the task runner for a run: an existing Dask cluster, a local one, or one task at a time in this process."""
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    if dask_workers:
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": dask_workers,
+                "threads_per_worker": threads_per_worker,
+                "processes": True,
+                "dashboard_address": None,
+                # Read by models.runtime before TensorFlow starts, so workers do not fight over the cores.
+                "env": {"ANOMALY_TF_THREADS": str(threads_per_worker)},
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+Work = list[tuple[dt.date, Batch]]
+
+
+def score_whole_files(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any]) -> list[State]:
+    """Score each batch as one task, in this process."""
+    futures = [runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, **options}) for date, batch in work]
+    return [_settled(f) for f in futures]
+
+
+def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any], rows_per_unit: int) -> list[State]:
+    """Score each batch as units of row groups on Dask, then merge each batch's units in order."""
+    logger = get_run_logger()
+    # Planning reads only file metadata: it runs here, and the workers hash the files as they finish them.
+    plans = [plan_units(batch, rows_per_unit, return_state=True) for _, batch in work]
+    unit_options = {"chunk_rows": options["chunk_rows"], "scored_at": options["scored_at"], "reason_count": options["reason_count"]}
+    pending: list[list[PrefectFuture] | PrefectFuture | State] = []
+    for (date, batch), plan in zip(work, plans, strict=True):
+        if not plan.is_completed():
+            pending.append(plan)
+            continue
+        units = plan.result().units
+        logger.info("Batch %s: %d unit(s) of row groups", batch.name, len(units))
+        if len(units) == 1:
+            # A file small enough for one unit is scored straight into its outputs, with nothing to join.
+            pending.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, **options, "before": plan.result().before}))
+            continue
+        pending.append([
+            runner.submit(score_unit, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit": i, "row_groups": groups, **unit_options})
+            for i, groups in enumerate(units)
+        ])
+    merges: list[PrefectFuture | State] = []
+    for (date, batch), plan, futures in zip(work, plans, pending, strict=True):
+        if not isinstance(futures, list):
+            merges.append(futures)
+            continue
+        states = [_settled(f) for f in futures]
+        failure = next((s for s in states if not s.is_completed()), None)
+        if failure is not None:
+            merges.append(failure)
+            continue
+        merge_options = {"write_scores": options["write_scores"], "max_bad_row_share": options["max_bad_row_share"]}
+        merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "plan": plan.result(), "unit_results": [s.result() for s in states], **merge_options}))
+    states = []
+    for (date, batch), futures, merge in zip(work, pending, merges, strict=True):
+        states.append(merge if isinstance(merge, State) else _settled(merge))
+        if isinstance(futures, list):
+            # Only once the merge's final state is here: until then Dask may run it again, from the parts.
+            discard_units(root, date, batch)
+    return states
+
+
+def retry_alone_after_killed_workers(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any], rows_per_unit: int, states: list[State]) -> list[State]:
+    """Score once more, each on its own, the files whose tasks Dask gave up on after losing workers.
+
+    Dask blames every task a dying worker held, so a file that merely shared workers with one that
+    kills them fails with KilledWorker too. Alone, only a file that kills workers itself fails again.
+    """
+    suspects = [i for i, state in enumerate(states) if not state.is_completed() and isinstance(failure(state), KilledWorker)]
+    if len(work) == 1 or not suspects:
+        return states
+    get_run_logger().warning("Dask lost workers while scoring %s; scoring each of them again on its own", [work[i][1].name for i in suspects])
+    retried = list(states)
+    for i in suspects:
+        retried[i] = score_in_units(runner, root, [work[i]], version, options, rows_per_unit)[0]
+    return retried
+
+
+def failure(state: State) -> BaseException:
+    """Return the exception a Failed, Crashed or Cancelled task ended with."""
+    try:
+        value = state.result(raise_on_failure=False)
+    except BaseException as exc:  # some final states raise rather than return their exception
+        value = exc
+    if isinstance(value, BaseException):
+        return value
+    return RuntimeError(f"task ended {state.type.value}: {state.message or 'no message'}")
+
+
+def _settled(future: PrefectFuture) -> State:
+    """Wait for a task's final state, then let go of its Dask result."""
+    try:
+        return _final_state(future)
+    finally:
+        if isinstance(future, PrefectDaskFuture):
+            # Should the worker holding the result die from now on, Dask must not run the task
+            # again: that would rewrite part files this run has already joined and removed.
+            future.wrapped_future.release()
+
+
+def _final_state(future: PrefectFuture) -> State:
+    future.wait()
+    state = future.state
+    if state.is_final():
+        return state
+    # The task never reported a final state: the Dask worker raised before Prefect could run it
+    # (e.g. it could not reach the API). Its exception becomes the failure, so the batch is not lost.
+    try:
+        future.result()
+    except Exception as exc:  # whatever the worker raised is the reason
+        return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
+    error = RuntimeError(f"task run {future.task_run_id} did not finish (state {state.type.value})")
+    return Failed(message=str(error), data=error)
+
+
+@contextlib.contextmanager
+def api_shared_with_workers(distributed: bool) -> Iterator[None]:
+    """Point Dask workers at this process's Prefect API when no PREFECT_API_URL is configured.
+
+    Without one, Prefect starts a temporary server in each process that needs it, so every Dask
+    worker would start its own; the task runs then report to the server this flow run uses.
+    """
+    if not distributed or PREFECT_API_URL.value():
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
+
+
+def score_work(
+    root: str, work: Work, version: str, options: dict[str, Any], dask_address: str | None, dask_workers: int, threads_per_worker: int, rows_per_unit: int
+) -> list[State]:
+    """Score every (date, batch) of ``work`` and return each one's final task state, in order; a failed batch does not stop the others."""
+    distributed = bool(dask_address or dask_workers)
+    with api_shared_with_workers(distributed), task_runner(dask_address, dask_workers, threads_per_worker) as runner:
+        if not distributed:
+            return score_whole_files(runner, root, work, version, options)
+        states = score_in_units(runner, root, work, version, options, rows_per_unit)
+        states = retry_alone_after_killed_workers(runner, root, work, version, options, rows_per_unit, states)
+    # The cluster's client is closed, so no unit runs again for this run: sweep what a unit
+    # recomputed after a worker died may have rewritten once its batch was merged.
+    for day in sorted({d for d, _ in work}):
+        remove_stale_temporaries(root, day)
+    return states

@@ -32,6 +32,7 @@ from models.bundle import load_bundle, promote, staging_dir
 from models.config import AutoencoderConfig, resolve_preset
 from models.runtime import cpu_threads, keras, tf
 from models.scoring.batch import score_file
+from models.scoring.streaming import ScoringOptions
 from models.training import retraining
 
 RESULTS = Path(__file__).parent / "results"
@@ -212,7 +213,7 @@ def throughput(workspace: Workspace, n_rows: int, rows_like: tuple[np.ndarray, n
     source = write_large_batch(workspace.root / "bench" / f"batch-{n_rows}.parquet", n_rows, distribution=rows_like)
     warmup = write_large_batch(workspace.root / "bench" / "warmup.parquet", 50_000, distribution=rows_like)
     when = dt.datetime.now(dt.UTC)
-    score_file(bundle, warmup, "warmup", batch_outputs(workspace, dt.date(2000, 1, 1), "warmup"), scored_at=when)
+    score_file(bundle, warmup, "warmup", batch_outputs(workspace, dt.date(2000, 1, 1), "warmup"), ScoringOptions(scored_at=when))
 
     forward = tf.function(lambda x: bundle.model(x, training=False), input_signature=[tf.TensorSpec([None, len(names)], tf.float32)])
 
@@ -223,17 +224,17 @@ def throughput(workspace: Workspace, n_rows: int, rows_like: tuple[np.ndarray, n
     flag_rates = []
 
     def product() -> None:
-        flag_rates.append(score_file(bundle, source, "big", batch_outputs(workspace, dt.date(2000, 1, 1), "big"), scored_at=when).summary["flag_rate"])
+        flag_rates.append(score_file(bundle, source, "big", batch_outputs(workspace, dt.date(2000, 1, 1), "big"), ScoringOptions(scored_at=when)).summary["flag_rate"])
 
     def without_reasons() -> None:
-        score_file(bundle, source, "big", batch_outputs(workspace, dt.date(2000, 1, 1), "big"), scored_at=when, reason_count=0)
+        score_file(bundle, source, "big", batch_outputs(workspace, dt.date(2000, 1, 1), "big"), ScoringOptions(scored_at=when, reason_count=0))
 
     # The same bundle as one written before drift references were kept: no feature bins are counted.
     no_drift_bundle = dataclasses.replace(bundle, metadata={k: v for k, v in bundle.metadata.items() if k != "drift_reference"})
-    score_file(no_drift_bundle, warmup, "warmup", batch_outputs(workspace, dt.date(2000, 1, 1), "warmup"), scored_at=when)
+    score_file(no_drift_bundle, warmup, "warmup", batch_outputs(workspace, dt.date(2000, 1, 1), "warmup"), ScoringOptions(scored_at=when))
 
     def without_drift() -> None:
-        score_file(no_drift_bundle, source, "big", batch_outputs(workspace, dt.date(2000, 1, 1), "big"), scored_at=when)
+        score_file(no_drift_bundle, source, "big", batch_outputs(workspace, dt.date(2000, 1, 1), "big"), ScoringOptions(scored_at=when))
 
     def tutorial(path: Path) -> None:
         x = pq.read_table(path, columns=names).to_pandas().to_numpy()
@@ -338,7 +339,7 @@ def object_storage(workspace: Workspace, n_rows: int, sizes: tuple[int, int], ro
         for round_ in range(3):  # the first round warms up
             for name in timings:
                 started = time.perf_counter()
-                score_file(bundles[name], sources[name], "big", batch_outputs(spaces[name], dt.date(2000, 1, 2), "big"), scored_at=when)
+                score_file(bundles[name], sources[name], "big", batch_outputs(spaces[name], dt.date(2000, 1, 2), "big"), ScoringOptions(scored_at=when))
                 if round_:
                     timings[name] = min(timings[name], time.perf_counter() - started)
         rates = {name: n_rows / seconds for name, seconds in timings.items()}

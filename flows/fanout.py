@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Iterator
-from typing import Any
 
 from distributed import KilledWorker
 from prefect import get_run_logger
@@ -18,6 +17,7 @@ from prefect_dask import DaskTaskRunner
 from prefect_dask.task_runners import PrefectDaskFuture
 
 from data.batches import Batch
+from models.scoring.streaming import ScoringOptions
 from tasks.scoring import discard_units, merge_units, plan_units, remove_stale_temporaries, score_batch, score_unit
 
 
@@ -42,18 +42,17 @@ def task_runner(dask_address: str | None, dask_workers: int, threads_per_worker:
 Work = list[tuple[dt.date, Batch]]
 
 
-def score_whole_files(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any]) -> list[State]:
+def score_whole_files(runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions) -> list[State]:
     """Score each batch as one task, in this process."""
-    futures = [runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, **options}) for date, batch in work]
+    futures = [runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "options": options}) for date, batch in work]
     return [_settled(f) for f in futures]
 
 
-def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any], rows_per_unit: int) -> list[State]:
+def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions, rows_per_unit: int) -> list[State]:
     """Score each batch as units of row groups on Dask, then merge each batch's units in order."""
     logger = get_run_logger()
     # Planning reads only file metadata: it runs here, and the workers hash the files as they finish them.
     plans = [plan_units(batch, rows_per_unit, return_state=True) for _, batch in work]
-    unit_options = {"chunk_rows": options["chunk_rows"], "scored_at": options["scored_at"], "reason_count": options["reason_count"]}
     pending: list[list[PrefectFuture] | PrefectFuture | State] = []
     for (date, batch), plan in zip(work, plans, strict=True):
         if not plan.is_completed():
@@ -63,10 +62,10 @@ def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opti
         logger.info("Batch %s: %d unit(s) of row groups", batch.name, len(units))
         if len(units) == 1:
             # A file small enough for one unit is scored straight into its outputs, with nothing to join.
-            pending.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, **options, "before": plan.result().before}))
+            pending.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "options": options, "before": plan.result().before}))
             continue
         pending.append([
-            runner.submit(score_unit, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit": i, "row_groups": groups, **unit_options})
+            runner.submit(score_unit, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit": i, "row_groups": groups, "options": options})
             for i, groups in enumerate(units)
         ])
     merges: list[PrefectFuture | State] = []
@@ -79,8 +78,7 @@ def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opti
         if failure is not None:
             merges.append(failure)
             continue
-        merge_options = {"write_scores": options["write_scores"], "max_bad_row_share": options["max_bad_row_share"]}
-        merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "plan": plan.result(), "unit_results": [s.result() for s in states], **merge_options}))
+        merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "plan": plan.result(), "unit_results": [s.result() for s in states], "options": options}))
     states = []
     for (date, batch), futures, merge in zip(work, pending, merges, strict=True):
         states.append(merge if isinstance(merge, State) else _settled(merge))
@@ -90,7 +88,7 @@ def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opti
     return states
 
 
-def retry_alone_after_killed_workers(runner: TaskRunner, root: str, work: Work, version: str, options: dict[str, Any], rows_per_unit: int, states: list[State]) -> list[State]:
+def retry_alone_after_killed_workers(runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions, rows_per_unit: int, states: list[State]) -> list[State]:
     """Score once more, each on its own, the files whose tasks Dask gave up on after losing workers.
 
     Dask blames every task a dying worker held, so a file that merely shared workers with one that
@@ -160,7 +158,7 @@ def api_shared_with_workers(distributed: bool) -> Iterator[None]:
 
 
 def score_work(
-    root: str, work: Work, version: str, options: dict[str, Any], dask_address: str | None, dask_workers: int, threads_per_worker: int, rows_per_unit: int
+    root: str, work: Work, version: str, options: ScoringOptions, dask_address: str | None, dask_workers: int, threads_per_worker: int, rows_per_unit: int
 ) -> list[State]:
     """Score every (date, batch) of ``work`` and return each one's final task state, in order; a failed batch does not stop the others."""
     distributed = bool(dask_address or dask_workers)

@@ -23,6 +23,7 @@ from flows.parameters import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_toda
 from models.monitoring.drift import with_alarm
 from models.scoring.batch import BatchResult, ModelFacts, describe_failure
 from models.scoring.run_summary import ScoringRun
+from models.scoring.streaming import ScoringOptions
 from tasks.events import emit_night_events
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.scoring import (
@@ -112,7 +113,7 @@ def score_flow(
         work, skipped, late = _choose_work(root=root, date=date, found=found, late_dates=late_dates, version=model.version, force=force)
         # Withdrawn before any output is replaced: a run killed from here on leaves these batches to the next run.
         withdraw_records(root, work)
-        options = {"write_scores": write_scores, "chunk_rows": chunk_rows, "max_bad_row_share": max_bad_row_share, "scored_at": scored_at, "reason_count": reason_count}
+        options = ScoringOptions(scored_at=scored_at, write_scores=write_scores, chunk_rows=chunk_rows, reason_count=reason_count, max_bad_row_share=max_bad_row_share)
         states = score_work(
             root=root,
             work=work,

@@ -18,6 +18,7 @@ from models.evaluation import reports
 from models.scoring import batch as batch_scoring
 from models.scoring import run_summary, units
 from models.scoring.batch import BatchResult, ModelFacts
+from models.scoring.streaming import ScoringOptions
 from models.scoring.units import UnitPlan, UnitResult
 from tasks.common import RETRIES
 
@@ -62,18 +63,11 @@ def score_batch(
     run_date: dt.date,
     batch: Batch,
     model_version: str,
-    write_scores: bool,
-    chunk_rows: int,
-    max_bad_row_share: float,
-    scored_at: dt.datetime,
-    reason_count: int,
+    options: ScoringOptions,
     before: FileState | None = None,
 ) -> BatchResult:
     """Score one batch file; publish its flagged rows (with their reasons), scores and quarantined rows."""
-    result = batch_scoring.score_batch(
-        workspace_root, run_date, batch, model_version,
-        write_scores=write_scores, chunk_rows=chunk_rows, max_bad_row_share=max_bad_row_share, scored_at=scored_at, reason_count=reason_count, before=before,
-    )
+    result = batch_scoring.score_batch(workspace_root, run_date, batch, model_version, options, before=before)
     get_run_logger().info(
         "Batch %s: %d rows scored, %d flagged (%.2f%%), %d quarantined",
         batch.name, result.rows_scored, result.rows_flagged, 100 * result.summary["flag_rate"], result.rows_quarantined,
@@ -130,17 +124,17 @@ def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
 
 
 @task(name="score-unit", cache_policy=NO_CACHE, **RETRIES)
-def score_unit(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, unit: int, row_groups: list[int], chunk_rows: int, scored_at: dt.datetime, reason_count: int) -> UnitResult:
+def score_unit(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, unit: int, row_groups: list[int], options: ScoringOptions) -> UnitResult:
     """Score some row groups of one file into part files."""
-    result = units.score_unit(workspace_root, run_date, batch, model_version, unit=unit, row_groups=row_groups, chunk_rows=chunk_rows, scored_at=scored_at, reason_count=reason_count)
+    result = units.score_unit(workspace_root, run_date, batch, model_version, unit=unit, row_groups=row_groups, options=options)
     get_run_logger().info("Batch %s, unit %d (row groups %d-%d): %d rows scored", batch.name, unit, row_groups[0], row_groups[-1], result.rows_scored)
     return result
 
 
 @task(name="merge-units", cache_policy=NO_CACHE, **RETRIES)
-def merge_units(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, plan: UnitPlan, unit_results: list[UnitResult], write_scores: bool, max_bad_row_share: float) -> BatchResult:
+def merge_units(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, plan: UnitPlan, unit_results: list[UnitResult], options: ScoringOptions) -> BatchResult:
     """Join a file's units into its flagged rows, scores and quarantine."""
-    result = units.merge_units(workspace_root, run_date, batch, model_version, plan=plan, unit_results=unit_results, write_scores=write_scores, max_bad_row_share=max_bad_row_share)
+    result = units.merge_units(workspace_root, run_date, batch, model_version, plan=plan, unit_results=unit_results, options=options)
     get_run_logger().info("Batch %s: %d units joined, %d rows scored, %d flagged", batch.name, len(unit_results), result.rows_scored, result.rows_flagged)
     return result
 

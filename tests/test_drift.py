@@ -19,12 +19,13 @@ from models.monitoring.drift import (
     with_drift,
 )
 from models.scoring.batch import score_file
+from models.scoring.streaming import ScoringOptions
 from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 
 def _score_night(ws, loaded, table: pa.Table, name: str) -> dict:
     source = write_rows(table, ws.incoming_for(RUN_DATE) / f"{name}.parquet")
-    result = score_file(loaded, source, name, batch_outputs(ws, RUN_DATE, name), scored_at=SCORED_AT, write_scores=False, reason_count=0)
+    result = score_file(loaded, source, name, batch_outputs(ws, RUN_DATE, name), ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0))
     return with_drift(result.summary, loaded.metadata)
 
 

@@ -19,6 +19,7 @@ from data.labels import labels_dir, stage_labels
 from data.outputs import batch_outputs
 from models.evaluation.labelled import RECALL_UNKNOWN, evaluate_dates
 from models.scoring.batch import score_file
+from models.scoring.streaming import ScoringOptions
 from tests.conftest import SCORED_AT, current_bundle, make_rows, write_rows
 
 NIGHTS = [dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)]
@@ -64,7 +65,7 @@ def test_later_labels_give_the_realised_quality_of_each_night_and_more_labels_re
         table = make_rows(3000, seed=40 + i, anomaly_share=0.05, start_id=10_000 * i)
         truth[night] = table.select(["row_id", "label"]).to_pandas().rename(columns={"label": "truth"})
         source = write_rows(table.drop_columns(["label"]), ws.incoming_for(night) / "batch.parquet")
-        score_file(loaded, source, "batch", batch_outputs(ws, night, "batch"), scored_at=SCORED_AT)
+        score_file(loaded, source, "batch", batch_outputs(ws, night, "batch"), ScoringOptions(scored_at=SCORED_AT))
         scores[night] = pd.read_parquet(ws.output_partition("scores", night))
     first, second, third = NIGHTS
     flagged_second = truth[second][truth[second]["row_id"].isin(scores[second].loc[scores[second]["is_anomaly"], "row_id"])]

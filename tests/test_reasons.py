@@ -12,6 +12,7 @@ from data.outputs import batch_outputs
 from models import bundle
 from models.monitoring.reasons import ReasonTally, explain_rows
 from models.scoring.batch import score_file
+from models.scoring.streaming import ScoringOptions
 from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 
@@ -83,7 +84,7 @@ def test_a_planted_offset_is_named_as_the_first_reason_with_its_direction(sensor
     table = pa.table({"row_id": pa.array(np.arange(len(rows))), **{name: pa.array(rows[:, j]) for j, name in enumerate(SENSORS)}})
     source = write_rows(table, sensor_workspace / "in" / "planted.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "planted")
-    result = score_file(loaded, source, "planted", outputs, scored_at=SCORED_AT)
+    result = score_file(loaded, source, "planted", outputs, ScoringOptions(scored_at=SCORED_AT))
 
     flagged = pq.read_table(outputs.flagged).to_pandas().set_index("row_id")
     assert [c for c in flagged.columns if c.startswith("reason_")] == [name for name, _ in reason_fields(3)]
@@ -102,7 +103,7 @@ def test_no_reasons_are_written_when_none_are_asked_for(workspace_copy):
     ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(2000, seed=72, anomaly_share=0.05), workspace_copy / "in" / "plain.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "plain")
-    result = score_file(loaded, source, "plain", outputs, scored_at=SCORED_AT, reason_count=0)
+    result = score_file(loaded, source, "plain", outputs, ScoringOptions(scored_at=SCORED_AT, reason_count=0))
     assert not [c for c in pq.read_schema(outputs.flagged).names if c.startswith("reason_")]
     assert result.summary["reasons"]["rows_flagged"] == 0
 

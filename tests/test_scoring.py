@@ -9,6 +9,7 @@ from data.errors import BatchFileError, SchemaError
 from data.output_schema import FLAGGED_COLUMNS, reason_fields
 from data.outputs import batch_outputs
 from models.scoring.batch import score_file
+from models.scoring.streaming import ScoringOptions
 from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
 
@@ -16,7 +17,7 @@ def test_score_batch_file_writes_flagged_rows_and_scores_with_the_documented_sch
     ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(3000, seed=7, anomaly_share=0.02), workspace_copy / "in" / "night.parquet", row_group_size=700)
     outputs = batch_outputs(ws, RUN_DATE, "night")
-    result = score_file(loaded, source, "night", outputs, scored_at=SCORED_AT, chunk_rows=1000)
+    result = score_file(loaded, source, "night", outputs, ScoringOptions(scored_at=SCORED_AT, chunk_rows=1000))
 
     scores = pq.read_table(outputs.scores)
     assert scores.column_names == ["row_id", "label", "reconstruction_error", "is_anomaly", "model_version", "batch"]
@@ -47,7 +48,7 @@ def test_score_batch_file_writes_flagged_rows_and_scores_with_the_documented_sch
 def test_normal_rows_are_flagged_near_the_expected_rate(workspace_copy):
     ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(20_000, seed=11), workspace_copy / "in" / "normal.parquet")
-    result = score_file(loaded, source, "normal", batch_outputs(ws, RUN_DATE, "normal"), scored_at=SCORED_AT, write_scores=False)
+    result = score_file(loaded, source, "normal", batch_outputs(ws, RUN_DATE, "normal"), ScoringOptions(scored_at=SCORED_AT, write_scores=False))
     assert result.summary["flag_rate"] == pytest.approx(0.02, abs=0.01)
     assert result.outputs["scores"] is None
 
@@ -61,7 +62,7 @@ def test_rows_with_missing_or_infinite_features_are_quarantined_with_a_reason(wo
     table = table.set_column(2, "f1", pa.array(f1)).set_column(5, "f4", f4)
     source = write_rows(table, workspace_copy / "in" / "dirty.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "dirty")
-    result = score_file(loaded, source, "dirty", outputs, scored_at=SCORED_AT, chunk_rows=256)
+    result = score_file(loaded, source, "dirty", outputs, ScoringOptions(scored_at=SCORED_AT, chunk_rows=256))
     assert (result.rows_read, result.rows_scored, result.rows_quarantined) == (1000, 997, 3)
     quarantined = pq.read_table(outputs.quarantine).to_pandas().set_index("row_id")
     assert sorted(quarantined.index) == [10, 20, 30]
@@ -78,7 +79,7 @@ def test_a_mostly_bad_batch_fails_and_publishes_nothing(workspace_copy):
     source = write_rows(table, workspace_copy / "in" / "bad.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "bad")
     with pytest.raises(BatchFileError, match="bad.parquet: 50 of 100 rows have missing, infinite or out-of-range feature values"):
-        score_file(loaded, source, "bad", outputs, scored_at=SCORED_AT, max_bad_row_share=0.1)
+        score_file(loaded, source, "bad", outputs, ScoringOptions(scored_at=SCORED_AT, max_bad_row_share=0.1))
     partition = ws.output_partition("flagged", RUN_DATE)
     assert not outputs.flagged.exists() and not outputs.scores.exists() and not outputs.quarantine.exists()
     assert not list(partition.glob("*")) if partition.exists() else True
@@ -89,7 +90,7 @@ def test_schema_errors_name_file_and_column_before_anything_is_written(workspace
     source = write_rows(make_rows(100, seed=3).drop_columns(["f5"]), workspace_copy / "in" / "short.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "short")
     with pytest.raises(SchemaError, match=r"short.parquet, column 'f5': feature column is missing"):
-        score_file(loaded, source, "short", outputs, scored_at=SCORED_AT)
+        score_file(loaded, source, "short", outputs, ScoringOptions(scored_at=SCORED_AT))
     assert not outputs.flagged.parent.exists() or not any(outputs.flagged.parent.iterdir())
 
 
@@ -98,15 +99,15 @@ def test_an_input_column_named_like_an_output_column_is_refused(workspace_copy):
     table = make_rows(100, seed=3).append_column("is_anomaly", pa.array([False] * 100))
     source = write_rows(table, workspace_copy / "in" / "clash.parquet")
     with pytest.raises(SchemaError, match="column 'is_anomaly'"):
-        score_file(loaded, source, "clash", batch_outputs(ws, RUN_DATE, "clash"), scored_at=SCORED_AT)
+        score_file(loaded, source, "clash", batch_outputs(ws, RUN_DATE, "clash"), ScoringOptions(scored_at=SCORED_AT))
 
 
 def test_rescoring_replaces_outputs(workspace_copy):
     ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(500, seed=5), workspace_copy / "in" / "again.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "again")
-    score_file(loaded, source, "again", outputs, scored_at=SCORED_AT)
-    score_file(loaded, source, "again", outputs, scored_at=SCORED_AT)
+    score_file(loaded, source, "again", outputs, ScoringOptions(scored_at=SCORED_AT))
+    score_file(loaded, source, "again", outputs, ScoringOptions(scored_at=SCORED_AT))
     assert pq.read_table(outputs.scores).num_rows == 500
     assert len(list(outputs.scores.parent.iterdir())) == 1
 
@@ -118,7 +119,7 @@ def test_a_float64_beyond_float32s_range_is_quarantined_as_out_of_range(workspac
     f3[[7, 8]] = [1e39, -np.inf]
     source = write_rows(table.set_column(4, "f3", pa.array(f3)), workspace_copy / "in" / "huge.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "huge")
-    result = score_file(loaded, source, "huge", outputs, scored_at=SCORED_AT)
+    result = score_file(loaded, source, "huge", outputs, ScoringOptions(scored_at=SCORED_AT))
     quarantined = pq.read_table(outputs.quarantine).to_pandas().set_index("row_id")
     assert result.rows_quarantined == 2
     assert quarantined.loc[7, "reason_code"] == "out_of_range" and quarantined.loc[7, "reason_column"] == "f3"
@@ -135,7 +136,7 @@ def test_rows_with_a_null_or_nan_label_are_scored_but_left_out_of_every_metric(w
     labels[1::50] = np.nan
     source = write_rows(table.set_column(7, "label", pa.array(labels).cast(pa.float64())), workspace_copy / "in" / "partly.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "partly")
-    result = score_file(loaded, source, "partly", outputs, scored_at=SCORED_AT)
+    result = score_file(loaded, source, "partly", outputs, ScoringOptions(scored_at=SCORED_AT))
     unlabelled = int(np.isnan(labels).sum())
     summary = result.summary
     assert summary["rows_scored"] == 4000 and summary["rows_unlabelled"] == unlabelled
@@ -160,9 +161,9 @@ def test_scoring_without_scores_removes_the_earlier_scores_file(workspace_copy):
     ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(500, seed=5), workspace_copy / "in" / "again.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "again")
-    score_file(loaded, source, "again", outputs, scored_at=SCORED_AT)
+    score_file(loaded, source, "again", outputs, ScoringOptions(scored_at=SCORED_AT))
     assert outputs.scores.exists()
-    result = score_file(loaded, source, "again", outputs, scored_at=SCORED_AT, write_scores=False)
+    result = score_file(loaded, source, "again", outputs, ScoringOptions(scored_at=SCORED_AT, write_scores=False))
     assert not outputs.scores.exists() and result.outputs["scores"] is None
 
 

@@ -9,6 +9,7 @@ from scipy.stats import beta
 
 from data.outputs import batch_outputs
 from models.scoring.batch import score_file
+from models.scoring.streaming import ScoringOptions
 from models.threshold import fix_threshold, flag_rate_band, flag_rate_verdict, order_statistic, threshold_uncertainty
 from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_rows, write_rows
 
@@ -69,14 +70,14 @@ def test_thirty_normal_nights_fall_within_the_band_and_a_shifted_night_is_above(
     # The product's own summaries carry that band for the bundle's threshold, and a shifted night is above it.
     assert "uncertainty" in loaded.metadata["threshold"]
     normal = write_rows(make_rows(4000, seed=1000), workspace_copy / "in" / "normal.parquet")
-    summary = score_file(loaded, normal, "normal", batch_outputs(ws, RUN_DATE, "normal"), scored_at=SCORED_AT, write_scores=False, reason_count=0).summary
+    summary = score_file(loaded, normal, "normal", batch_outputs(ws, RUN_DATE, "normal"), ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0)).summary
     assert summary["flag_rate_band"] == list(flag_rate_band(4000, *loaded.exceedance_beta))
     assert summary["flag_rate_verdict"] == flag_rate_verdict(summary["rows_flagged"], 4000, summary["flag_rate_band"])
     table = make_rows(4000, seed=2000)
     for name in FEATURES[:3]:
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(table.column(name).to_numpy() + 1.0))
     source = write_rows(table, workspace_copy / "in" / "shifted.parquet")
-    result = score_file(loaded, source, "shifted", batch_outputs(ws, RUN_DATE, "shifted"), scored_at=SCORED_AT, write_scores=False, reason_count=0)
+    result = score_file(loaded, source, "shifted", batch_outputs(ws, RUN_DATE, "shifted"), ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0))
     assert result.summary["flag_rate_verdict"] == "above", result.summary["flag_rate"]
     assert result.summary["flag_rate"] > result.summary["flag_rate_band"][1]
 

@@ -17,14 +17,14 @@ from data import batches, storage
 from data.batches import Batch
 from data.errors import BatchFileError
 from data.outputs import BatchOutputs, StagedOutputs, batch_outputs, withdraw_outputs
-from data.parquet import DEFAULT_CHUNK_ROWS, open_parquet, read_error
+from data.parquet import open_parquet, read_error
 from data.storage import FileState, Fingerprint
 from data.workspace import Workspace
 from models.bundle import LoadedBundle, current_version, exceedance_beta, load_bundle
 from models.monitoring.drift import FeatureBins
 from models.monitoring.error_summary import ErrorDistribution, summarize
 from models.monitoring.reasons import ReasonTally
-from models.scoring.streaming import DEFAULT_REASON_COUNT, check_bad_row_share, stream_batch_file
+from models.scoring.streaming import ScoringOptions, check_bad_row_share, stream_batch_file
 from models.threshold import BAND_LEVEL, flag_rate_band, flag_rate_verdict
 
 
@@ -131,18 +131,13 @@ def score_file(
     source: Path,
     batch: str,
     targets: BatchOutputs,
-    *,
-    scored_at: dt.datetime,
-    write_scores: bool = True,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    max_bad_row_share: float = 0.1,
-    reason_count: int = DEFAULT_REASON_COUNT,
+    options: ScoringOptions,
     before_publish: Callable[[], None] | None = None,
 ) -> FileScore:
     """Score a whole file into staged outputs and publish them together once all of it succeeded (and ``before_publish`` passed)."""
-    with StagedOutputs(targets, write_scores) as staged:
-        counts = stream_batch_file(bundle, source, batch, staged, scored_at=scored_at, chunk_rows=chunk_rows, reason_count=reason_count)
-        check_bad_row_share(source, counts.rows_read, counts.rows_quarantined, max_bad_row_share)
+    with StagedOutputs(targets, options.write_scores) as staged:
+        counts = stream_batch_file(bundle, source, batch, staged, options)
+        check_bad_row_share(source, counts.rows_read, counts.rows_quarantined, options.max_bad_row_share)
         if before_publish is not None:
             before_publish()
         published = staged.publish()
@@ -155,12 +150,7 @@ def score_batch(
     run_date: dt.date,
     batch: Batch,
     model_version: str,
-    *,
-    write_scores: bool = True,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    max_bad_row_share: float = 0.1,
-    scored_at: dt.datetime | None = None,
-    reason_count: int = DEFAULT_REASON_COUNT,
+    options: ScoringOptions | None = None,
     before: FileState | None = None,
 ) -> BatchResult:
     """Score one whole file with a model version of the workspace and publish its outputs (not its record).
@@ -182,11 +172,7 @@ def score_batch(
         batch.path,
         batch.name,
         batch_outputs(workspace, run_date, batch.name),
-        scored_at=scored_at or dt.datetime.now(dt.UTC),
-        write_scores=write_scores,
-        chunk_rows=chunk_rows,
-        max_bad_row_share=max_bad_row_share,
-        reason_count=reason_count,
+        options or ScoringOptions(scored_at=dt.datetime.now(dt.UTC)),
         before_publish=unchanged_and_withdrawn,
     )
     return BatchResult(

@@ -25,6 +25,17 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFAULT_REASON_COUNT = 3
 
 
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How batches are scored: when, how many rows at a time, reasons per flagged row, every row's score or not, the bad-row limit."""
+
+    scored_at: dt.datetime
+    write_scores: bool = True
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    reason_count: int = DEFAULT_REASON_COUNT
+    max_bad_row_share: float = 0.1
+
+
 @dataclass
 class StreamCounts:
     """What one pass over a file (or some of its row groups) counted, with its error distribution and reasons."""
@@ -43,20 +54,17 @@ def stream_batch_file(
     source: Path,
     batch: str,
     staged: StagedOutputs,
-    *,
-    scored_at: dt.datetime,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    id_columns: Sequence[str] | None = None,
+    options: ScoringOptions,
     row_groups: Sequence[int] | None = None,
-    reason_count: int = DEFAULT_REASON_COUNT,
 ) -> StreamCounts:
     """Score ``source`` (or only ``row_groups`` of it) into ``staged`` outputs, which the caller publishes or discards.
 
-    Flagged rows get ``reason_count`` reasons (0: none), from the residuals of the same forward pass.
+    Flagged rows get ``options.reason_count`` reasons (0: none), from the residuals of the same forward pass.
     """
+    scored_at, chunk_rows = options.scored_at, options.chunk_rows
     features = bundle.feature_names
     schema = check_batch_schema(source, features)
-    keep = list(id_columns) if id_columns is not None else schema.passthrough_columns
+    keep = schema.passthrough_columns
     missing_ids = [c for c in keep if c not in schema.columns]
     if missing_ids:
         raise SchemaError(source, "identifying column requested for the scores output is missing", column=missing_ids[0], code="missing_column")
@@ -66,7 +74,7 @@ def stream_batch_file(
     threshold = bundle.threshold
     metadata = output_metadata(bundle.version, threshold, bundle.percentile)
     input_schema = schema.arrow_schema
-    reason_count = min(reason_count, len(features))
+    reason_count = min(options.reason_count, len(features))
     flagged_out = flagged_schema(input_schema, metadata, reason_count)
     scores_out = scores_schema(input_schema, keep, metadata)
     quarantine_out = quarantine_schema(input_schema, metadata)

@@ -11,7 +11,7 @@ from typing import Any
 from data import batches, storage
 from data.batches import Batch
 from data.outputs import BatchOutputs, StagedOutputs, batch_outputs
-from data.parquet import DEFAULT_CHUNK_ROWS, concatenate_parquet, plan_row_group_units
+from data.parquet import concatenate_parquet, plan_row_group_units
 from data.storage import FileState
 from data.workspace import Workspace, check_path_part
 from models.bundle import load_bundle
@@ -19,7 +19,7 @@ from models.monitoring.drift import FeatureBins
 from models.monitoring.error_summary import ErrorDistribution
 from models.monitoring.reasons import ReasonTally
 from models.scoring.batch import BatchResult, batch_summary, fingerprint_unchanged, read_state
-from models.scoring.streaming import DEFAULT_REASON_COUNT, check_bad_row_share, stream_batch_file
+from models.scoring.streaming import ScoringOptions, check_bad_row_share, stream_batch_file
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,9 @@ def score_unit(
     run_date: dt.date,
     batch: Batch,
     model_version: str,
-    *,
     unit: int,
     row_groups: Sequence[int],
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    scored_at: dt.datetime | None = None,
-    reason_count: int = DEFAULT_REASON_COUNT,
+    options: ScoringOptions,
 ) -> UnitResult:
     """Score some row groups of a file into private part files; the worker loads the model once per process."""
     workspace = Workspace.at(workspace_root)
@@ -74,7 +71,7 @@ def score_unit(
     folder = parts_dir(workspace, run_date, batch.name) / f"unit-{unit:05d}"
     targets = BatchOutputs(flagged=folder / "flagged.parquet", scores=folder / "scores.parquet", quarantine=folder / "quarantine.parquet")
     with StagedOutputs(targets) as staged:
-        counts = stream_batch_file(bundle, batch.path, batch.name, staged, scored_at=scored_at or dt.datetime.now(dt.UTC), chunk_rows=chunk_rows, row_groups=row_groups, reason_count=reason_count)
+        counts = stream_batch_file(bundle, batch.path, batch.name, staged, options, row_groups=row_groups)
         parts = staged.publish()
     feature_bins = counts.feature_bins.to_json() if counts.feature_bins is not None else None
     return UnitResult(unit, counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, parts, counts.distribution.to_json(), counts.reasons.to_json(), feature_bins)
@@ -85,11 +82,9 @@ def merge_units(
     run_date: dt.date,
     batch: Batch,
     model_version: str,
-    *,
     plan: UnitPlan,
     unit_results: Sequence[UnitResult],
-    write_scores: bool = True,
-    max_bad_row_share: float = 0.1,
+    options: ScoringOptions,
 ) -> BatchResult:
     """Join a file's units, in row-group order, into its published outputs; the parts are left for the caller to remove.
 
@@ -101,7 +96,7 @@ def merge_units(
     units = sorted(unit_results, key=lambda r: r.unit)
     rows_read = sum(r.rows_read for r in units)
     rows_quarantined = sum(r.rows_quarantined for r in units)
-    check_bad_row_share(batch.path, rows_read, rows_quarantined, max_bad_row_share)
+    check_bad_row_share(batch.path, rows_read, rows_quarantined, options.max_bad_row_share)
     distribution = ErrorDistribution(bundle.threshold)
     reasons = ReasonTally(bundle.feature_names)
     feature_bins = FeatureBins.for_reference(bundle.drift_reference) if bundle.drift_reference else None
@@ -110,7 +105,7 @@ def merge_units(
         reasons.merge(ReasonTally.from_json(result.reasons))
         if feature_bins is not None:
             feature_bins.merge(FeatureBins.from_counts(bundle.drift_reference, result.feature_bins))
-    with StagedOutputs(batch_outputs(workspace, run_date, batch.name), write_scores) as staged:
+    with StagedOutputs(batch_outputs(workspace, run_date, batch.name), options.write_scores) as staged:
         concatenate_parquet([storage.as_path(r.parts["flagged"]) for r in units], staged.flagged.tmp)
         if staged.scores is not None:
             concatenate_parquet([storage.as_path(r.parts["scores"]) for r in units], staged.scores.tmp)

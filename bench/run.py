@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from bench.datasets import OTHERS, TUTORIAL, DatasetSpec, digits_as_anomaly_sets, make_dataset, normal_class, write_large_batch, write_training_file
 from data import storage
 from data.outputs import batch_outputs
-from data.parquet import feature_matrix
+from data.parquet import LabelRule, feature_matrix
 from data.workspace import Workspace
 from models.autoencoder import reconstruction_errors
 from models.bundle import load_bundle, promote, staging_dir
@@ -56,7 +56,7 @@ def detection_metrics(errors: np.ndarray, threshold: float, labels: np.ndarray) 
 def retrain(preset: str, training_file: Path, staging: Path, choose: bool = True, **overrides: Any) -> tuple[dict[str, Any], float, keras.Model, dict[str, Any]]:
     """Run the product's retraining steps; return the split, fit+threshold seconds, the model and the threshold (``choose=False``: no recipe chosen)."""
     config = resolve_preset(preset, **overrides)
-    split = retraining.split_training_data(str(training_file), staging, "label", "0", False, 0.2, PERCENTILE, config.seed)
+    split = retraining.split_training_data(str(training_file), staging, LabelRule("label", "0", False), 0.2, PERCENTILE, config.seed)
     started = time.perf_counter()
     # Overrides name one recipe: candidates are chosen among only for the preset as it is.
     recipe = retraining.choose_recipe(split, preset if choose and not overrides else "", config, staging)
@@ -198,7 +198,7 @@ def publish_for_scoring(run: tuple[dict[str, Any], keras.Model, dict[str, Any]],
     """Turn the tutorial's default-preset staging folder into the workspace's current bundle."""
     split, _, threshold = run
     version = "20000101T000000Z"
-    retraining.write_bundle(staging, version, split, split["history"], threshold, "default", "label", "0")
+    retraining.write_bundle(staging, version, split, split["history"], threshold, "default", LabelRule("label", "0"))
     target = workspace.models_dir / f"{version}.partial"
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, target)

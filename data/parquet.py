@@ -185,6 +185,15 @@ def plan_row_group_units(path: Path, rows_per_unit: int) -> list[list[int]]:
 NORMAL, ANOMALY, UNLABELLED = 0, 1, -1
 
 
+@dataclass(frozen=True)
+class LabelRule:
+    """Which training rows are normal: those whose ``column`` reads ``normal`` (compared as text), or every row."""
+
+    column: str = "label"
+    normal: str = "0"
+    all_rows_normal: bool = False
+
+
 def label_classes(labels: pa.Array | pa.ChunkedArray, normal_label: str) -> np.ndarray:
     """Return NORMAL where the label is ``normal_label`` (compared as text), UNLABELLED where it is null or NaN, else ANOMALY."""
     import pyarrow.compute as pc

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from data import storage
 from data.locks import retraining_lock
+from data.parquet import LabelRule
 from data.workspace import Workspace, default_workspace
 from models.bundle import current_version, discard_staging, new_version, promote_command, staging_dir
 from models.config import resolve_preset
@@ -78,6 +79,7 @@ def retrain_flow(
     ws = Workspace.at(workspace)
     config = resolve_preset(preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     source = training_data or str(ws.training_dir)
+    labels = LabelRule(column=label_column, normal=normal_label, all_rows_normal=all_rows_normal)
     models_dir = str(ws.models_dir)
 
     # One retraining at a time per workspace: versions, staging folders and current.json are shared.
@@ -90,8 +92,8 @@ def retrain_flow(
             # Normal rows only (with those of past nights that labels confirm), a seeded share held out for the threshold.
             confirmed = None
             if use_label_history:
-                confirmed = gather_label_history(workspace_root=str(ws.root), source=source, label_column=label_column, normal_label=normal_label, end_date=dt.datetime.now(dt.UTC).date(), days=label_history_days, id_columns=list(id_columns), staging=staging)
-            split = split_training_data(source=source, staging=staging, label_column=label_column, normal_label=normal_label, all_rows_normal=all_rows_normal, holdout_fraction=holdout_fraction, percentile=percentile, seed=config.seed, label_history=confirmed["path"] if confirmed else None)
+                confirmed = gather_label_history(workspace_root=str(ws.root), source=source, labels=labels, end_date=dt.datetime.now(dt.UTC).date(), days=label_history_days, id_columns=list(id_columns), staging=staging)
+            split = split_training_data(source=source, staging=staging, labels=labels, holdout_fraction=holdout_fraction, percentile=percentile, seed=config.seed, label_history=confirmed["path"] if confirmed else None)
             # With labelled anomalies held out, the candidate recipe that ranks them best; then train it.
             recipe = choose_recipe(split=split, preset=preset, config=config.model_dump(), staging=staging)
             history = train_autoencoder(train_path=split["train_path"], feature_names=split["feature_names"], config=recipe["config"], staging=staging)
@@ -100,7 +102,7 @@ def retrain_flow(
             threshold = fix_threshold(errors_path=errors_path, percentile=percentile, scheme=split["scheme"])
             # Bundle, reports and the promotion gate, all inside the staging folder; then publish the version
             # (a rename, or uploads with bundle.json last).
-            save_model_bundle(staging=staging, version=version, split=split, history=history, threshold=threshold, preset=preset, label_column=label_column, normal_label=normal_label, recipe=recipe)
+            save_model_bundle(staging=staging, version=version, split=split, history=history, threshold=threshold, preset=preset, labels=labels, recipe=recipe)
             training_report = write_training_report(staging=staging, version=version, errors_path=errors_path, history=history, threshold=threshold, split=split, preset=preset, recipe=recipe)
             write_evaluation_report(summary=training_report["report"]["holdout_evaluation"], directory=str(Path(staging) / "report"), stem="holdout-evaluation", title=f"Held-out evaluation, model {version}", context={"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
             gate = check_promotion_gate(staging=staging, errors_path=errors_path, threshold=threshold, models_dir=models_dir, feature_names=split["feature_names"])

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import storage
+from data.parquet import LabelRule
 from models import bundle
 from models.config import AutoencoderConfig
 from models.training import label_history, promotion, retraining
@@ -17,9 +18,9 @@ from tasks.common import RETRIES
 
 
 @task(name="gather-label-history", cache_policy=NO_CACHE, **RETRIES)
-def gather_label_history(workspace_root: str, source: str, label_column: str, normal_label: str, end_date: dt.date, days: int, id_columns: list[str], staging: str) -> dict[str, Any]:
+def gather_label_history(workspace_root: str, source: str, labels: LabelRule, end_date: dt.date, days: int, id_columns: list[str], staging: str) -> dict[str, Any]:
     """Gather the rows of past nights that later labels confirmed, as extra training data."""
-    history = label_history.label_history_for_training(workspace_root, source, label_column, normal_label, end_date, days, id_columns, Path(staging) / retraining.WORK_DIR)
+    history = label_history.label_history_for_training(workspace_root, source, labels, end_date, days, id_columns, Path(staging) / retraining.WORK_DIR)
     get_run_logger().info(
         "Label history %s..%s: %d confirmed normal row(s) added, %d confirmed anomalies held out, from %d night(s) with files",
         history["first_date"], history["last_date"], history["rows_confirmed_normal"], history["rows_confirmed_anomalous"], history["nights_with_files"],
@@ -28,9 +29,9 @@ def gather_label_history(workspace_root: str, source: str, label_column: str, no
 
 
 @task(name="split-training-data", cache_policy=NO_CACHE, **RETRIES)
-def split_training_data(source: str, staging: str, label_column: str, normal_label: str, all_rows_normal: bool, holdout_fraction: float, percentile: float, seed: int, label_history: str | None = None) -> dict[str, Any]:
+def split_training_data(source: str, staging: str, labels: LabelRule, holdout_fraction: float, percentile: float, seed: int, label_history: str | None = None) -> dict[str, Any]:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
-    split = retraining.split_training_data(source, Path(staging), label_column, normal_label, all_rows_normal, holdout_fraction, percentile, seed, label_history=label_history)
+    split = retraining.split_training_data(source, Path(staging), labels, holdout_fraction, percentile, seed, label_history=label_history)
     if split["scheme"] == retraining.CROSS_FIT:
         get_run_logger().info(
             "Training rows: %d normal, each also scored out of fold for the threshold (%d folds: a %d%% hold-out would leave it uncertain), %d labelled anomalies held out",
@@ -103,10 +104,10 @@ def fix_threshold(errors_path: str, percentile: float, scheme: str) -> dict[str,
 
 @task(name="save-model-bundle", cache_policy=NO_CACHE, **RETRIES)
 def save_model_bundle(
-    staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, label_column: str, normal_label: str, recipe: dict[str, Any]
+    staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, labels: LabelRule, recipe: dict[str, Any]
 ) -> str:
     """Write bundle.json beside the model, with the config it was trained with."""
-    return str(retraining.write_bundle(Path(staging), version, split, history, threshold, preset, label_column, normal_label, recipe))
+    return str(retraining.write_bundle(Path(staging), version, split, history, threshold, preset, labels, recipe))
 
 
 @task(name="write-training-report", cache_policy=NO_CACHE)

@@ -53,6 +53,7 @@ def write_rows(table: pa.Table, path: Path, row_group_size: int | None = None) -
 @pytest.fixture(scope="session")
 def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace holding a small promoted model trained with the plain functions (no Prefect)."""
+    from data.parquet import LabelRule
     from models import bundle
     from models.config import resolve_preset
     from models.training import retraining
@@ -64,11 +65,11 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = resolve_preset("default", **FAST_OVERRIDES)
     version = "20260101T000000Z"
     staging = bundle.staging_dir(root / "models", version)
-    split = retraining.split_training_data(str(root / "training"), staging, "label", "0", False, 0.2, 98.0, config.seed)
+    split = retraining.split_training_data(str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed)
     history = retraining.train_model(split["train_path"], split["feature_names"], config, staging)
     errors = retraining.compute_holdout_errors(staging, split, history["config"])
     threshold = retraining.fix_threshold_from_errors(errors, 98.0)
-    retraining.write_bundle(staging, version, split, history, threshold, "default", "label", "0")
+    retraining.write_bundle(staging, version, split, history, threshold, "default", LabelRule("label", "0"))
     retraining.publish_version(staging)
     bundle.promote(root / "models", version)
     return root

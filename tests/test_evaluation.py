@@ -17,6 +17,7 @@ from sklearn.metrics import average_precision_score, f1_score, precision_score, 
 from data.errors import SchemaError
 from data.labels import labels_dir, stage_labels
 from data.outputs import batch_outputs
+from data.parquet import LabelRule
 from models.evaluation.labelled import RECALL_UNKNOWN, evaluate_dates
 from models.scoring.batch import score_file
 from models.scoring.streaming import ScoringOptions
@@ -138,14 +139,14 @@ def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_thos
     # Yesterday is fully labelled, the day before only its first 100 rows; the night 40 days ago is outside the window.
     _label_file(ws, "labels.parquet", pd.concat([labels[0], labels[1].iloc[:100], labels[2]]), mtime=1_000)
 
-    history = label_history_for_training(str(ws.root), str(ws.training_dir), "label", "0", today, 30, ["row_id"], tmp_path / "work")
+    history = label_history_for_training(str(ws.root), str(ws.training_dir), LabelRule("label", "0"), today, 30, ["row_id"], tmp_path / "work")
     expected = pd.concat([labels[0], labels[1].iloc[:100]])
     assert history["rows_confirmed_normal"] == int((expected["label"] == 0).sum())
     assert history["rows_confirmed_anomalous"] == int((expected["label"] == 1).sum())
     assert [n["date"] for n in history["by_night"]] == sorted(n.isoformat() for n in list(nights)[:2])
 
-    plain = split_training_data(str(ws.training_dir), tmp_path / "plain", "label", "0", False, 0.2, 98.0, 1)
-    split = split_training_data(str(ws.training_dir), tmp_path / "staged", "label", "0", False, 0.2, 98.0, 1, label_history=history["path"])
+    plain = split_training_data(str(ws.training_dir), tmp_path / "plain", LabelRule("label", "0", False), 0.2, 98.0, 1)
+    split = split_training_data(str(ws.training_dir), tmp_path / "staged", LabelRule("label", "0", False), 0.2, 98.0, 1, label_history=history["path"])
     assert split["rows_train"] + split["rows_holdout_normal"] == plain["rows_train"] + plain["rows_holdout_normal"] + history["rows_confirmed_normal"]
     assert split["rows_holdout_anomalies"] == plain["rows_holdout_anomalies"] + history["rows_confirmed_anomalous"]
     assert (split["rows_label_history_normal"], split["rows_label_history_anomalies"]) == (history["rows_confirmed_normal"], history["rows_confirmed_anomalous"])

@@ -9,6 +9,7 @@ import pytest
 
 from data.output_schema import reason_fields
 from data.outputs import batch_outputs
+from data.parquet import LabelRule
 from models import bundle
 from models.monitoring.reasons import ReasonTally, explain_rows
 from models.scoring.batch import score_file
@@ -63,11 +64,11 @@ def sensor_workspace(tmp_path_factory):
     write_rows(table, root / "training" / "train.parquet")
     config = resolve_preset("default", epochs=30, batch_size=256, encoder_units=[24, 6], decoder_units=[24], early_stopping_patience=None)
     staging = bundle.staging_dir(root / "models", "20260102T000000Z")
-    split = retraining.split_training_data(str(root / "training"), staging, "label", "0", False, 0.2, 98.0, config.seed)
+    split = retraining.split_training_data(str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed)
     history = retraining.train_model(split["train_path"], split["feature_names"], config, staging)
     errors = retraining.compute_holdout_errors(staging, split, history["config"])
     threshold = retraining.fix_threshold_from_errors(errors, 98.0)
-    retraining.write_bundle(staging, "20260102T000000Z", split, history, threshold, "default", "label", "0")
+    retraining.write_bundle(staging, "20260102T000000Z", split, history, threshold, "default", LabelRule("label", "0"))
     retraining.publish_version(staging)
     bundle.promote(root / "models", "20260102T000000Z")
     return root

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data.parquet import LabelRule
 from models.config import RECIPE_CANDIDATES, resolve_preset
 from models.training import retraining
 from tests.conftest import REPO_ROOT, write_rows
@@ -39,7 +40,7 @@ def _table(rows: np.ndarray, labels: np.ndarray | None = None) -> pa.Table:
 
 
 def _retrain(source: Path, staging: Path, config, all_rows_normal: bool = True, preset: str = "default"):
-    split = retraining.split_training_data(str(source), staging, "label", "0", all_rows_normal, 0.2, 98.0, config.seed)
+    split = retraining.split_training_data(str(source), staging, LabelRule("label", "0", all_rows_normal), 0.2, 98.0, config.seed)
     recipe = retraining.choose_recipe(split, preset, config, staging)
     history = retraining.train_model(split["train_path"], split["feature_names"], config.model_validate(recipe["config"]), staging)
     errors = retraining.compute_holdout_errors(staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"])
@@ -117,7 +118,7 @@ def test_fewer_normal_rows_than_the_percentile_needs_are_refused_with_the_number
     rows = np.random.default_rng(5).normal(size=(49, 3))
     source = write_rows(pa.table({f"x{j}": pa.array(rows[:, j]) for j in range(3)}), tmp_path / "tiny.parquet")
     with pytest.raises(TrainingDataError, match="49 normal rows; the 98th percentile cannot be estimated from fewer than 50 normal rows"):
-        retraining.split_training_data(str(source), tmp_path / "staging", "label", "0", True, 0.2, 98.0, 0)
+        retraining.split_training_data(str(source), tmp_path / "staging", LabelRule("label", "0", True), 0.2, 98.0, 0)
 
 
 def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
@@ -146,7 +147,7 @@ def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
 
 def test_without_labelled_anomalies_the_preset_recipe_is_kept_and_says_why(tmp_path):
     source = write_rows(_table(_awkward_rows(300, seed=9)), tmp_path / "normal.parquet")
-    split = retraining.split_training_data(str(source), tmp_path / "staging", "label", "0", True, 0.2, 98.0, 0)
+    split = retraining.split_training_data(str(source), tmp_path / "staging", LabelRule("label", "0", True), 0.2, 98.0, 0)
     recipe = retraining.choose_recipe(split, "default", resolve_preset("default"), tmp_path / "staging")
     assert recipe["name"] == "default" and recipe["candidates"] == [] and recipe["normal_errors_path"] is None
     assert recipe["note"] == "0 labelled anomalies held out; at least 5 choose among candidate recipes"
@@ -158,10 +159,11 @@ def test_the_same_data_and_seed_give_the_same_threshold_in_two_processes(tmp_pat
         "import sys, json\n"
         "from pathlib import Path\n"
         "from models.training import retraining\n"
+        "from data.parquet import LabelRule\n"
         "from models.config import resolve_preset\n"
         "source, staging = sys.argv[1], Path(sys.argv[2])\n"
         "config = resolve_preset('default', epochs=10)\n"
-        "split = retraining.split_training_data(source, staging, 'label', '0', True, 0.2, 98.0, config.seed)\n"
+        "split = retraining.split_training_data(source, staging, LabelRule('label', '0', True), 0.2, 98.0, config.seed)\n"
         "history = retraining.train_model(split['train_path'], split['feature_names'], config, staging)\n"
         "errors = retraining.compute_holdout_errors(staging, split, history['config'])\n"
         "print(json.dumps(retraining.fix_threshold_from_errors(errors, 98.0, split['scheme'])['value']))\n"

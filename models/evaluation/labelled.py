@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,6 +22,15 @@ from models.bundle import current_version, read_bundle_json
 from models.evaluation.reports import plot_trend, render_markdown, write_report_files
 
 RECALL_UNKNOWN = "only flagged rows are labelled: recall (and F1, ROC-AUC, PR-AUC) cannot be known"
+
+
+
+class LabelledRows(NamedTuple):
+    """A night's labelled rows of one model version: their errors, whether each was flagged, and whether each is an anomaly."""
+
+    errors: np.ndarray
+    predicted: np.ndarray
+    truth: np.ndarray
 
 
 def label_rule(workspace_root: str) -> dict[str, str]:
@@ -73,9 +82,11 @@ def _evaluate_date(con: Any, files: list[str], on_ids: str, date: dt.date, evalu
                 int(flagged),
                 int(labelled_flagged),
                 int(labelled_unflagged),
-                labelled.column("reconstruction_error").to_numpy()[mine],
-                labelled.column("is_anomaly").to_numpy(zero_copy_only=False)[mine],
-                labelled.column(LABEL_CLASS).to_numpy()[mine] == ANOMALY,
+                LabelledRows(
+                    errors=labelled.column("reconstruction_error").to_numpy()[mine],
+                    predicted=labelled.column("is_anomaly").to_numpy(zero_copy_only=False)[mine],
+                    truth=labelled.column(LABEL_CLASS).to_numpy()[mine] == ANOMALY,
+                ),
                 evaluated_at,
             )
         )
@@ -89,12 +100,11 @@ def quality_row(
     flagged: int,
     labelled_flagged: int,
     labelled_unflagged: int,
-    errors: np.ndarray,
-    predicted: np.ndarray,
-    truth: np.ndarray,
+    rows: LabelledRows,
     evaluated_at: dt.datetime,
 ) -> dict[str, Any]:
     """Return the realised quality of one date and model version from its labelled rows; None where the labels cannot tell."""
+    errors, predicted, truth = rows
     from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
     notes = []

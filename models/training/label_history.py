@@ -13,7 +13,7 @@ from typing import Any
 
 from data import storage
 from data.labels import STAGED_LABELS, connect_with_latest_labels, dates_ending, join_on_ids, quoted, stage_labels
-from data.parquet import training_files_and_features
+from data.parquet import LabelRule, training_files_and_features
 from data.workspace import Workspace
 
 CONFIRMED_ANOMALY = "confirmed anomaly"
@@ -25,12 +25,12 @@ def gather_label_history(
     days: int,
     id_columns: Sequence[str],
     feature_names: Sequence[str],
-    label_column: str,
-    normal_label: str,
+    labels: LabelRule,
     staged_labels: str,
     target: Path,
 ) -> dict[str, Any]:
     """Write the labelled rows of the ``days`` nights up to ``end_date`` (features and label) to ``target``; return counts by date."""
+    label_column, normal_label = labels.column, labels.normal
     workspace = Workspace.at(workspace_root)
     dates = dates_ending(end_date, days)
     files = {date: storage.list_files(workspace.incoming_for(date), "*.parquet", recursive=True) for date in dates}
@@ -67,10 +67,10 @@ def gather_label_history(
     }
 
 
-def label_history_for_training(workspace_root: str, training_source: str, label_column: str, normal_label: str, end_date: dt.date, days: int, id_columns: Sequence[str], work_dir: Path) -> dict[str, Any]:
+def label_history_for_training(workspace_root: str, training_source: str, labels: LabelRule, end_date: dt.date, days: int, id_columns: Sequence[str], work_dir: Path) -> dict[str, Any]:
     """Check the labels, then gather the confirmed rows of the last ``days`` nights with the training data's features into ``work_dir``."""
     workspace = Workspace.at(workspace_root)
-    _, feature_names = training_files_and_features(training_source, label_column)
+    _, feature_names = training_files_and_features(training_source, labels.column)
     staged = work_dir / STAGED_LABELS
-    stage_labels(workspace, id_columns, label_column, normal_label, staged)
-    return gather_label_history(workspace_root, end_date, days, id_columns, feature_names, label_column, normal_label, str(staged), work_dir / "label-history.parquet")
+    stage_labels(workspace, id_columns, labels.column, labels.normal, staged)
+    return gather_label_history(workspace_root, end_date, days, id_columns, feature_names, labels, str(staged), work_dir / "label-history.parquet")

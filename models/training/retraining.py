@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from data import storage
 from data.errors import TrainingDataError
-from data.parquet import ANOMALY, NORMAL, UNLABELLED, TrainingRows, feature_matrix, read_training_rows
+from data.parquet import ANOMALY, NORMAL, UNLABELLED, LabelRule, TrainingRows, feature_matrix, read_training_rows
 from models.autoencoder import TrainingHistory, build_autoencoder, divergence, linear_dependencies, reconstruction_errors, train_autoencoder
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import RECIPE_CANDIDATES, AutoencoderConfig
@@ -71,9 +71,7 @@ def threshold_scheme(normal_rows: int, holdout_fraction: float, percentile: floa
 def split_training_data(
     source: str,
     staging: Path,
-    label_column: str,
-    normal_label: str,
-    all_rows_normal: bool,
+    labels: LabelRule,
     holdout_fraction: float,
     percentile: float,
     seed: int,
@@ -91,7 +89,8 @@ def split_training_data(
     label): its normal rows join the training data, its anomalies the held-out anomalies.
     """
     check_percentile(percentile)
-    rows = read_training_rows(source, label_column, normal_label, all_rows_normal, feature_columns)
+    label_column, normal_label = labels.column, labels.normal
+    rows = read_training_rows(source, label_column, normal_label, labels.all_rows_normal, feature_columns)
     history_normal = history_anomalies = 0
     if label_history:
         history = read_training_rows(label_history, label_column, normal_label, False, rows.feature_names)
@@ -375,8 +374,7 @@ def write_bundle(
     history: dict[str, Any],
     threshold: dict[str, Any],
     preset: str,
-    label_column: str,
-    normal_label: str,
+    labels: LabelRule,
     recipe: dict[str, Any] | None = None,
 ) -> Path:
     """Write bundle.json beside the staged model, with the model's checksum and everything scoring needs."""
@@ -389,8 +387,8 @@ def write_bundle(
         "model_file": MODEL_FILE,
         "model_sha256": storage.content_hash(model_path),
         "features": [{"name": n, "dtype": "float64"} for n in split["feature_names"]],
-        "label_column": label_column,
-        "normal_label": normal_label,
+        "label_column": labels.column,
+        "normal_label": labels.normal,
         "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty", "warning")}
         | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value", "scheme": split["scheme"], "folds": split["folds"]},
         "calibration": threshold["calibration"],

@@ -299,3 +299,9 @@ def concatenate_parquet(parts: Sequence[Path], target: Path) -> None:
         for part in parts:
             for batch in open_parquet(part, streaming=True).iter_batches(batch_size=DEFAULT_CHUNK_ROWS):
                 writer.write_batch(batch)
+
+
+def read_holdout_errors(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Return the reconstruction errors of the rows that fix the threshold, and which of them are labelled anomalies."""
+    table = pq.read_table(path)
+    return table.column("reconstruction_error").to_numpy(), table.column("labelled_anomaly").to_numpy(zero_copy_only=False)

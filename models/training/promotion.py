@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from data import storage
 from data.errors import BundleError
+from data.parquet import read_holdout_errors
 from models.autoencoder import reconstruction_errors
 from models.bundle import PROMOTION_FILE, current_version, load_bundle
 from models.training.retraining import HOLDOUT_FILE, read_matrix
@@ -33,9 +34,7 @@ def cross_checked_flag_rates(holdout_normal_errors: np.ndarray, percentile: floa
 
 def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], models_dir: Path, feature_names: list[str]) -> dict[str, Any]:
     """Decide whether the staged model may become current; the decision and its reasons are returned."""
-    table = pq.read_table(errors_path)
-    errors = table.column("reconstruction_error").to_numpy()
-    labelled = table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    errors, labelled = read_holdout_errors(errors_path)
     normal_errors = errors[~labelled]
     percentile = threshold["percentile"]
     expected = 1.0 - percentile / 100.0

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from data import storage
 from data.errors import TrainingDataError
-from data.parquet import ANOMALY, NORMAL, UNLABELLED, LabelRule, TrainingRows, feature_matrix, read_training_rows
+from data.parquet import ANOMALY, NORMAL, UNLABELLED, LabelRule, TrainingRows, feature_matrix, read_holdout_errors, read_training_rows
 from models.autoencoder import TrainingHistory, build_autoencoder, divergence, linear_dependencies, reconstruction_errors, train_autoencoder
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import RECIPE_CANDIDATES, AutoencoderConfig
@@ -350,10 +350,8 @@ def compute_holdout_errors(staging: Path, split: dict[str, Any], config: dict[st
 
 def fix_threshold_from_errors(errors_path: str, percentile: float, scheme: str = HOLDOUT) -> dict[str, Any]:
     """Fix the threshold at ``percentile`` of the errors of normal rows their model did not see; return it with calibration statistics."""
-    table = pq.read_table(errors_path)
-    errors = table.column("reconstruction_error").to_numpy()
-    normal = ~table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
-    holdout_normal = errors[normal]
+    errors, labelled = read_holdout_errors(errors_path)
+    holdout_normal = errors[~labelled]
     threshold = fix_threshold(holdout_normal, percentile)
     uncertainty = threshold_uncertainty(holdout_normal, percentile)
     return {
@@ -437,9 +435,7 @@ def write_training_report(
 ) -> dict[str, Any]:
     """Write the training report (loss curves, held-out error histogram, JSON, Markdown) into ``staging/report``."""
     report_dir = staging / REPORT_DIR
-    table = pq.read_table(errors_path)
-    errors = table.column("reconstruction_error").to_numpy()
-    labelled = table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    errors, labelled = read_holdout_errors(errors_path)
     has_anomalies = bool(labelled.any())
     classes = np.where(labelled, ANOMALY, NORMAL).astype(np.int8)
     evaluation = summarize_errors(errors, threshold["value"], threshold["percentile"], classes if has_anomalies else None)

@@ -24,7 +24,7 @@ from models.bundle import LoadedBundle, current_version, exceedance_beta, load_b
 from models.monitoring.drift import FeatureBins
 from models.monitoring.error_summary import ErrorDistribution, summarize
 from models.monitoring.reasons import ReasonTally
-from models.scoring.streaming import ScoringOptions, check_bad_row_share, stream_batch_file
+from models.scoring.streaming import RowCounts, ScoringOptions, check_bad_row_share, stream_batch_file
 from models.threshold import BAND_LEVEL, flag_rate_band, flag_rate_verdict
 
 
@@ -37,16 +37,12 @@ class ModelFacts:
 
 
 @dataclass
-class BatchResult:
+class BatchResult(RowCounts):
     """What scoring one batch published: counts, output paths, the bytes it came from and its summary."""
 
     batch: str
     source: str
     run_date: dt.date
-    rows_read: int
-    rows_scored: int
-    rows_flagged: int
-    rows_quarantined: int
     outputs: dict[str, str | None]
     fingerprint: Fingerprint
     summary: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -115,13 +111,9 @@ def with_flag_rate_verdict(summary: dict[str, Any], bundle_metadata: dict[str, A
 
 
 @dataclass
-class FileScore:
+class FileScore(RowCounts):
     """What scoring one file published, with its summary."""
 
-    rows_read: int
-    rows_scored: int
-    rows_flagged: int
-    rows_quarantined: int
     outputs: dict[str, str | None]
     summary: dict[str, Any] = field(repr=False, default_factory=dict)
 

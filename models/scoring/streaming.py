@@ -37,13 +37,19 @@ class ScoringOptions:
 
 
 @dataclass
-class StreamCounts:
-    """What one pass over a file (or some of its row groups) counted, with its error distribution and reasons."""
+class RowCounts:
+    """How many rows of a file (or some of its row groups) were read, scored, flagged and quarantined."""
 
     rows_read: int
     rows_scored: int
     rows_flagged: int
     rows_quarantined: int
+
+
+@dataclass
+class StreamCounts(RowCounts):
+    """What one pass over a file (or some of its row groups) counted, with its error distribution and reasons."""
+
     distribution: ErrorDistribution
     reasons: ReasonTally
     feature_bins: FeatureBins | None

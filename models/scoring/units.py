@@ -19,7 +19,7 @@ from models.monitoring.drift import FeatureBins
 from models.monitoring.error_summary import ErrorDistribution
 from models.monitoring.reasons import ReasonTally
 from models.scoring.batch import BatchResult, batch_summary, fingerprint_unchanged, read_state
-from models.scoring.streaming import ScoringOptions, check_bad_row_share, stream_batch_file
+from models.scoring.streaming import RowCounts, ScoringOptions, check_bad_row_share, stream_batch_file
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,10 @@ class UnitPlan:
 
 
 @dataclass
-class UnitResult:
+class UnitResult(RowCounts):
     """What scoring one unit wrote into its private part files."""
 
     unit: int
-    rows_read: int
-    rows_scored: int
-    rows_flagged: int
-    rows_quarantined: int
     parts: dict[str, str | None]
     distribution: dict[str, Any] = field(repr=False, default_factory=dict)
     reasons: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -74,7 +70,17 @@ def score_unit(
         counts = stream_batch_file(bundle, batch.path, batch.name, staged, options, row_groups=row_groups)
         parts = staged.publish()
     feature_bins = counts.feature_bins.to_json() if counts.feature_bins is not None else None
-    return UnitResult(unit, counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, parts, counts.distribution.to_json(), counts.reasons.to_json(), feature_bins)
+    return UnitResult(
+        rows_read=counts.rows_read,
+        rows_scored=counts.rows_scored,
+        rows_flagged=counts.rows_flagged,
+        rows_quarantined=counts.rows_quarantined,
+        unit=unit,
+        parts=parts,
+        distribution=counts.distribution.to_json(),
+        reasons=counts.reasons.to_json(),
+        feature_bins=feature_bins,
+    )
 
 
 def merge_units(

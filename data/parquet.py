@@ -18,6 +18,8 @@ from data.errors import BatchFileError, SchemaError, TrainingDataError
 from data.output_schema import RESERVED_COLUMNS
 
 DEFAULT_CHUNK_ROWS = 131_072
+# Above this share of rows with missing or infinite features a batch fails instead of being scored.
+DEFAULT_MAX_BAD_ROW_SHARE = 0.1
 
 
 def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:

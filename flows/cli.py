@@ -11,9 +11,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from data.parquet import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_BAD_ROW_SHARE
 from data.workspace import WORKSPACE_ENV, default_workspace
+from models.config import PRESET_NAMES
 
-PRESETS = ("default", "seed")
+PRESETS = PRESET_NAMES
 PROMOTE_LOCK_TIMEOUT_S = 600.0
 
 # Prefect's embedded server migrates its database on first start; on two slow cores that can exceed the 20 s default.
@@ -72,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model-version", default=None, help="model version to use (default: models/current.json)")
     score.add_argument("--catch-up-days", type=int, default=3, help="also score files of this many earlier dates that have no record yet, under their own dates; 0 turns it off (default: %(default)s)")
     score.add_argument("--reason-count", type=int, default=3, help="features each flagged row names as its reasons, 0 to 10 (default: %(default)s)")
-    score.add_argument("--chunk-rows", type=int, default=131_072, help="rows read and scored at a time (default: %(default)s)")
-    score.add_argument("--max-bad-row-share", type=float, default=0.1, help="share of rows with missing/infinite features above which a batch fails (default: %(default)s)")
+    score.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows read and scored at a time (default: %(default)s)")
+    score.add_argument("--max-bad-row-share", type=float, default=DEFAULT_MAX_BAD_ROW_SHARE, help="share of rows with missing/infinite features above which a batch fails (default: %(default)s)")
     score.add_argument("--dask-workers", type=int, default=0, help="score on a local Dask cluster of this many worker processes (default: 0, no Dask)")
     score.add_argument("--dask-threads-per-worker", type=int, default=1, help="threads of each local Dask worker (default: %(default)s)")
     score.add_argument("--dask-address", default=None, help="score on an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: $ANOMALY_DASK_ADDRESS, or no Dask)")

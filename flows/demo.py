@@ -9,8 +9,9 @@ from prefect import flow
 from pydantic import Field
 
 from data.workspace import Workspace, default_workspace, resolve_run_date
-from flows.retrain import PresetName, retrain_flow
+from flows.retrain import retrain_flow
 from flows.score import DEFAULT_TIMEZONE, score_flow
+from models.config import PresetName
 from tasks.demo import write_demo_data
 
 

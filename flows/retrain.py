@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from pydantic import Field
@@ -14,7 +14,7 @@ from data.locks import retraining_lock
 from data.parquet import LabelRule
 from data.workspace import Workspace, default_workspace
 from models.bundle import current_version, discard_staging, new_version, promote_command, staging_dir
-from models.config import resolve_preset
+from models.config import PresetName, resolve_preset
 from models.training.outcome import RetrainingRun
 from tasks.events import emit_model_event
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
@@ -32,8 +32,6 @@ from tasks.training import (
     train_autoencoder,
     write_training_report,
 )
-
-PresetName = Literal["default", "seed"]
 
 
 @flow(name="retrain-autoencoder", flow_run_name="retrain-{preset}-p{percentile}", timeout_seconds=6 * 3600)

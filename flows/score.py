@@ -17,6 +17,7 @@ from data.batches import Batch
 from data.errors import AnomalyJobError
 from data.locks import LockBusyError, scoring_lock
 from data.output_schema import MAX_REASONS
+from data.parquet import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_BAD_ROW_SHARE
 from data.workspace import Workspace, default_workspace, resolve_run_date
 from flows.fanout import Work, failure, score_work
 from flows.parameters import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_today
@@ -66,8 +67,8 @@ def score_flow(
     timezone: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Time zone"})] = DEFAULT_TIMEZONE,
     catch_up_days: Annotated[int, Field(ge=0, le=31, json_schema_extra={"title": "Days of late files to catch up"})] = 3,
     reason_count: Annotated[int, Field(ge=0, le=MAX_REASONS, json_schema_extra={"title": "Reasons per flagged row"})] = 3,
-    chunk_rows: Annotated[int, Field(ge=1024, le=10_000_000, json_schema_extra={"title": "Rows per chunk"})] = 131_072,
-    max_bad_row_share: Annotated[float, Field(ge=0, le=1, json_schema_extra={"title": "Maximum share of bad rows"})] = 0.1,
+    chunk_rows: Annotated[int, Field(ge=1024, le=10_000_000, json_schema_extra={"title": "Rows per chunk"})] = DEFAULT_CHUNK_ROWS,
+    max_bad_row_share: Annotated[float, Field(ge=0, le=1, json_schema_extra={"title": "Maximum share of bad rows"})] = DEFAULT_MAX_BAD_ROW_SHARE,
     dask_address: Annotated[str | None, Field(json_schema_extra={"title": "Dask scheduler address"})] = None,
     dask_workers: Annotated[int, Field(ge=0, le=1024, json_schema_extra={"title": "Local Dask workers"})] = 0,
     dask_threads_per_worker: Annotated[int, Field(ge=1, le=256, json_schema_extra={"title": "Threads per Dask worker"})] = 1,

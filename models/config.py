@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -103,6 +103,9 @@ class AutoencoderConfig(BaseModel):
             }
         )
 
+
+PresetName = Literal["default", "seed"]
+PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 
 PRESETS: dict[str, AutoencoderConfig] = {
     # Standardised inputs (decorrelated only where many features are exact combinations of others), with

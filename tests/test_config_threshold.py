@@ -146,3 +146,9 @@ def test_exact_linear_dependencies_are_counted_and_decide_auto_decorrelation():
     assert config.sized_for(rows=500, features=8, linear_dependencies=2).decorrelate_inputs is True
     assert config.sized_for(rows=500, features=21, linear_dependencies=1).decorrelate_inputs is False
     assert resolve_preset("default", decorrelate_inputs=False).sized_for(rows=500, features=8, linear_dependencies=2).decorrelate_inputs is False
+
+
+def test_every_preset_name_the_flows_offer_has_a_recipe():
+    from models.config import PRESET_NAMES, PRESETS
+
+    assert set(PRESET_NAMES) == set(PRESETS)

@@ -15,7 +15,7 @@ import pyarrow as pa
 from data.errors import BatchFileError, SchemaError
 from data.output_schema import TIMESTAMP, flagged_schema, output_metadata, quarantine_schema, scores_schema
 from data.outputs import StagedOutputs
-from data.parquet import DEFAULT_CHUNK_ROWS, check_batch_schema, feature_matrix, iter_record_batches, label_classes, parquet_writer
+from data.parquet import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_BAD_ROW_SHARE, check_batch_schema, feature_matrix, iter_record_batches, label_classes, parquet_writer
 from models.bundle import LoadedBundle
 from models.monitoring.drift import FeatureBins
 from models.monitoring.error_summary import ErrorDistribution
@@ -33,7 +33,7 @@ class ScoringOptions:
     write_scores: bool = True
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     reason_count: int = DEFAULT_REASON_COUNT
-    max_bad_row_share: float = 0.1
+    max_bad_row_share: float = DEFAULT_MAX_BAD_ROW_SHARE
 
 
 @dataclass

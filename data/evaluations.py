@@ -13,13 +13,9 @@ from data import storage
 from data.workspace import Workspace
 
 EVALUATION_FILE = "evaluation"
-
-
 # Readers of outputs/evaluation/ as one Hive-partitioned dataset (pyarrow, pandas, Spark) skip files
 # whose names start with "_": the JSON twin sits beside the Parquet file without breaking them.
 EVALUATION_JSON = "_evaluation.json"
-
-
 EVALUATION_SCHEMA = pa.schema([
     ("scored_date", pa.string()),
     ("model_version", pa.string()),

@@ -26,6 +26,7 @@ LABEL_CLASS = "label_class"
 FILE_RANK = "label_file_rank"
 # Every label file's rows in one file, before the latest label of each row is picked.
 STAGED_LABELS = "staged-labels.parquet"
+DUCKDB_MEMORY_LIMIT = "512MB"
 
 
 def labels_dir(workspace: Workspace) -> Path:
@@ -96,9 +97,6 @@ def _labelled_rows(batch: pa.RecordBatch, id_columns: Sequence[str], label_colum
         LABELLED_AT: labelled_at,
         FILE_RANK: pa.array([rank] * n, pa.int32()),
     })
-
-
-DUCKDB_MEMORY_LIMIT = "512MB"
 
 
 def dates_ending(last: dt.date, days: int) -> list[dt.date]:

@@ -25,16 +25,11 @@ from data.errors import AnomalyJobError
 from data.storage import Location, as_path, is_remote
 from data.workspace import Workspace
 
-log = logging.getLogger(__name__)
-
-
 DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
-
-
 LEASE_ENV = "ANOMALY_LOCK_LEASE_S"
-
-
 DEFAULT_LEASE_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 class LockTimeoutError(AnomalyJobError):

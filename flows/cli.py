@@ -15,7 +15,6 @@ from data.parquet import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_BAD_ROW_SHARE
 from data.workspace import WORKSPACE_ENV, default_workspace
 from models.config import PRESET_NAMES
 
-PRESETS = PRESET_NAMES
 PROMOTE_LOCK_TIMEOUT_S = 600.0
 
 # Prefect's embedded server migrates its database on first start; on two slow cores that can exceed the 20 s default.
@@ -42,14 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="write the tutorial's dataset, retrain and score one night", description="Write the tutorial's dataset into the workspace, retrain on its training split and score its test split as one night's batches.")
     _add_workspace(demo)
-    demo.add_argument("--preset", choices=PRESETS, default="default", help="model recipe (default: %(default)s; 'seed' is the tutorial's)")
+    demo.add_argument("--preset", choices=PRESET_NAMES, default="default", help="model recipe (default: %(default)s; 'seed' is the tutorial's)")
     demo.add_argument("--run-date", type=_date, default=None, help="date the test split is filed and scored under (default: today, UTC)")
     demo.add_argument("--batches", type=int, default=4, help="number of files the test split is cut into (default: %(default)s)")
 
     retrain = commands.add_parser("retrain", help="retrain the autoencoder and fix the threshold", description="Retrain on normal-labelled rows; fix the threshold at a percentile of held-out normal rows' reconstruction error; save and promote a model version.")
     _add_workspace(retrain)
     retrain.add_argument("--training-data", default=None, help="training Parquet file, folder or glob (default: <workspace>/training)")
-    retrain.add_argument("--preset", choices=PRESETS, default="default", help="model recipe (default: %(default)s)")
+    retrain.add_argument("--preset", choices=PRESET_NAMES, default="default", help="model recipe (default: %(default)s)")
     retrain.add_argument("--percentile", type=float, default=98.0, help="threshold percentile of held-out normal errors (default: %(default)s)")
     retrain.add_argument("--label-column", default="label", help="label column of the training data (default: %(default)s)")
     retrain.add_argument("--normal-label", default="0", help="label value of normal rows, compared as text (default: %(default)s)")

@@ -74,9 +74,9 @@ def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opti
             merges.append(futures)
             continue
         states = [_settled(f) for f in futures]
-        failure = next((s for s in states if not s.is_completed()), None)
-        if failure is not None:
-            merges.append(failure)
+        failed_unit = next((s for s in states if not s.is_completed()), None)
+        if failed_unit is not None:
+            merges.append(failed_unit)
             continue
         merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "plan": plan.result(), "unit_results": [s.result() for s in states], "options": options}))
     states = []

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data.errors import ParameterError, TrainingDataError
-from models.config import PRESETS, resolve_preset
+from models.config import PRESET_NAMES, PRESETS, resolve_preset
 from models.threshold import (
     calibration_stats,
     check_percentile,
@@ -149,6 +149,4 @@ def test_exact_linear_dependencies_are_counted_and_decide_auto_decorrelation():
 
 
 def test_every_preset_name_the_flows_offer_has_a_recipe():
-    from models.config import PRESET_NAMES, PRESETS
-
     assert set(PRESET_NAMES) == set(PRESETS)

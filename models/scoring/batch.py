@@ -49,13 +49,7 @@ class BatchResult(RowCounts):
 
     def counts(self) -> dict[str, Any]:
         """Return the counts and output paths the manifest record keeps."""
-        return {
-            "rows_read": self.rows_read,
-            "rows_scored": self.rows_scored,
-            "rows_flagged": self.rows_flagged,
-            "rows_quarantined": self.rows_quarantined,
-            "outputs": self.outputs,
-        }
+        return {**self.row_counts(), "outputs": self.outputs}
 
 
 def resolve_model(workspace_root: str, model_version: str | None) -> ModelFacts:

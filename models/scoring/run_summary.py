@@ -14,6 +14,7 @@ from models.evaluation.reports import anomaly_class_metrics
 from models.monitoring.drift import with_drift
 from models.monitoring.error_summary import combine
 from models.scoring.batch import BatchResult, with_flag_rate_verdict
+from models.scoring.streaming import RowCounts
 
 
 def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -> dict[str, Any]:
@@ -46,12 +47,16 @@ class ScoringRun:
         """Return the run's date, then every earlier date that got late files, oldest first."""
         return [self.date, *sorted({r.run_date for r in self.scored} - {self.date})]
 
+    def batches_scored_on(self, day: dt.date) -> int:
+        """Return how many batches of ``day`` this run published."""
+        return sum(r.run_date == day for r in self.scored)
+
     def report_context(self, day: dt.date) -> dict[str, Any]:
         """Return the header figures of ``day``'s run report."""
         return {
             "date": day.isoformat(),
             "model_version": self.model_version,
-            "batches_scored": sum(r.run_date == day for r in self.scored),
+            "batches_scored": self.batches_scored_on(day),
             "batches_skipped": len(self.skipped) if day == self.date else 0,
             "batches_failed": sum(f["date"] == day.isoformat() for f in self.failed),
         }
@@ -59,19 +64,10 @@ class ScoringRun:
     def artifact_rows(self) -> list[dict[str, Any]]:
         """Return one row per published or failed batch, for the run's table artifact."""
         published = [
-            {
-                "date": r.run_date.isoformat(),
-                "batch": r.batch,
-                "rows_read": r.rows_read,
-                "rows_scored": r.rows_scored,
-                "rows_flagged": r.rows_flagged,
-                "rows_quarantined": r.rows_quarantined,
-                "flag_rate": round(r.summary["flag_rate"], 6),
-                "error": None,
-            }
+            {"date": r.run_date.isoformat(), "batch": r.batch, **r.row_counts(), "flag_rate": round(r.summary["flag_rate"], 6), "error": None}
             for r in self.scored
         ]
-        unscored = {"rows_read": 0, "rows_scored": 0, "rows_flagged": 0, "rows_quarantined": 0, "flag_rate": None}
+        unscored = {**RowCounts(0, 0, 0, 0).row_counts(), "flag_rate": None}
         return published + [{"date": f["date"], "batch": f["batch"], **unscored, "error": f["error"]} for f in self.failed]
 
     def outcome(self, summary: dict[str, Any], report_paths: dict[str, str], workspace: Workspace, write_scores: bool) -> dict[str, Any]:
@@ -80,7 +76,7 @@ class ScoringRun:
             "date": self.date.isoformat(),
             "model_version": self.model_version,
             "threshold": self.threshold,
-            "batches_scored": sum(r.run_date == self.date for r in self.scored),
+            "batches_scored": self.batches_scored_on(self.date),
             "batches_skipped": len(self.skipped),
             "batches_failed": len(self.failed),
             "rows_read": summary["rows_read"],

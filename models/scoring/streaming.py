@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from data.errors import BatchFileError, SchemaError
+from data.errors import BatchFileError
 from data.output_schema import TIMESTAMP, flagged_schema, output_metadata, quarantine_schema, scores_schema
 from data.outputs import StagedOutputs
 from data.parquet import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_BAD_ROW_SHARE, check_batch_schema, feature_matrix, iter_record_batches, label_classes, parquet_writer
@@ -45,6 +45,10 @@ class RowCounts:
     rows_flagged: int
     rows_quarantined: int
 
+    def row_counts(self) -> dict[str, int]:
+        """Return the four counters by name."""
+        return {"rows_read": self.rows_read, "rows_scored": self.rows_scored, "rows_flagged": self.rows_flagged, "rows_quarantined": self.rows_quarantined}
+
 
 @dataclass
 class StreamCounts(RowCounts):
@@ -71,9 +75,6 @@ def stream_batch_file(
     features = bundle.feature_names
     schema = check_batch_schema(source, features)
     keep = schema.passthrough_columns
-    missing_ids = [c for c in keep if c not in schema.columns]
-    if missing_ids:
-        raise SchemaError(source, "identifying column requested for the scores output is missing", column=missing_ids[0], code="missing_column")
     label = bundle.label_column if bundle.label_column in schema.columns else None
 
     scorer = bundle.scorer

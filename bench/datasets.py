@@ -35,7 +35,9 @@ OTHERS = (
     # other 32 are noise. Standardising alone leaves the 8 shared directions dominant, and a network
     # trained on them reconstructs anomalies there too. 150,000 rows, so that its 900 or so test
     # anomalies measure recall to about 0.015.
-    DatasetSpec("sep0.8-f64-informative8-redundant24-seed4", 150_000, 64, 0.8, 0.03, 4, n_redundant=24, n_informative=8),
+    DatasetSpec(
+        "sep0.8-f64-informative8-redundant24-seed4", 150_000, 64, 0.8, 0.03, 4, n_redundant=24, n_informative=8
+    ),
 )
 
 
@@ -52,7 +54,9 @@ def make_dataset(spec: DatasetSpec, scale: float = 1.0) -> tuple[np.ndarray, np.
     )
 
 
-def digits_as_anomaly_sets(normal_training_rows: int | None = None) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def digits_as_anomaly_sets(
+    normal_training_rows: int | None = None,
+) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Return scikit-learn's 8x8 digits once per digit: that digit is the anomaly class, the others are normal.
 
     Each item is ``(digit, x_train, y_train, x_test, y_test)`` with a stratified 80/20 split; the training
@@ -65,7 +69,9 @@ def digits_as_anomaly_sets(normal_training_rows: int | None = None) -> list[tupl
     sets = []
     for digit in range(10):
         labels = (digits == digit).astype(np.int64)
-        x_train, x_test, y_train, y_test = train_test_split(features, labels, test_size=0.2, random_state=42, stratify=labels)
+        x_train, x_test, y_train, y_test = train_test_split(
+            features, labels, test_size=0.2, random_state=42, stratify=labels
+        )
         normal = np.flatnonzero(y_train == 0)[:normal_training_rows]
         sets.append((digit, x_train[normal], y_train[normal], x_test, y_test))
     return sets
@@ -79,7 +85,10 @@ def write_training_file(features: np.ndarray, labels: np.ndarray, path: Path) ->
 
 
 def normal_class(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return the mean and a Cholesky factor of the covariance of ``features``: the Gaussian that ``write_large_batch`` can draw from."""
+    """Return the mean and a Cholesky factor of the covariance of ``features``.
+
+    That is the Gaussian ``write_large_batch`` can draw from.
+    """
     return features.mean(axis=0), np.linalg.cholesky(np.cov(features, rowvar=False))
 
 
@@ -96,7 +105,8 @@ def write_large_batch(
 
     Rows are standard normal, or drawn from ``distribution`` (a mean and Cholesky factor, see
     ``normal_class``) so that a model of that class flags about its usual share of them.
-    With ``anomaly_share`` the file also has a ``label`` column (1 for that share of rows, shifted by 2 in every feature).
+    With ``anomaly_share`` the file also has a ``label`` column (1 for that share of rows, shifted by 2 in
+    every feature).
     """
     rng = np.random.default_rng(seed)
     names = [f"f{j:02d}" for j in range(n_features)]

@@ -1,4 +1,7 @@
-"""Run the scoring flow on one night (or the evaluation flow on a window) in this fresh process and print its peak resident memory as JSON (used by bench.run)."""
+"""Run the scoring flow on one night (or the evaluation flow on a window) and print its peak resident memory as JSON.
+
+It runs in a fresh process of its own (used by bench.run).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("workspace")
     parser.add_argument("--run-date", type=dt.date.fromisoformat, required=True)
     parser.add_argument("--dask-workers", type=int, default=0)
-    parser.add_argument("--evaluate-days", type=int, default=0, help="evaluate this many scored dates ending at --run-date instead of scoring it")
+    parser.add_argument(
+        "--evaluate-days",
+        type=int,
+        default=0,
+        help="evaluate this many scored dates ending at --run-date instead of scoring it",
+    )
     args = parser.parse_args(argv)
     if args.evaluate_days:
         from flows.evaluate import evaluate_flow
@@ -24,16 +32,38 @@ def main(argv: list[str] | None = None) -> None:
         outcome = evaluate_flow(workspace=args.workspace, end_date=args.run_date, window_days=args.evaluate_days)
         seconds = time.perf_counter() - started
         rows = sum(r["rows_scored"] for r in outcome["evaluations"])
-        print(json.dumps({"rows": rows, "label_rows": outcome["label_rows"], "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_evaluating_mb": baseline}))
+        print(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "label_rows": outcome["label_rows"],
+                    "seconds": seconds,
+                    "peak_rss_mb": peak_rss_mb(),
+                    "rss_before_evaluating_mb": baseline,
+                }
+            )
+        )
         return
 
     from flows.score import score_flow
 
     baseline = peak_rss_mb()
     started = time.perf_counter()
-    outcome = score_flow(workspace=args.workspace, run_date=args.run_date, force=True, dask_workers=args.dask_workers, catch_up_days=0)
+    outcome = score_flow(
+        workspace=args.workspace, run_date=args.run_date, force=True, dask_workers=args.dask_workers, catch_up_days=0
+    )
     seconds = time.perf_counter() - started
-    print(json.dumps({"rows": outcome["rows_scored"], "roc_auc": outcome.get("roc_auc"), "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_scoring_mb": baseline}))
+    print(
+        json.dumps(
+            {
+                "rows": outcome["rows_scored"],
+                "roc_auc": outcome.get("roc_auc"),
+                "seconds": seconds,
+                "peak_rss_mb": peak_rss_mb(),
+                "rss_before_scoring_mb": baseline,
+            }
+        )
+    )
 
 
 def peak_rss_mb() -> float:

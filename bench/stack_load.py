@@ -80,7 +80,9 @@ class Load:
     def reader(self) -> None:
         with httpx.Client(timeout=60) as client:
             while not self.stop.is_set():
-                self.call(client, "list flow runs", "POST", "/flow_runs/filter", json={"limit": 50, "sort": "START_TIME_DESC"})
+                self.call(
+                    client, "list flow runs", "POST", "/flow_runs/filter", json={"limit": 50, "sort": "START_TIME_DESC"}
+                )
                 self.call(client, "list deployments", "POST", "/deployments/filter", json={"limit": 50})
                 self.call(client, "count flow runs", "POST", "/flow_runs/count", json={})
 
@@ -113,7 +115,13 @@ def create_runs_at_once(load: Load, deployment_id: str, parameters: dict[str, An
     def create() -> None:
         with httpx.Client(timeout=120) as client:
             barrier.wait()
-            response = load.call(client, "create flow run", "POST", f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
+            response = load.call(
+                client,
+                "create flow run",
+                "POST",
+                f"/deployments/{deployment_id}/create_flow_run",
+                json={"parameters": parameters},
+            )
             if response is not None and response.status_code == 201:
                 created.append(response.json()["id"])
 
@@ -134,7 +142,10 @@ def final_states(api_url: str, run_ids: list[str], timeout_s: float) -> dict[str
             for run_id in run_ids:
                 state = client.get(f"{api_url}/flow_runs/{run_id}").json().get("state") or {}
                 states[run_id] = (state.get("type"), state.get("name"))
-            if all(kind in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for kind, _ in states.values()) or time.monotonic() > deadline:
+            if (
+                all(kind in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for kind, _ in states.values())
+                or time.monotonic() > deadline
+            ):
                 return {run_id: name for run_id, (_, name) in states.items()}
             time.sleep(2)
 
@@ -150,13 +161,20 @@ def run_load(database: str, seconds: float, runs: int, readers: int, writers: in
         with stack.client() as client:
             retraining = client.read_deployment_by_name(RETRAINING)
             scoring = client.read_deployment_by_name(SCORING)
-            retrain_id = client.create_flow_run_from_deployment(retraining.id, parameters={"workspace": str(workspace), "epochs": 5}).id
+            retrain_id = client.create_flow_run_from_deployment(
+                retraining.id, parameters={"workspace": str(workspace), "epochs": 5}
+            ).id
         stack.wait_for(retrain_id)
-        log(f"stack on {database}: model trained; {runs} runs at once, {readers} readers and {writers} writers for {seconds:.0f} s")
+        log(
+            f"stack on {database}: model trained; {runs} runs at once, {readers} readers and {writers} writers for "
+            f"{seconds:.0f} s"
+        )
         load = Load(stack.api_url)
         load.start(readers, writers)
         started = time.monotonic()
-        created = create_runs_at_once(load, str(scoring.id), {"workspace": str(workspace), "run_date": NIGHT.isoformat(), "force": True}, runs)
+        created = create_runs_at_once(
+            load, str(scoring.id), {"workspace": str(workspace), "run_date": NIGHT.isoformat(), "force": True}, runs
+        )
         time.sleep(max(0.0, seconds - (time.monotonic() - started)))
         load.finish()
         requests = sum(load.statuses.values())
@@ -181,7 +199,8 @@ def run_load(database: str, seconds: float, runs: int, readers: int, writers: in
             "seconds_until_runs_final": all_final,
         }
         log(
-            f"stack on {database}: {requests:,} requests ({result['requests_per_s']:.0f}/s), {server_errors} answered 5xx; "
+            f"stack on {database}: {requests:,} requests ({result['requests_per_s']:.0f}/s), "
+            f"{server_errors} answered 5xx; "
             f"{len(created)} of {runs} runs created, {result['runs_completed']} completed {result['run_states']}"
         )
         return result
@@ -190,13 +209,15 @@ def run_load(database: str, seconds: float, runs: int, readers: int, writers: in
         shutil.rmtree(home, ignore_errors=True)
 
 
-def stack_load(seconds: float, runs: int, readers: int, writers: int, log, databases: tuple[str, ...] = ("postgresql", "sqlite")) -> dict[str, Any]:
+def stack_load(
+    seconds: float, runs: int, readers: int, writers: int, log, databases: tuple[str, ...] = ("postgresql", "sqlite")
+) -> dict[str, Any]:
     """The same load on each database, in turn."""
     return {database: run_load(database, seconds, runs, readers, writers, log) for database in databases}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the load and print one JSON line; exit 1 when a request answered 5xx or a run did not complete on PostgreSQL."""
+    """Run the load and print one JSON line; exit 1 when a request got a 5xx or a run did not complete on PostgreSQL."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=90)
     parser.add_argument("--runs", type=int, default=12)
@@ -209,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
 
-    results = stack_load(args.seconds, args.runs, args.readers, args.writers, log, tuple(args.database or ("postgresql", "sqlite")))
+    results = stack_load(
+        args.seconds, args.runs, args.readers, args.writers, log, tuple(args.database or ("postgresql", "sqlite"))
+    )
     print(json.dumps(results, default=str))
     postgres = results.get("postgresql")
     return 0 if postgres is None or (postgres["server_errors"] == 0 and postgres["runs_completed"] == args.runs) else 1

@@ -48,11 +48,17 @@ def find_batches(workspace: Workspace, run_date: dt.date, paths: Sequence[str] =
     else:
         found = incoming_batches(workspace, run_date)
         if not found:
-            raise NoBatchesError(f"{workspace.incoming_for(run_date)}: no .parquet batches for run_date={run_date.isoformat()}; put files there or pass batch_paths")
+            raise NoBatchesError(
+                f"{workspace.incoming_for(run_date)}: no .parquet batches for run_date={run_date.isoformat()}; "
+                "put files there or pass batch_paths"
+            )
     names: dict[str, Path] = {}
     for batch in found:
         if batch.name in names and names[batch.name] != batch.path:
-            raise ParameterError(f"batch_paths: {names[batch.name]} and {batch.path} would both write outputs named {batch.name!r}; rename one")
+            raise ParameterError(
+                f"batch_paths: {names[batch.name]} and {batch.path} would both write outputs named {batch.name!r}; "
+                "rename one"
+            )
         names[batch.name] = batch.path
     return sorted({b.path: b for b in found}.values(), key=lambda b: b.name)
 
@@ -93,13 +99,25 @@ def read_record(workspace: Workspace, run_date: dt.date, batch: str) -> dict[str
 def already_scored(workspace: Workspace, run_date: dt.date, batch: Batch, model_version: str) -> bool:
     """Return True if ``batch`` was scored by ``model_version`` and its content has not changed since."""
     record = read_record(workspace, run_date, batch.name)
-    if not record or record.get("format") != RECORD_FORMAT or record.get("model_version") != model_version or record.get("size") != storage.size_and_mtime(batch.path)[0]:
+    if (
+        not record
+        or record.get("format") != RECORD_FORMAT
+        or record.get("model_version") != model_version
+        or record.get("size") != storage.size_and_mtime(batch.path)[0]
+    ):
         return False
     # Hashing every time (not trusting time stamps) catches a file rewritten in place with the same size.
     return record.get("content_sha256") == storage.content_hash(batch.path)
 
 
-def write_record(workspace: Workspace, run_date: dt.date, batch: Batch, model_version: str, fingerprint: Fingerprint, counts: dict[str, Any]) -> Path:
+def write_record(
+    workspace: Workspace,
+    run_date: dt.date,
+    batch: Batch,
+    model_version: str,
+    fingerprint: Fingerprint,
+    counts: dict[str, Any],
+) -> Path:
     """Record that ``batch`` was scored from the bytes ``fingerprint`` names; call only once its outputs are in place.
 
     The record is what publishes a batch: outputs without one are withdrawn or replaced by the next run.
@@ -120,7 +138,10 @@ def write_record(workspace: Workspace, run_date: dt.date, batch: Batch, model_ve
 
 
 def withdraw_record(workspace: Workspace, run_date: dt.date, batch: str) -> bool:
-    """Remove a batch's manifest record before its outputs are replaced, so a run killed meanwhile leaves it to be scored again."""
+    """Remove a batch's manifest record before its outputs are replaced.
+
+    A run killed meanwhile then leaves the batch to be scored again.
+    """
     return storage.remove(record_path(workspace, run_date, batch))
 
 
@@ -135,7 +156,10 @@ def write_rejection(workspace: Workspace, run_date: dt.date, batch: Batch, rejec
 
 
 def awaits_scoring(workspace: Workspace, run_date: dt.date, batch: Batch) -> bool:
-    """Return True for a file with no record that was not rejected as it is now: a late arrival, or a file replaced after a rejection."""
+    """Return True for a file with no record that was not rejected as it is now.
+
+    That is a late arrival, or a file replaced after a rejection.
+    """
     if read_record(workspace, run_date, batch.name) is not None:
         return False
     rejection = storage.read_json_if_present(rejection_path(workspace, run_date, batch.name))
@@ -151,6 +175,8 @@ def awaits_scoring(workspace: Workspace, run_date: dt.date, batch: Batch) -> boo
 
 def recorded_batches(workspace: Workspace, run_date: dt.date, model_version: str | None = None) -> list[dict[str, Any]]:
     """Return the manifest records of a date (only those of ``model_version`` when given), by batch name."""
-    records = [storage.read_json_if_present(path) for path in storage.list_files(records_dir(workspace, run_date), "*.json")]
+    records = [
+        storage.read_json_if_present(path) for path in storage.list_files(records_dir(workspace, run_date), "*.json")
+    ]
     return [r for r in records if r and (model_version is None or r.get("model_version") == model_version)]
 

@@ -74,18 +74,29 @@ def write_table(table: pa.Table, path: Path, row_group_rows: int = 1_000_000) ->
     return path
 
 
-def write_demo_dataset(workspace: Workspace, run_date: dt.date, n_batches: int = 4, n_samples: int = 100_000, random_state: int = 0) -> DemoDataset:
-    """Write the tutorial's 80/20 split: training rows to training/, test rows as ``n_batches`` files for ``run_date``."""
+def write_demo_dataset(
+    workspace: Workspace, run_date: dt.date, n_batches: int = 4, n_samples: int = 100_000, random_state: int = 0
+) -> DemoDataset:
+    """Write the tutorial's 80/20 split: training rows to training/, test rows as batches.
+
+    The test rows become ``n_batches`` files for ``run_date``.
+    """
     from sklearn.model_selection import train_test_split
 
     features, labels = make_tutorial_data(n_samples=n_samples, random_state=random_state)
     row_ids = np.arange(len(labels))
-    x_train, x_test, y_train, y_test, id_train, id_test = train_test_split(features, labels, row_ids, test_size=0.2, random_state=42)
-    training_file = write_table(rows_table(x_train, y_train, id_train), workspace.training_dir / "demo-training.parquet")
+    x_train, x_test, y_train, y_test, id_train, id_test = train_test_split(
+        features, labels, row_ids, test_size=0.2, random_state=42
+    )
+    training_file = write_table(
+        rows_table(x_train, y_train, id_train), workspace.training_dir / "demo-training.parquet"
+    )
     batch_dir = workspace.incoming_for(run_date)
     batch_files = []
     for i, part in enumerate(np.array_split(np.arange(len(y_test)), n_batches)):
-        batch_files.append(write_table(rows_table(x_test[part], y_test[part], id_test[part]), batch_dir / f"part-{i:03d}.parquet"))
+        batch_files.append(
+            write_table(rows_table(x_test[part], y_test[part], id_test[part]), batch_dir / f"part-{i:03d}.parquet")
+        )
     return DemoDataset(
         training_file=training_file,
         batch_files=batch_files,

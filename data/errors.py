@@ -14,7 +14,9 @@ class ParameterError(AnomalyJobError, ValueError):
 class BatchFileError(AnomalyJobError):
     """A Parquet file cannot be used; the message names the file and, where known, the column."""
 
-    def __init__(self, path: object, reason: str, column: str | None = None, code: str = "unreadable", transient: bool = False):
+    def __init__(
+        self, path: object, reason: str, column: str | None = None, code: str = "unreadable", transient: bool = False
+    ):
         self.path = str(path)
         self.column = column
         self.reason = reason

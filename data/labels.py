@@ -1,4 +1,4 @@
-"""Labels that arrive after scoring: the workspace's labels/ folder, checked file by file, and the latest label of each row.
+"""Labels that arrive after scoring: the workspace's labels/ folder, checked file by file, and each row's latest label.
 
 A label file holds the id columns the scores output carries (default ``row_id``), the model's label
 column and, optionally, ``labelled_at``. Where several files label one row, the latest ``labelled_at``
@@ -41,22 +41,39 @@ def label_files(workspace: Workspace) -> list[Path]:
 
 
 def check_label_file(path: Path, id_columns: Sequence[str], label_column: str) -> pq.ParquetFile:
-    """Open a label file after checking it has the id columns, the label column and a timestamp ``labelled_at`` if any."""
+    """Check that a label file has the id columns, the label column and a timestamp ``labelled_at`` if any; open it."""
     parquet = open_parquet(path)
     schema = parquet.schema_arrow
     for column in [*id_columns, label_column]:
         if column not in schema.names:
             what = "label" if column == label_column else "id"
-            raise SchemaError(path, f"{what} column is missing; a label file holds {list(id_columns)}, {label_column!r} and optionally {LABELLED_AT!r}", column=column, code="missing_column")
+            raise SchemaError(
+                path,
+                f"{what} column is missing; a label file holds {list(id_columns)}, "
+                f"{label_column!r} and optionally {LABELLED_AT!r}",
+                column=column,
+                code="missing_column",
+            )
     if LABELLED_AT in schema.names and not pa.types.is_timestamp(schema.field(LABELLED_AT).type):
-        raise SchemaError(path, f"must be a timestamp, found {schema.field(LABELLED_AT).type}", column=LABELLED_AT, code="wrong_type")
+        raise SchemaError(
+            path, f"must be a timestamp, found {schema.field(LABELLED_AT).type}", column=LABELLED_AT, code="wrong_type"
+        )
     label_type = schema.field(label_column).type
-    if not (is_numeric_type(label_type) or pa.types.is_string(label_type) or pa.types.is_large_string(label_type) or pa.types.is_boolean(label_type)):
-        raise SchemaError(path, f"label must be a number, text or boolean, found {label_type}", column=label_column, code="wrong_type")
+    if not (
+        is_numeric_type(label_type)
+        or pa.types.is_string(label_type)
+        or pa.types.is_large_string(label_type)
+        or pa.types.is_boolean(label_type)
+    ):
+        raise SchemaError(
+            path, f"label must be a number, text or boolean, found {label_type}", column=label_column, code="wrong_type"
+        )
     return parquet
 
 
-def stage_labels(workspace: Workspace, id_columns: Sequence[str], label_column: str, normal_label: str, target: Path) -> dict[str, object]:
+def stage_labels(
+    workspace: Workspace, id_columns: Sequence[str], label_column: str, normal_label: str, target: Path
+) -> dict[str, object]:
     """Check every label file, then write their rows (ids, label class, labelled_at, file rank) into ``target``.
 
     Every file is checked before anything is written, so one bad file applies none of them.
@@ -69,7 +86,9 @@ def stage_labels(workspace: Workspace, id_columns: Sequence[str], label_column: 
         writer = None
         try:
             for rank, (path, parquet) in enumerate(zip(files, opened, strict=True)):
-                columns = [*id_columns, label_column] + ([LABELLED_AT] if LABELLED_AT in parquet.schema_arrow.names else [])
+                columns = [*id_columns, label_column] + (
+                    [LABELLED_AT] if LABELLED_AT in parquet.schema_arrow.names else []
+                )
                 try:
                     for batch in parquet.iter_batches(columns=columns, batch_size=262_144):
                         table = _labelled_rows(batch, id_columns, label_column, normal_label, rank)
@@ -84,13 +103,29 @@ def stage_labels(workspace: Workspace, id_columns: Sequence[str], label_column: 
             if writer is not None:
                 writer.close()
         if writer is None:
-            pq.write_table(pa.table({**{c: pa.array([], pa.int64()) for c in id_columns}, LABEL_CLASS: pa.array([], pa.int8()), LABELLED_AT: pa.array([], pa.timestamp("us", tz="UTC")), FILE_RANK: pa.array([], pa.int32())}), tmp)
+            pq.write_table(
+                pa.table(
+                    {
+                        **{c: pa.array([], pa.int64()) for c in id_columns},
+                        LABEL_CLASS: pa.array([], pa.int8()),
+                        LABELLED_AT: pa.array([], pa.timestamp("us", tz="UTC")),
+                        FILE_RANK: pa.array([], pa.int32()),
+                    }
+                ),
+                tmp,
+            )
     return {"files": [str(p) for p in files], "rows": rows}
 
 
-def _labelled_rows(batch: pa.RecordBatch, id_columns: Sequence[str], label_column: str, normal_label: str, rank: int) -> pa.Table:
+def _labelled_rows(
+    batch: pa.RecordBatch, id_columns: Sequence[str], label_column: str, normal_label: str, rank: int
+) -> pa.Table:
     n = batch.num_rows
-    labelled_at = batch.column(LABELLED_AT).cast(pa.timestamp("us", tz="UTC")) if LABELLED_AT in batch.schema.names else pa.nulls(n, pa.timestamp("us", tz="UTC"))
+    labelled_at = (
+        batch.column(LABELLED_AT).cast(pa.timestamp("us", tz="UTC"))
+        if LABELLED_AT in batch.schema.names
+        else pa.nulls(n, pa.timestamp("us", tz="UTC"))
+    )
     return pa.table({
         **{c: batch.column(c) for c in id_columns},
         LABEL_CLASS: pa.array(label_classes(batch.column(label_column), normal_label), pa.int8()),
@@ -110,7 +145,10 @@ def quoted(name: str) -> str:
 
 
 def connect_with_latest_labels(workspace: Workspace, staged_labels: str, id_columns: Sequence[str]) -> Any:
-    """Open a DuckDB connection (memory-limited, spilling under state/tmp/, or the spool for object storage) holding ``latest``: each labelled row's latest label class."""
+    """Open a DuckDB connection holding ``latest``: each labelled row's latest label class.
+
+    The connection is memory-limited and spills under state/tmp/, or the spool for object storage.
+    """
     import duckdb
 
     spill = storage.make_dir(storage.local_work_dir(workspace.state_dir / "tmp") / "duckdb")

@@ -42,7 +42,9 @@ class LockBusyError(LockTimeoutError):
 
 @contextlib.contextmanager
 def lock(path: Location, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold the lock ``path`` for the block: an OS-level file lock (released if the process dies) on a disk, a lease in object storage.
+    """Hold the lock ``path`` for the block: an OS-level file lock on a disk, a lease in object storage.
+
+    The file lock is released if the process dies.
 
     ``timeout_s=0`` does not wait: :class:`LockBusyError` says another run holds it.
     """
@@ -58,7 +60,10 @@ def lock(path: Location, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Iterator[
     except Timeout:
         if timeout_s <= 0:
             raise LockBusyError(f"{path}: held by another run") from None
-        raise LockTimeoutError(f"{path}: another run has held this lock for over {timeout_s:g} s; is a run stuck? Its process holds the file open") from None
+        raise LockTimeoutError(
+            f"{path}: another run has held this lock for over {timeout_s:g} s; "
+            "is a run stuck? Its process holds the file open"
+        ) from None
     try:
         yield
     finally:
@@ -121,7 +126,11 @@ class Lease:
             expired = True  # a damaged lease object protects nothing
         if not expired:
             return False
-        log.warning("%s: taking over the lease of %s, expired", self.path, held.get("owner", "an unknown run") if isinstance(held, dict) else "an unknown run")
+        log.warning(
+            "%s: taking over the lease of %s, expired",
+            self.path,
+            held.get("owner", "an unknown run") if isinstance(held, dict) else "an unknown run",
+        )
         if hasattr(self.fs, "call_s3") and info.get("ETag"):
             try:
                 self.etag = self._conditional_put(info["ETag"])
@@ -147,7 +156,10 @@ class Lease:
             if self.timeout_s <= 0:
                 raise LockBusyError(f"{self.path}: held by another run")
             if time.monotonic() >= deadline:
-                raise LockTimeoutError(f"{self.path}: another run has held this lease for over {self.timeout_s:g} s; is a run stuck? A dead run's lease expires {self.lease_s:g} s after its last renewal")
+                raise LockTimeoutError(
+                    f"{self.path}: another run has held this lease for over {self.timeout_s:g} s; "
+                    f"is a run stuck? A dead run's lease expires {self.lease_s:g} s after its last renewal"
+                )
             time.sleep(min(1.0, self.lease_s / 10))
         self._renewer = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
         self._renewer.start()
@@ -162,11 +174,18 @@ class Lease:
                 self.fs.rm_file(self.key)
 
 
-def scoring_lock(workspace: Workspace, run_date: dt.date, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> contextlib.AbstractContextManager[None]:
+def scoring_lock(
+    workspace: Workspace, run_date: dt.date, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+) -> contextlib.AbstractContextManager[None]:
     """Lock one date's outputs: a second scoring run of the date waits, then skips what the first scored."""
     return lock(workspace.state_dir / "locks" / f"score-{run_date.isoformat()}.lock", timeout_s)
 
 
-def retraining_lock(workspace: Workspace, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> contextlib.AbstractContextManager[None]:
-    """Lock the models folder while a retraining run builds, publishes and promotes a version, or a version is promoted by hand."""
+def retraining_lock(
+    workspace: Workspace, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+) -> contextlib.AbstractContextManager[None]:
+    """Lock the models folder while a retraining run builds, publishes and promotes a version.
+
+    Promoting a version by hand takes it too.
+    """
     return lock(workspace.state_dir / "locks" / "retrain.lock", timeout_s)

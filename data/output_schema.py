@@ -39,11 +39,18 @@ QUARANTINE_ADDED = (
 PARTITION_COLUMN = "date"
 
 def reason_fields(reason_count: int) -> tuple[tuple[str, pa.DataType], ...]:
-    """The reason columns of flagged rows: ``reason_k``, ``reason_k_share``, ``reason_k_direction`` for k = 1..reason_count."""
+    """The reason columns: ``reason_k``, ``reason_k_share``, ``reason_k_direction`` for k = 1..reason_count.
+
+    Flagged rows carry them.
+    """
     return tuple(
         field
         for k in range(1, reason_count + 1)
-        for field in ((f"reason_{k}", pa.string()), (f"reason_{k}_share", pa.float64()), (f"reason_{k}_direction", pa.string()))
+        for field in (
+            (f"reason_{k}", pa.string()),
+            (f"reason_{k}_share", pa.float64()),
+            (f"reason_{k}_direction", pa.string()),
+        )
     )
 
 
@@ -51,7 +58,13 @@ FLAGGED_COLUMNS = tuple(name for name, _ in FLAGGED_ADDED)
 SCORES_COLUMNS = tuple(name for name, _ in SCORES_ADDED)
 QUARANTINE_COLUMNS = tuple(name for name, _ in QUARANTINE_ADDED)
 # An input column may not be named like any of these: the outputs would hold it twice.
-RESERVED_COLUMNS = frozenset(FLAGGED_COLUMNS + SCORES_COLUMNS + QUARANTINE_COLUMNS + (PARTITION_COLUMN,) + tuple(name for name, _ in reason_fields(MAX_REASONS)))
+RESERVED_COLUMNS = frozenset(
+    FLAGGED_COLUMNS
+    + SCORES_COLUMNS
+    + QUARANTINE_COLUMNS
+    + (PARTITION_COLUMN,)
+    + tuple(name for name, _ in reason_fields(MAX_REASONS))
+)
 
 
 def output_metadata(model_version: str, threshold: float, percentile: float) -> dict[bytes, bytes]:
@@ -64,7 +77,9 @@ def output_metadata(model_version: str, threshold: float, percentile: float) -> 
     }
 
 
-def _with_added(fields: Sequence[pa.Field], added: Sequence[tuple[str, pa.DataType]], metadata: dict[bytes, bytes]) -> pa.Schema:
+def _with_added(
+    fields: Sequence[pa.Field], added: Sequence[tuple[str, pa.DataType]], metadata: dict[bytes, bytes]
+) -> pa.Schema:
     return pa.schema(list(fields) + [pa.field(name, type_) for name, type_ in added], metadata=metadata)
 
 

@@ -67,7 +67,10 @@ class StagedOutputs:
     def publish(self) -> dict[str, str | None]:
         """Rename every staged file into place, remove stale ones this run did not write; return what is published."""
         published: dict[str, str | None] = {"flagged": str(self.flagged.publish()), "scores": None, "quarantine": None}
-        for kind, staged, target in (("scores", self.scores, self.targets.scores), ("quarantine", self.quarantine, self.targets.quarantine)):
+        for kind, staged, target in (
+            ("scores", self.scores, self.targets.scores),
+            ("quarantine", self.quarantine, self.targets.quarantine),
+        ):
             if staged is not None:
                 published[kind] = str(staged.publish())
             else:

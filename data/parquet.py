@@ -23,7 +23,10 @@ DEFAULT_MAX_BAD_ROW_SHARE = 0.1
 
 
 def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:
-    """Return the .parquet files named by a file, a folder (searched recursively) or a glob, on a disk or in object storage, sorted."""
+    """Return the .parquet files named by a file, a folder (searched recursively) or a glob, sorted.
+
+    The location may be on a disk or in object storage.
+    """
     path = storage.as_path(source)
     remote = storage.is_remote(path)
     if not remote:
@@ -33,7 +36,14 @@ def resolve_parquet_files(source: str | os.PathLike[str]) -> list[Path]:
     elif storage.is_file(path):
         files = [path]
     elif remote:
-        files = sorted((storage.as_path(f"{path.protocol}://{key}") for key in path.fs.glob(path.path) if key.endswith(".parquet")), key=str)
+        files = sorted(
+            (
+                storage.as_path(f"{path.protocol}://{key}")
+                for key in path.fs.glob(path.path)
+                if key.endswith(".parquet")
+            ),
+            key=str,
+        )
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if p.endswith(".parquet"))
     return [storage.absolute(p) for p in files]
@@ -47,7 +57,9 @@ def read_error(path: Path, error: BaseException, what: str, code: str) -> BatchF
     if isinstance(error, FileNotFoundError):
         return BatchFileError(path, "file not found", code="missing")
     if storage.is_transient(error):
-        return BatchFileError(path, f"I/O error while reading ({error}); retried before giving up", code="read_error", transient=True)
+        return BatchFileError(
+            path, f"I/O error while reading ({error}); retried before giving up", code="read_error", transient=True
+        )
     return BatchFileError(path, f"{what} ({error})", code=code)
 
 
@@ -81,7 +93,9 @@ class BatchSchema:
     num_row_groups: int
 
 
-def check_batch_schema(path: Path, feature_names: Sequence[str], reserved: frozenset[str] = RESERVED_COLUMNS) -> BatchSchema:
+def check_batch_schema(
+    path: Path, feature_names: Sequence[str], reserved: frozenset[str] = RESERVED_COLUMNS
+) -> BatchSchema:
     """Check that ``path`` is readable Parquet holding every feature as a numeric column and no ``reserved`` column."""
     parquet = open_parquet(path)
     schema = parquet.schema_arrow
@@ -91,13 +105,17 @@ def check_batch_schema(path: Path, feature_names: Sequence[str], reserved: froze
         raise SchemaError(path, "column name appears more than once", column=duplicates[0], code="duplicate_column")
     clashes = sorted(set(names) & reserved)
     if clashes:
-        raise SchemaError(path, "input already has a column the outputs add; rename it", column=clashes[0], code="reserved_column")
+        raise SchemaError(
+            path, "input already has a column the outputs add; rename it", column=clashes[0], code="reserved_column"
+        )
     for feature in feature_names:
         if feature not in names:
             raise SchemaError(path, "feature column is missing", column=feature, code="missing_column")
         dtype = schema.field(feature).type
         if not is_numeric_type(dtype):
-            raise SchemaError(path, f"feature column has type {dtype}, expected a number", column=feature, code="non_numeric_column")
+            raise SchemaError(
+                path, f"feature column has type {dtype}, expected a number", column=feature, code="non_numeric_column"
+            )
     num_rows = parquet.metadata.num_rows
     if num_rows == 0:
         raise BatchFileError(path, "file has no rows", code="empty")
@@ -112,7 +130,9 @@ def check_batch_schema(path: Path, feature_names: Sequence[str], reserved: froze
     )
 
 
-def iter_record_batches(path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, row_groups: Sequence[int] | None = None) -> Iterator[pa.RecordBatch]:
+def iter_record_batches(
+    path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, row_groups: Sequence[int] | None = None
+) -> Iterator[pa.RecordBatch]:
     """Stream ``path`` (or some of its row groups) as record batches of at most ``chunk_rows`` rows.
 
     Batches never span two row groups, so a row group is cut into the same chunks whether the file
@@ -148,7 +168,9 @@ def _record_batches(path: Path, chunk_rows: int, row_groups: Sequence[int] | Non
 _FILL_BLOCK_ROWS = 4096
 
 
-def feature_matrix(batch: pa.RecordBatch | pa.Table, feature_names: Sequence[str], dtype: type = np.float32) -> np.ndarray:
+def feature_matrix(
+    batch: pa.RecordBatch | pa.Table, feature_names: Sequence[str], dtype: type = np.float32
+) -> np.ndarray:
     """Return the features of ``batch`` as one C-ordered 2-D array; nulls become NaN."""
     columns = []
     for name in feature_names:
@@ -197,7 +219,10 @@ class LabelRule:
 
 
 def label_classes(labels: pa.Array | pa.ChunkedArray, normal_label: str) -> np.ndarray:
-    """Return NORMAL where the label is ``normal_label`` (compared as text), UNLABELLED where it is null or NaN, else ANOMALY."""
+    """Return NORMAL where the label is ``normal_label``, UNLABELLED where it is null or NaN, else ANOMALY.
+
+    Labels are compared with ``normal_label`` as text.
+    """
     import pyarrow.compute as pc
 
     missing = pc.is_null(labels, nan_is_null=True).to_numpy(zero_copy_only=False)
@@ -222,7 +247,10 @@ def training_files_and_features(
     feature_columns: Sequence[str] | None = None,
     exclude_columns: Sequence[str] = ("row_id",),
 ) -> tuple[list[Path], list[str]]:
-    """Return the training Parquet files of a file, folder or glob and the feature columns: given, or every numeric non-label column of the first."""
+    """Return the training Parquet files of a file, folder or glob, and the feature columns.
+
+    The features are those given, or else every numeric non-label column of the first file.
+    """
     files = resolve_parquet_files(source)
     if not files:
         raise TrainingDataError(f"training_data={str(source)!r}: no .parquet files found there")
@@ -235,7 +263,9 @@ def training_files_and_features(
         raise TrainingDataError(f"{files[0]}: no numeric feature columns found")
     reserved = sorted(set(names) & RESERVED_COLUMNS)
     if reserved:
-        raise TrainingDataError(f"{files[0]}, column '{reserved[0]}': a feature may not be named like a column the outputs add; rename it")
+        raise TrainingDataError(
+            f"{files[0]}, column '{reserved[0]}': a feature may not be named like a column the outputs add; rename it"
+        )
     return files, names
 
 
@@ -247,7 +277,7 @@ def read_training_rows(
     feature_columns: Sequence[str] | None = None,
     exclude_columns: Sequence[str] = ("row_id",),
 ) -> TrainingRows:
-    """Read labelled training Parquet from a file, folder or glob; features default to every numeric non-label column."""
+    """Read labelled training Parquet from a file, folder or glob; features default to all numeric non-label columns."""
     files, names = training_files_and_features(source, label_column, feature_columns, exclude_columns)
     blocks: list[np.ndarray] = []
     class_blocks: list[np.ndarray] = []
@@ -265,7 +295,9 @@ def read_training_rows(
         bad = ~np.isfinite(matrix)
         if bad.any():
             column = names[int(np.argmax(bad.any(axis=0)))]
-            raise TrainingDataError(f"{path}, column '{column}': {int(bad.any(axis=1).sum())} rows hold NaN, null or infinite values")
+            raise TrainingDataError(
+                f"{path}, column '{column}': {int(bad.any(axis=1).sum())} rows hold NaN, null or infinite values"
+            )
         blocks.append(matrix)
         if has_label:
             class_blocks.append(label_classes(table.column(label_column), normal_label))
@@ -290,7 +322,11 @@ def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     """Open a Parquet writer that dictionary-encodes only text columns."""
     # On unique floats and ids pyarrow builds a dictionary and then gives it up, which makes writing
     # scores 4x slower and the file larger.
-    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)]
+    text = [
+        f.name
+        for f in schema
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)
+    ]
     return pq.ParquetWriter(path, schema, use_dictionary=text)
 
 
@@ -306,4 +342,7 @@ def concatenate_parquet(parts: Sequence[Path], target: Path) -> None:
 def read_holdout_errors(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """Return the reconstruction errors of the rows that fix the threshold, and which of them are labelled anomalies."""
     table = pq.read_table(path)
-    return table.column("reconstruction_error").to_numpy(), table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+    return (
+        table.column("reconstruction_error").to_numpy(),
+        table.column("labelled_anomaly").to_numpy(zero_copy_only=False),
+    )

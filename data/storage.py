@@ -1,4 +1,6 @@
-"""Every workspace file operation in one place: read, list, fingerprint, write-then-publish and remove (locks are in data.locks).
+"""Every workspace file operation in one place: read, list, fingerprint, write-then-publish and remove.
+
+Locks are in data.locks.
 
 A location is a local path or an object-storage URI (``s3://bucket/prefix``, ``gs://…``, any fsspec
 protocol): :func:`as_path` turns it into a ``pathlib.Path`` or a ``upath.UPath``, and every function
@@ -71,7 +73,10 @@ def as_path(location: Location) -> Path:
 
 
 def check_reachable(path: Path, parameter: str) -> Path:
-    """Refuse an object-storage URI whose bucket does not exist or cannot be reached with the configured credentials, naming it."""
+    """Refuse an object-storage URI whose bucket does not exist or cannot be reached, naming it.
+
+    The check uses the configured credentials.
+    """
     if is_remote(path):
         _check_bucket(path.protocol, path.path.split("/", 1)[0], str(path), parameter)
     return path
@@ -87,9 +92,15 @@ def _check_bucket(protocol: str, bucket: str, location: str, parameter: str) -> 
     except PermissionError:
         return  # a policy may grant the workspace's prefix but not the bucket itself; the first read or write tells
     except OSError as exc:
-        raise AnomalyJobError(f"{parameter}={location!r}: bucket {bucket!r} could not be reached ({exc}); check the endpoint and the network ({settings})") from exc
+        raise AnomalyJobError(
+            f"{parameter}={location!r}: bucket {bucket!r} could not be reached ({exc}); "
+            f"check the endpoint and the network ({settings})"
+        ) from exc
     if not found:
-        raise AnomalyJobError(f"{parameter}={location!r}: bucket {bucket!r} does not exist, or these credentials cannot see it; create it first ({settings})")
+        raise AnomalyJobError(
+            f"{parameter}={location!r}: bucket {bucket!r} does not exist, or these credentials cannot see it; "
+            f"create it first ({settings})"
+        )
 
 
 def absolute(location: Location) -> Path:
@@ -109,7 +120,10 @@ def spool_dir() -> Path:
 
 
 def local_work_dir(location: Location) -> Path:
-    """Return a local folder to build or spill ``location``'s content in: the location itself on a disk, a spool folder for a URI."""
+    """Return a local folder to build or spill ``location``'s content in.
+
+    That is the location itself on a disk, a spool folder for a URI.
+    """
     path = as_path(location)
     if not is_remote(path):
         return path
@@ -177,7 +191,9 @@ def list_files(folder: Location, pattern: str = "*", recursive: bool = False) ->
     if not root.is_dir():
         return []
     found = root.rglob(pattern) if recursive else root.glob(pattern)
-    return sorted(p for p in found if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p for p in found if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _list_remote_files(root: UPath, pattern: str, recursive: bool) -> list[UPath]:
@@ -190,7 +206,12 @@ def _list_remote_files(root: UPath, pattern: str, recursive: bool) -> list[UPath
     found = []
     for key, info in entries.items():
         parts = key[len(prefix) :].split("/") if key.startswith(prefix) else []
-        if info.get("type") == "file" and parts and not any(part.startswith(".") for part in parts) and fnmatch.fnmatch(parts[-1], pattern):
+        if (
+            info.get("type") == "file"
+            and parts
+            and not any(part.startswith(".") for part in parts)
+            and fnmatch.fnmatch(parts[-1], pattern)
+        ):
             found.append(root.joinpath(*parts))
     return sorted(found, key=str)
 
@@ -288,11 +309,13 @@ def files_digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
+PERMANENT_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP}
+)
 
 
 def is_transient(error: BaseException) -> bool:
-    """Return True for an operating-system error worth retrying (I/O, network file systems), not a missing or forbidden file.
+    """Return True for an OS error worth retrying (I/O, network file systems), not a missing or forbidden file.
 
     Parquet readers also raise OSError for corrupt data, but without an errno: those are not transient.
     """

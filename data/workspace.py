@@ -1,4 +1,7 @@
-"""The workspace: one root folder (on a disk or in object storage) holding every runtime file, laid out as the README describes."""
+"""The workspace: one root folder (on a disk or in object storage) holding every runtime file.
+
+Its layout is the one the README describes.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +37,13 @@ class Workspace:
 
     @classmethod
     def at(cls, root: str | os.PathLike[str] | None = None) -> Workspace:
-        """Return the workspace at ``root``, a folder or a URI such as ``s3://bucket/prefix`` (default: ANOMALY_WORKSPACE or ./workspace)."""
-        return cls(storage.check_reachable(storage.absolute(root if root is not None else default_workspace()), "workspace"))
+        """Return the workspace at ``root``, a folder or a URI such as ``s3://bucket/prefix``.
+
+        ``root`` defaults to ANOMALY_WORKSPACE, or ./workspace.
+        """
+        return cls(
+            storage.check_reachable(storage.absolute(root if root is not None else default_workspace()), "workspace")
+        )
 
     @property
     def training_dir(self) -> Path:
@@ -75,5 +83,7 @@ def resolve_run_date(run_date: dt.date | None, timezone: str) -> dt.date:
     try:
         zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ParameterError(f"timezone={timezone!r} is not an IANA time zone name such as 'UTC' or 'Europe/Paris'") from exc
+        raise ParameterError(
+            f"timezone={timezone!r} is not an IANA time zone name such as 'UTC' or 'Europe/Paris'"
+        ) from exc
     return run_date if run_date is not None else dt.datetime.now(zone).date()

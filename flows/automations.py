@@ -40,13 +40,17 @@ MISSING_NAME = "anomaly: no completed nightly scoring in 26 hours"
 RETIRED_NAMES = ("anomaly: scoring or retraining run failed",)
 
 ALARM_SUBJECT = "Anomaly alarm for {{ event.payload.date }}"
-ALARM_BODY = """Date: {{ event.payload.date }}
-Verdict: ALARM ({{ event.payload.alarm_reasons | join(', ') }})
-Flag rate: {{ event.payload.flag_rate }} (all-normal band {{ event.payload.flag_rate_band }}, verdict {{ event.payload.flag_rate_verdict }})
-Rows scored: {{ event.payload.rows_scored }}, flagged: {{ event.payload.rows_flagged }}, batches failed: {{ event.payload.batches_failed }}
-Model: {{ event.payload.model_version }}; workspace: {{ event.payload.workspace }}
-Report: {{ event.payload.report }}
-Run: {{ flow_run|ui_url }}"""
+ALARM_BODY = (
+    "Date: {{ event.payload.date }}\n"
+    "Verdict: ALARM ({{ event.payload.alarm_reasons | join(', ') }})\n"
+    "Flag rate: {{ event.payload.flag_rate }} "
+    "(all-normal band {{ event.payload.flag_rate_band }}, verdict {{ event.payload.flag_rate_verdict }})\n"
+    "Rows scored: {{ event.payload.rows_scored }}, flagged: {{ event.payload.rows_flagged }}, "
+    "batches failed: {{ event.payload.batches_failed }}\n"
+    "Model: {{ event.payload.model_version }}; workspace: {{ event.payload.workspace }}\n"
+    "Report: {{ event.payload.report }}\n"
+    "Run: {{ flow_run|ui_url }}"
+)
 FAILURE_SUBJECT = "Anomaly job {{ flow_run.name }} ended {{ flow_run.state.name }}"
 FAILURE_BODY = """Date: {{ flow_run.parameters.run_date or flow_run.expected_start_time }}
 Verdict: {{ flow_run.state.name }} ({{ deployment.name }})
@@ -60,7 +64,10 @@ Automation: {{ automation|ui_url }}"""
 
 
 def _deployment_runs(*deployments: str) -> dict[str, Any]:
-    return {"match": {"prefect.resource.id": "prefect.flow-run.*"}, "match_related": {"prefect.resource.role": "deployment", "prefect.resource.name": list(deployments)}}
+    return {
+        "match": {"prefect.resource.id": "prefect.flow-run.*"},
+        "match_related": {"prefect.resource.role": "deployment", "prefect.resource.name": list(deployments)},
+    }
 
 
 def automation_definitions(block_id: UUID | None) -> list[AutomationCore]:
@@ -69,18 +76,36 @@ def automation_definitions(block_id: UUID | None) -> list[AutomationCore]:
     def notify(subject: str, body: str) -> list[Any]:
         return [SendNotification(block_document_id=block_id, subject=subject, body=body)] if block_id else [DoNothing()]
 
-    where = f" Notifications go to the {WEBHOOK_BLOCK} block." if block_id else f" No notification is sent: set {WEBHOOK_ENV} and apply again."
+    where = (
+        f" Notifications go to the {WEBHOOK_BLOCK} block."
+        if block_id
+        else f" No notification is sent: set {WEBHOOK_ENV} and apply again."
+    )
     return [
         AutomationCore(
             name=ALARM_NAME,
-            description="A scored night is abnormal: flag rate outside its all-normal band, drifted inputs or scores, or failed batches." + where,
+            description=(
+                "A scored night is abnormal: flag rate outside its all-normal band, drifted inputs or scores, "
+                "or failed batches."
+            )
+            + where,
             tags=[TAG],
-            trigger=EventTrigger(expect={NIGHT_ALARM}, match={"prefect.resource.id": "anomaly.night.*"}, posture=Posture.Reactive, threshold=1, within=dt.timedelta(0)),
+            trigger=EventTrigger(
+                expect={NIGHT_ALARM},
+                match={"prefect.resource.id": "anomaly.night.*"},
+                posture=Posture.Reactive,
+                threshold=1,
+                within=dt.timedelta(0),
+            ),
             actions=notify(ALARM_SUBJECT, ALARM_BODY),
         ),
         AutomationCore(
             name=FAILURE_NAME,
-            description=f"A {SCORING_DEPLOYMENT}, {RETRAINING_DEPLOYMENT} or {EVALUATION_DEPLOYMENT} run ended Failed or Crashed." + where,
+            description=(
+                f"A {SCORING_DEPLOYMENT}, {RETRAINING_DEPLOYMENT} or {EVALUATION_DEPLOYMENT} "
+                "run ended Failed or Crashed."
+            )
+            + where,
             tags=[TAG],
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
@@ -93,17 +118,32 @@ def automation_definitions(block_id: UUID | None) -> list[AutomationCore]:
         ),
         AutomationCore(
             name=MISSING_NAME,
-            description=f"No {SCORING_DEPLOYMENT} run reached Completed within {MISSING_RUN_WINDOW}: the worker is down, the schedule is paused or runs hang." + where,
+            description=(
+                f"No {SCORING_DEPLOYMENT} run reached Completed within {MISSING_RUN_WINDOW}: the worker is down, "
+                "the schedule is paused or runs hang."
+            )
+            + where,
             tags=[TAG],
-            trigger=EventTrigger(expect={"prefect.flow-run.Completed"}, **_deployment_runs(SCORING_DEPLOYMENT), posture=Posture.Proactive, threshold=1, within=MISSING_RUN_WINDOW),
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Completed"},
+                **_deployment_runs(SCORING_DEPLOYMENT),
+                posture=Posture.Proactive,
+                threshold=1,
+                within=MISSING_RUN_WINDOW,
+            ),
             actions=notify(MISSING_SUBJECT, MISSING_BODY),
         ),
     ]
 
 
 def save_webhook_block(url: str) -> UUID:
-    """Save (or overwrite) the webhook notification block posting Slack-style ``{"text": ...}`` JSON to ``url``; return its id."""
-    block = CustomWebhookNotificationBlock(name="anomaly-alerts", url=url, method="POST", json_data={"text": "*{{subject}}*\n{{body}}"})
+    """Save (or overwrite) the webhook notification block posting to ``url``; return its id.
+
+    The block posts Slack-style ``{"text": ...}`` JSON.
+    """
+    block = CustomWebhookNotificationBlock(
+        name="anomaly-alerts", url=url, method="POST", json_data={"text": "*{{subject}}*\n{{body}}"}
+    )
     return block.save(WEBHOOK_BLOCK, overwrite=True)
 
 
@@ -111,7 +151,10 @@ def apply_automations(webhook_url: str | None = None) -> dict[str, Any]:
     """Create or update the automations (and the webhook block when a URL is given) on the current Prefect server."""
     if not PREFECT_API_URL.value():
         # Without it Prefect would start a throw-away server and the automations would vanish with it.
-        raise ParameterError("PREFECT_API_URL is not set: point it at the Prefect server the automations belong on, e.g. http://127.0.0.1:4200/api")
+        raise ParameterError(
+            "PREFECT_API_URL is not set: point it at the Prefect server the automations belong on, "
+            "e.g. http://127.0.0.1:4200/api"
+        )
     webhook_url = webhook_url if webhook_url is not None else os.environ.get(WEBHOOK_ENV) or None
     block_id = save_webhook_block(webhook_url) if webhook_url else None
     applied = []
@@ -126,7 +169,9 @@ def apply_automations(webhook_url: str | None = None) -> dict[str, Any]:
                     client.delete_automation(duplicate.id)
                 applied.append({"name": definition.name, "id": str(existing[0].id), "action": "updated"})
             else:
-                applied.append({"name": definition.name, "id": str(client.create_automation(definition)), "action": "created"})
+                applied.append(
+                    {"name": definition.name, "id": str(client.create_automation(definition)), "action": "created"}
+                )
         for name in RETIRED_NAMES:
             for retired in client.read_automations_by_name(name):
                 client.delete_automation(retired.id)
@@ -136,5 +181,7 @@ def apply_automations(webhook_url: str | None = None) -> dict[str, Any]:
         "api_url": api_url,
         "automations": applied,
         "notifications": f"webhook block {WEBHOOK_BLOCK}" if block_id else None,
-        "warning": None if block_id else f"{WEBHOOK_ENV} is not set: the automations exist but no notifications will be sent",
+        "warning": (
+            None if block_id else f"{WEBHOOK_ENV} is not set: the automations exist but no notifications will be sent"
+        ),
     }

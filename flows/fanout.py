@@ -1,4 +1,7 @@
-"""How a scoring run's batches reach the task runner: in this process one at a time, or fanned out on Dask in units of row groups, with the retries Dask's lost workers call for."""
+"""How a scoring run's batches reach the task runner: in this process one at a time, or fanned out on Dask.
+
+On Dask they go out in units of row groups, with the retries Dask's lost workers call for.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from tasks.scoring import discard_units, merge_units, plan_units, remove_stale_t
 
 
 def task_runner(dask_address: str | None, dask_workers: int, threads_per_worker: int) -> TaskRunner:
-    """Return the task runner for a run: an existing Dask cluster, a local one, or one task at a time in this process."""
+    """Return a run's task runner: an existing Dask cluster, a local one, or one task at a time in this process."""
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     if dask_workers:
@@ -44,11 +47,25 @@ Work = list[tuple[dt.date, Batch]]
 
 def score_whole_files(runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions) -> list[State]:
     """Score each batch as one task, in this process."""
-    futures = [runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "options": options}) for date, batch in work]
+    futures = [
+        runner.submit(
+            score_batch,
+            parameters={
+                "workspace_root": root,
+                "run_date": date,
+                "batch": batch,
+                "model_version": version,
+                "options": options,
+            },
+        )
+        for date, batch in work
+    ]
     return [_settled(f) for f in futures]
 
 
-def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions, rows_per_unit: int) -> list[State]:
+def score_in_units(
+    runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions, rows_per_unit: int
+) -> list[State]:
     """Score each batch as units of row groups on Dask, then merge each batch's units in order."""
     logger = get_run_logger()
     # Planning reads only file metadata: it runs here, and the workers hash the files as they finish them.
@@ -62,12 +79,37 @@ def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opti
         logger.info("Batch %s: %d unit(s) of row groups", batch.name, len(units))
         if len(units) == 1:
             # A file small enough for one unit is scored straight into its outputs, with nothing to join.
-            pending.append(runner.submit(score_batch, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "options": options, "before": plan.result().before}))
+            pending.append(
+                runner.submit(
+                    score_batch,
+                    parameters={
+                        "workspace_root": root,
+                        "run_date": date,
+                        "batch": batch,
+                        "model_version": version,
+                        "options": options,
+                        "before": plan.result().before,
+                    },
+                )
+            )
             continue
-        pending.append([
-            runner.submit(score_unit, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "unit": i, "row_groups": groups, "options": options})
-            for i, groups in enumerate(units)
-        ])
+        pending.append(
+            [
+                runner.submit(
+                    score_unit,
+                    parameters={
+                        "workspace_root": root,
+                        "run_date": date,
+                        "batch": batch,
+                        "model_version": version,
+                        "unit": i,
+                        "row_groups": groups,
+                        "options": options,
+                    },
+                )
+                for i, groups in enumerate(units)
+            ]
+        )
     merges: list[PrefectFuture | State] = []
     for (date, batch), plan, futures in zip(work, plans, pending, strict=True):
         if not isinstance(futures, list):
@@ -78,7 +120,20 @@ def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opti
         if failed_unit is not None:
             merges.append(failed_unit)
             continue
-        merges.append(runner.submit(merge_units, parameters={"workspace_root": root, "run_date": date, "batch": batch, "model_version": version, "plan": plan.result(), "unit_results": [s.result() for s in states], "options": options}))
+        merges.append(
+            runner.submit(
+                merge_units,
+                parameters={
+                    "workspace_root": root,
+                    "run_date": date,
+                    "batch": batch,
+                    "model_version": version,
+                    "plan": plan.result(),
+                    "unit_results": [s.result() for s in states],
+                    "options": options,
+                },
+            )
+        )
     states = []
     for (date, batch), futures, merge in zip(work, pending, merges, strict=True):
         states.append(merge if isinstance(merge, State) else _settled(merge))
@@ -88,16 +143,28 @@ def score_in_units(runner: TaskRunner, root: str, work: Work, version: str, opti
     return states
 
 
-def retry_alone_after_killed_workers(runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions, rows_per_unit: int, states: list[State]) -> list[State]:
+def retry_alone_after_killed_workers(
+    runner: TaskRunner,
+    root: str,
+    work: Work,
+    version: str,
+    options: ScoringOptions,
+    rows_per_unit: int,
+    states: list[State],
+) -> list[State]:
     """Score once more, each on its own, the files whose tasks Dask gave up on after losing workers.
 
     Dask blames every task a dying worker held, so a file that merely shared workers with one that
     kills them fails with KilledWorker too. Alone, only a file that kills workers itself fails again.
     """
-    suspects = [i for i, state in enumerate(states) if not state.is_completed() and isinstance(failure(state), KilledWorker)]
+    suspects = [
+        i for i, state in enumerate(states) if not state.is_completed() and isinstance(failure(state), KilledWorker)
+    ]
     if len(work) == 1 or not suspects:
         return states
-    get_run_logger().warning("Dask lost workers while scoring %s; scoring each of them again on its own", [work[i][1].name for i in suspects])
+    get_run_logger().warning(
+        "Dask lost workers while scoring %s; scoring each of them again on its own", [work[i][1].name for i in suspects]
+    )
     retried = list(states)
     for i in suspects:
         retried[i] = score_in_units(runner, root, [work[i]], version, options, rows_per_unit)[0]
@@ -158,9 +225,19 @@ def api_shared_with_workers(distributed: bool) -> Iterator[None]:
 
 
 def score_work(
-    root: str, work: Work, version: str, options: ScoringOptions, dask_address: str | None, dask_workers: int, threads_per_worker: int, rows_per_unit: int
+    root: str,
+    work: Work,
+    version: str,
+    options: ScoringOptions,
+    dask_address: str | None,
+    dask_workers: int,
+    threads_per_worker: int,
+    rows_per_unit: int,
 ) -> list[State]:
-    """Score every (date, batch) of ``work`` and return each one's final task state, in order; a failed batch does not stop the others."""
+    """Score every (date, batch) of ``work`` and return each one's final task state, in order.
+
+    A failed batch does not stop the others.
+    """
     distributed = bool(dask_address or dask_workers)
     with api_shared_with_workers(distributed), task_runner(dask_address, dask_workers, threads_per_worker) as runner:
         if not distributed:

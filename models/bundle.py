@@ -39,8 +39,13 @@ def new_version(now: dt.datetime | None = None) -> str:
 
 
 def staging_dir(models_dir: Path, version: str) -> Path:
-    """Return (and create, empty) the local folder a version is built in before it is published (beside it on a disk, in the spool for object storage)."""
-    return storage.fresh_dir(storage.local_work_dir(models_dir) / f"{check_path_part(version, 'model_version')}{STAGING_SUFFIX}")
+    """Return (and create, empty) the local folder a version is built in before it is published.
+
+    The folder is beside the version on a disk, in the spool for object storage.
+    """
+    return storage.fresh_dir(
+        storage.local_work_dir(models_dir) / f"{check_path_part(version, 'model_version')}{STAGING_SUFFIX}"
+    )
 
 
 def library_versions() -> dict[str, str]:
@@ -83,7 +88,9 @@ def read_bundle_json(version_dir: Path) -> dict[str, Any]:
     try:
         bundle = storage.read_json(path)
     except FileNotFoundError as exc:
-        raise BundleError(f"{path}: missing; is {version_dir.name!r} a model version? Retrain or pick another version") from exc
+        raise BundleError(
+            f"{path}: missing; is {version_dir.name!r} a model version? Retrain or pick another version"
+        ) from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc}); the bundle is damaged, retrain or roll back") from exc
     required = ("format_version", "model_version", "features", "threshold", "model_sha256", "config", "bundle_sha256")
@@ -93,7 +100,9 @@ def read_bundle_json(version_dir: Path) -> dict[str, Any]:
     if bundle["format_version"] != BUNDLE_FORMAT:
         raise BundleError(f"{path}: format_version {bundle['format_version']} is not {BUNDLE_FORMAT}")
     if bundle["bundle_sha256"] != bundle_digest(bundle):
-        raise BundleError(f"{path}: contents do not match the checksum written at training (edited by hand?); retrain or roll back")
+        raise BundleError(
+            f"{path}: contents do not match the checksum written at training (edited by hand?); retrain or roll back"
+        )
     if bundle["model_version"] != version_dir.name.removesuffix(STAGING_SUFFIX):
         raise BundleError(f"{path}: names version {bundle['model_version']!r} but lies in folder {version_dir.name!r}")
     return bundle
@@ -106,7 +115,11 @@ def bundle_digest(bundle: dict[str, Any]) -> str:
 
 
 def remove_stale_staging(models_dir: Path) -> list[Path]:
-    """Delete ``*.partial`` folders of retraining runs that died, and in object storage version folders whose upload did not finish; call only while holding the retraining lock."""
+    """Delete ``*.partial`` folders of retraining runs that died.
+
+    In object storage, version folders whose upload did not finish go too. Call only while holding
+    the retraining lock.
+    """
     stale = [p for p in storage.list_dirs(storage.local_work_dir(models_dir)) if p.name.endswith(STAGING_SUFFIX)]
     if storage.is_remote(models_dir):
         stale += [p for p in storage.list_dirs(models_dir) if not storage.is_file(p / BUNDLE_FILE)]
@@ -194,7 +207,10 @@ class LoadedBundle:
 
 
 def exceedance_beta(metadata: dict[str, Any]) -> tuple[float, float]:
-    """Return (a, b) of the Beta law of the normal flag rate, from bundle.json (derived from the held-out rows for older bundles)."""
+    """Return (a, b) of the Beta law of the normal flag rate, from bundle.json.
+
+    For older bundles, which lack it, it is derived from the held-out rows.
+    """
     threshold = metadata["threshold"]
     if "uncertainty" in threshold:
         law = threshold["uncertainty"]["exceedance_rate_beta"]
@@ -217,7 +233,10 @@ def load_bundle(version_dir: str | os.PathLike[str]) -> LoadedBundle:
     if actual != metadata["model_sha256"]:
         if remote:
             storage.remove(local_path)
-        raise BundleError(f"{model_path}: checksum {actual[:12]}… does not match bundle.json ({metadata['model_sha256'][:12]}…); refusing to load an altered model")
+        raise BundleError(
+            f"{model_path}: checksum {actual[:12]}… does not match bundle.json ({metadata['model_sha256'][:12]}…); "
+            "refusing to load an altered model"
+        )
     return _load_checked(str(local_path), actual, json.dumps(metadata, sort_keys=True))
 
 
@@ -248,7 +267,9 @@ def _load_checked(model_path: str, checksum: str, metadata_json: str) -> LoadedB
         raise BundleError(f"{model_path}: Keras could not load the model safely ({exc})") from exc
     n_inputs = model.inputs[0].shape[-1]
     if n_inputs != len(metadata["features"]):
-        raise BundleError(f"{model_path}: the model takes {n_inputs} features but bundle.json lists {len(metadata['features'])}")
+        raise BundleError(
+            f"{model_path}: the model takes {n_inputs} features but bundle.json lists {len(metadata['features'])}"
+        )
     return LoadedBundle(path=Path(model_path).parent, model=model, metadata=metadata)
 
 
@@ -269,7 +290,10 @@ def promote_command(version: str) -> str:
 
 
 def newest_version_not_promoted(models_dir: Path) -> tuple[str, str] | None:
-    """Return the newest usable version with why it is not current (refused by the gate, or saved without promotion), or None."""
+    """Return the newest usable version with why it is not current, or None.
+
+    It was refused by the gate, or saved without promotion.
+    """
     usable = [v for v in list_versions(models_dir) if v.get("usable")]
     if not usable:
         return None
@@ -292,7 +316,8 @@ def current_version(models_dir: Path, required: bool = True) -> str | None:
         if waiting is not None:
             name, why = waiting
             raise BundleError(
-                f"{path}: no current model; model {name} was trained but {why}. Promote it with: {promote_command(name)}; or retrain (anomaly retrain)"
+                f"{path}: no current model; model {name} was trained but {why}. Promote it with: "
+                f"{promote_command(name)}; or retrain (anomaly retrain)"
             ) from None
         raise BundleError(f"{path}: no current model; run the retraining flow first (anomaly retrain)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:

@@ -15,7 +15,10 @@ WIDE_RANGE_TO_RATE = 1.0
 
 
 def min_holdout_rows(percentile: float) -> int:
-    """Return the fewest held-out rows that can estimate the ``percentile`` at all: one row must lie above it (50 at p = 98)."""
+    """Return the fewest held-out rows that can estimate the ``percentile`` at all (50 at p = 98).
+
+    One row must lie above it.
+    """
     return math.ceil(round(1.0 / (1.0 - percentile / 100.0), 9))
 
 
@@ -48,7 +51,9 @@ def comfortable_holdout_rows(percentile: float) -> int:
 def check_percentile(percentile: float) -> float:
     """Return ``percentile`` if it is strictly between 0 and 100, else raise naming the parameter."""
     if not (0.0 < percentile < 100.0) or not math.isfinite(percentile):
-        raise ParameterError(f"percentile={percentile!r} must be strictly between 0 and 100 (98 flags about 2% of normal rows)")
+        raise ParameterError(
+            f"percentile={percentile!r} must be strictly between 0 and 100 (98 flags about 2% of normal rows)"
+        )
     return float(percentile)
 
 
@@ -59,16 +64,21 @@ def fix_threshold(holdout_errors: np.ndarray, percentile: float) -> float:
     needed = min_holdout_rows(percentile)
     if len(errors) < needed:
         raise TrainingDataError(
-            f"only {len(errors)} held-out normal rows; the {percentile:g}th percentile cannot be estimated from fewer than {needed} "
+            f"only {len(errors)} held-out normal rows; the {percentile:g}th percentile cannot be estimated from fewer "
+            f"than {needed} "
             f"(add normal training rows or raise holdout_fraction)"
         )
     if not np.isfinite(errors).all():
-        raise TrainingDataError("reconstruction errors of held-out rows are not all finite: training diverged; lower the learning rate")
+        raise TrainingDataError(
+            "reconstruction errors of held-out rows are not all finite: training diverged; lower the learning rate"
+        )
     threshold = float(np.percentile(errors, percentile))
     if not math.isfinite(threshold) or threshold <= 0.0:
         raise TrainingDataError(
-            f"the {percentile:g}th percentile of held-out reconstruction errors is {threshold!r}: every row would be flagged "
-            "(zero) or none could be; the normal rows are probably constant or duplicated, check the training data's features"
+            f"the {percentile:g}th percentile of held-out reconstruction errors is {threshold!r}: "
+            "every row would be flagged "
+            "(zero) or none could be; the normal rows are probably constant or duplicated, "
+            "check the training data's features"
         )
     return threshold
 
@@ -92,12 +102,12 @@ MIXTURE_NODES = 4000
 
 
 def order_statistic(rows: int, percentile: float) -> int:
-    """Return k, the rank (1-based) of the order statistic of ``rows`` errors that the percentile threshold stands at."""
+    """Return k, the 1-based rank of the order statistic of ``rows`` errors that the percentile threshold stands at."""
     return min(rows, max(1, math.ceil(percentile / 100.0 * rows)))
 
 
 def threshold_uncertainty(holdout_errors: np.ndarray, percentile: float) -> dict[str, object]:
-    """Return how sure the threshold is: a distribution-free 95% interval of the percentile, and the Beta law of the normal flag rate.
+    """Return how sure the threshold is: a 95% interval of the percentile, and the Beta law of the normal flag rate.
 
     With m held-out rows and the threshold at order statistic k, the share of normal rows above it
     follows Beta(m - k + 1, k), whatever the errors' distribution; the interval comes from the
@@ -121,7 +131,9 @@ def threshold_uncertainty(holdout_errors: np.ndarray, percentile: float) -> dict
     }
 
 
-def threshold_warning(uncertainty: dict[str, object], percentile: float, rows_described: str = "held-out normal rows") -> str | None:
+def threshold_warning(
+    uncertainty: dict[str, object], percentile: float, rows_described: str = "held-out normal rows"
+) -> str | None:
     """Return a warning when so few normal rows fixed the threshold that the normal flag rate is unsure, else None."""
     shape = uncertainty["exceedance_rate_beta"]
     rows = shape["a"] + shape["b"] - 1
@@ -131,13 +143,16 @@ def threshold_warning(uncertainty: dict[str, object], percentile: float, rows_de
     expected = 1.0 - percentile / 100.0
     return (
         f"the threshold rests on {rows} {rows_described}: normal rows will exceed it at a rate anywhere between "
-        f"{low:.2%} and {high:.2%} (95%), not exactly {expected:.2%}; from about {comfortable_holdout_rows(percentile)} "
+        f"{low:.2%} and {high:.2%} (95%), not exactly {expected:.2%}; from about "
+        f"{comfortable_holdout_rows(percentile)} "
         "such rows on, that range is no wider than the rate itself"
     )
 
 
 def flag_rate_band(rows: int, beta_a: float, beta_b: float, level: float = BAND_LEVEL) -> tuple[float, float]:
-    """Return the ``level`` band of the flag rate an all-normal batch of ``rows`` rows shows (beta-binomial: the threshold's uncertainty and the batch's own noise).
+    """Return the ``level`` band of the flag rate an all-normal batch of ``rows`` rows shows.
+
+    The band is beta-binomial: the threshold's uncertainty and the batch's own noise.
 
     The beta-binomial CDF is the binomial CDF averaged over the Beta law, taken at equal-probability
     nodes; a bisection then finds the quantiles. scipy's own ``betabinom.ppf`` sums the law term by

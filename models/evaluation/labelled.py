@@ -1,4 +1,4 @@
-"""Realised quality of past nights: labels that arrived later, joined to the scores outputs by id, per scored date and model version.
+"""Realised quality of past nights: later labels joined to the scores outputs by id, per scored date and model version.
 
 The join runs in DuckDB over the Parquet files, one date at a time, with a memory limit and a spill
 folder, so a long history never sits in one process's memory; only a night's labelled rows come back
@@ -26,7 +26,7 @@ RECALL_UNKNOWN = "only flagged rows are labelled: recall (and F1, ROC-AUC, PR-AU
 
 
 class LabelledRows(NamedTuple):
-    """A night's labelled rows of one model version: their errors, whether each was flagged, and whether each is an anomaly."""
+    """A night's labelled rows of one model version: their errors, which were flagged, and which are anomalies."""
 
     errors: np.ndarray
     predicted: np.ndarray
@@ -38,11 +38,20 @@ def label_rule(workspace_root: str) -> dict[str, str]:
     workspace = Workspace.at(workspace_root)
     version = current_version(workspace.models_dir)
     metadata = read_bundle_json(workspace.version_dir(version))
-    return {"model_version": version, "label_column": str(metadata.get("label_column", "label")), "normal_label": str(metadata.get("normal_label", "0"))}
+    return {
+        "model_version": version,
+        "label_column": str(metadata.get("label_column", "label")),
+        "normal_label": str(metadata.get("normal_label", "0")),
+    }
 
 
-def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Sequence[str], staged_labels: str, progress: Any = None) -> list[dict[str, Any]]:
-    """Evaluate each date that has scores outputs against the latest labels; write its evaluation (Parquet + JSON); return every row written."""
+def evaluate_dates(
+    workspace_root: str, dates: Sequence[dt.date], id_columns: Sequence[str], staged_labels: str, progress: Any = None
+) -> list[dict[str, Any]]:
+    """Evaluate each date that has scores outputs against the latest labels; return every row written.
+
+    Each date's evaluation is written as Parquet and JSON.
+    """
     workspace = Workspace.at(workspace_root)
     con = connect_with_latest_labels(workspace, staged_labels, id_columns)
     try:
@@ -52,7 +61,9 @@ def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Se
             files = storage.list_files(workspace.output_partition("scores", date), "*.parquet")
             if not files:
                 continue
-            date_rows = _evaluate_date(con, storage.register_with_duckdb(con, files), join_on_ids("s", id_columns), date, evaluated_at)
+            date_rows = _evaluate_date(
+                con, storage.register_with_duckdb(con, files), join_on_ids("s", id_columns), date, evaluated_at
+            )
             write_evaluation(workspace, date, date_rows)
             rows += date_rows
             if progress is not None:
@@ -62,14 +73,24 @@ def evaluate_dates(workspace_root: str, dates: Sequence[dt.date], id_columns: Se
         con.close()
 
 
-def _evaluate_date(con: Any, files: list[str], on_ids: str, date: dt.date, evaluated_at: dt.datetime) -> list[dict[str, Any]]:
-    joined = f"(SELECT s.model_version, s.reconstruction_error, s.is_anomaly, l.{LABEL_CLASS} FROM read_parquet($files) s LEFT JOIN latest l ON {on_ids})"
+def _evaluate_date(
+    con: Any, files: list[str], on_ids: str, date: dt.date, evaluated_at: dt.datetime
+) -> list[dict[str, Any]]:
+    joined = (
+        f"(SELECT s.model_version, s.reconstruction_error, s.is_anomaly, l.{LABEL_CLASS} FROM read_parquet($files) s "
+        f"LEFT JOIN latest l ON {on_ids})"
+    )
     counts = con.execute(
-        f"SELECT model_version, count(*), count(*) FILTER (is_anomaly), count({LABEL_CLASS}) FILTER (is_anomaly), count({LABEL_CLASS}) FILTER (NOT is_anomaly) "
+        f"SELECT model_version, count(*), count(*) FILTER (is_anomaly), count({LABEL_CLASS}) FILTER (is_anomaly), "
+        f"count({LABEL_CLASS}) FILTER (NOT is_anomaly) "
         f"FROM {joined} GROUP BY model_version ORDER BY model_version",
         {"files": files},
     ).fetchall()
-    labelled = con.sql(f"SELECT model_version, reconstruction_error, is_anomaly, {LABEL_CLASS} FROM {joined} WHERE {LABEL_CLASS} IS NOT NULL", params={"files": files}).to_arrow_table()
+    labelled = con.sql(
+        f"SELECT model_version, reconstruction_error, is_anomaly, {LABEL_CLASS} FROM {joined} "
+        f"WHERE {LABEL_CLASS} IS NOT NULL",
+        params={"files": files},
+    ).to_arrow_table()
     versions = np.asarray(labelled.column("model_version").to_pylist(), dtype=object)
     rows = []
     for version, scored, flagged, labelled_flagged, labelled_unflagged in counts:
@@ -103,7 +124,7 @@ def quality_row(
     rows: LabelledRows,
     evaluated_at: dt.datetime,
 ) -> dict[str, Any]:
-    """Return the realised quality of one date and model version from its labelled rows; None where the labels cannot tell."""
+    """Return the realised quality of a date and model version from its labelled rows; None where labels cannot tell."""
     errors, predicted, truth = rows
     from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
@@ -152,13 +173,36 @@ def quality_row(
 
 
 def write_trend_report(workspace: Workspace, rows: list[dict[str, Any]], title: str) -> dict[str, str]:
-    """Write the trend report (JSON, Markdown, PNG: precision, recall and flag rate over dates, model changes marked)."""
+    """Write the trend report (JSON, Markdown, PNG: precision, recall, flag rate over dates, model changes marked)."""
     folder = workspace.outputs_dir / "reports" / "evaluation-trend"
     png = plot_trend(rows, folder / "evaluation-trend.png", title)
     table = [
-        {k: row[k] for k in ("scored_date", "model_version", "rows_scored", "flag_rate", "rows_labelled", "label_coverage_flagged", "label_coverage_unflagged", "precision", "recall", "f1", "roc_auc")}
+        {
+            k: row[k]
+            for k in (
+                "scored_date",
+                "model_version",
+                "rows_scored",
+                "flag_rate",
+                "rows_labelled",
+                "label_coverage_flagged",
+                "label_coverage_unflagged",
+                "precision",
+                "recall",
+                "f1",
+                "roc_auc",
+            )
+        }
         | {"note": row["note"] or ""}
         for row in rows
     ]
-    markdown = render_markdown(title, {"Realised quality by scored date and model version": table or "No scored dates with outputs in the window."}, [str(png)])
-    return {**write_report_files({"title": title, "rows": rows}, markdown, folder, "evaluation-trend"), "png": str(png), "text": markdown}
+    markdown = render_markdown(
+        title,
+        {"Realised quality by scored date and model version": table or "No scored dates with outputs in the window."},
+        [str(png)],
+    )
+    return {
+        **write_report_files({"title": title, "rows": rows}, markdown, folder, "evaluation-trend"),
+        "png": str(png),
+        "text": markdown,
+    }

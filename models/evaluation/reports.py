@@ -28,7 +28,10 @@ def anomaly_class_metrics(summary: dict[str, Any]) -> dict[str, float | None]:
 
 
 def plot_error_histogram(summary: dict[str, Any], path: Path, title: str) -> Path:
-    """Draw the error histogram with the threshold line (and its interval), and the flag rate against its all-normal band, as a PNG."""
+    """Draw the error histogram with the threshold line (and its interval) as a PNG.
+
+    The PNG also shows the flag rate against its all-normal band.
+    """
     plt = _pyplot()
     edges = np.asarray(summary["histogram"]["edges"])
     counts = np.asarray(summary["histogram"]["counts"])
@@ -42,13 +45,30 @@ def plot_error_histogram(summary: dict[str, Any], path: Path, title: str) -> Pat
         # Labelled rows: the two classes overlaid, as the tutorial draws them.
         for name, color in (("normal", "#4C78A8"), ("anomaly", "#F58518"), ("unlabelled", "#9D9D9D")):
             if name in by_class:
-                ax.bar(edges[:-1], by_class[name], width=np.diff(edges), align="edge", color=color, alpha=0.6, label=f"{name} rows")
+                ax.bar(
+                    edges[:-1],
+                    by_class[name],
+                    width=np.diff(edges),
+                    align="edge",
+                    color=color,
+                    alpha=0.6,
+                    label=f"{name} rows",
+                )
     else:
-        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4C78A8", edgecolor="white", linewidth=0.3)
-    ax.axvline(summary["threshold"], color="#E45756", linewidth=2, label=f"threshold {summary['threshold']:.4g} (p{summary['percentile']:g})")
+        ax.bar(
+            edges[:-1], counts, width=np.diff(edges), align="edge", color="#4C78A8", edgecolor="white", linewidth=0.3
+        )
+    ax.axvline(
+        summary["threshold"],
+        color="#E45756",
+        linewidth=2,
+        label=f"threshold {summary['threshold']:.4g} (p{summary['percentile']:g})",
+    )
     if summary.get("threshold_interval"):
         low, high = summary["threshold_interval"]
-        ax.axvspan(low, high, color="#E45756", alpha=0.15, label=f"95% interval of the threshold [{low:.4g}, {high:.4g}]")
+        ax.axvspan(
+            low, high, color="#E45756", alpha=0.15, label=f"95% interval of the threshold [{low:.4g}, {high:.4g}]"
+        )
     ax.set_yscale("symlog")
     ax.set_xlabel("reconstruction error (last bin holds everything beyond)")
     ax.set_ylabel("rows")
@@ -57,8 +77,20 @@ def plot_error_histogram(summary: dict[str, Any], path: Path, title: str) -> Pat
     if band:
         low, high = band
         observed = summary["flag_rate"]
-        rate_ax.axvspan(low, high, color="#54A24B", alpha=0.3, label=f"{summary.get('flag_rate_band_level', 0.99):.0%} band of an all-normal batch")
-        rate_ax.plot([observed], [0.5], "o", color="#E45756" if summary.get("flag_rate_verdict") != "within" else "#222222", label=f"observed {observed:.3%}: {summary.get('flag_rate_verdict')}")
+        rate_ax.axvspan(
+            low,
+            high,
+            color="#54A24B",
+            alpha=0.3,
+            label=f"{summary.get('flag_rate_band_level', 0.99):.0%} band of an all-normal batch",
+        )
+        rate_ax.plot(
+            [observed],
+            [0.5],
+            "o",
+            color="#E45756" if summary.get("flag_rate_verdict") != "within" else "#222222",
+            label=f"observed {observed:.3%}: {summary.get('flag_rate_verdict')}",
+        )
         span = max(high, observed) - min(low, observed)
         rate_ax.set_xlim(max(0.0, min(low, observed) - 0.3 * span - 1e-4), max(high, observed) + 0.3 * span + 1e-4)
         rate_ax.set_yticks([])
@@ -68,7 +100,7 @@ def plot_error_histogram(summary: dict[str, Any], path: Path, title: str) -> Pat
 
 
 def plot_reasons(reasons: dict[str, Any], path: Path, title: str, most: int = 15) -> Path:
-    """Draw, per feature, how often it is the first reason of flagged rows and its mean share of their error, as a PNG."""
+    """Draw, per feature, how often it is flagged rows' first reason and its mean share of their error, as a PNG."""
     plt = _pyplot()
     rows = reasons["table"][:most][::-1]
     names = [row["feature"] for row in rows]
@@ -82,14 +114,23 @@ def plot_reasons(reasons: dict[str, Any], path: Path, title: str, most: int = 15
 
 
 def plot_drift(drift: dict[str, Any], path: Path, title: str, most: int = 4) -> Path:
-    """Draw the most drifted features' and the score's shares of rows per reference bin, night against reference, as a PNG."""
+    """Draw the most drifted features' and the score's shares of rows per reference bin, as a PNG.
+
+    Each shows the night against the reference.
+    """
     plt = _pyplot()
     panels = [(row["feature"], row) for row in drift["features"][:most]] + [("reconstruction error", drift["score"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     for ax, (name, row) in zip(axes[0], panels, strict=True):
         bins = np.arange(len(row["reference_share"]))
         ax.bar(bins - 0.2, row["reference_share"], width=0.4, color="#9D9D9D", label="reference")
-        ax.bar(bins + 0.2, row["night_share"], width=0.4, color="#E45756" if row["drifted"] else "#4C78A8", label="this night")
+        ax.bar(
+            bins + 0.2,
+            row["night_share"],
+            width=0.4,
+            color="#E45756" if row["drifted"] else "#4C78A8",
+            label="this night",
+        )
         ax.set_title(f"{name}\nPSI {row['psi']:.3f} (cut-off {row['cutoff']:.3g})", fontsize=9)
         ax.set_xlabel("reference decile")
         ax.set_xticks(bins)
@@ -102,8 +143,23 @@ def plot_drift(drift: dict[str, Any], path: Path, title: str, most: int = 4) -> 
 
 def drift_table(drift: dict[str, Any], most: int = 15) -> list[dict[str, Any]]:
     """Return the rows of a report's drift table: the score, then the most drifted features."""
-    rows = [{"measure of": "reconstruction error", "PSI": drift["score"]["psi"], "cut-off": drift["score"]["cutoff"], "drift": "yes" if drift["score"]["drifted"] else "no"}]
-    rows += [{"measure of": row["feature"], "PSI": row["psi"], "cut-off": row["cutoff"], "drift": "yes" if row["drifted"] else "no"} for row in drift["features"][:most]]
+    rows = [
+        {
+            "measure of": "reconstruction error",
+            "PSI": drift["score"]["psi"],
+            "cut-off": drift["score"]["cutoff"],
+            "drift": "yes" if drift["score"]["drifted"] else "no",
+        }
+    ]
+    rows += [
+        {
+            "measure of": row["feature"],
+            "PSI": row["psi"],
+            "cut-off": row["cutoff"],
+            "drift": "yes" if row["drifted"] else "no",
+        }
+        for row in drift["features"][:most]
+    ]
     return rows
 
 
@@ -182,7 +238,13 @@ def classification_table(labels: dict[str, Any]) -> list[dict[str, Any]]:
     """Return the per-class rows of a classification report, as the tutorial prints them."""
     report = labels["classification_report"]
     return [
-        {"class": name, "precision": report[name]["precision"], "recall": report[name]["recall"], "f1-score": report[name]["f1-score"], "support": report[name]["support"]}
+        {
+            "class": name,
+            "precision": report[name]["precision"],
+            "recall": report[name]["recall"],
+            "f1-score": report[name]["f1-score"],
+            "support": report[name]["support"],
+        }
         for name in ("normal", "anomaly")
     ]
 
@@ -208,16 +270,22 @@ def _band_text(summary: dict[str, Any]) -> str | None:
     return f"[{band[0]:.4%}, {band[1]:.4%}] ({summary.get('flag_rate_band_level', 0.99):.0%})" if band else None
 
 
-def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str, title: str, context: dict[str, Any]) -> dict[str, str]:
+def write_evaluation_report(
+    summary: dict[str, Any], directory: Path, stem: str, title: str, context: dict[str, Any]
+) -> dict[str, str]:
     """Write one evaluation report as JSON, Markdown and an error-histogram PNG; return their paths."""
     png = plot_error_histogram(summary, directory / f"{stem}-error-histogram.png", title)
     images = {"error_histogram": png.name}
     reasons = summary.get("reasons") or {}
     if reasons.get("rows_flagged"):
-        images["reasons"] = plot_reasons(reasons, directory / f"{stem}-reasons.png", f"Why rows were flagged: {title}").name
+        images["reasons"] = plot_reasons(
+            reasons, directory / f"{stem}-reasons.png", f"Why rows were flagged: {title}"
+        ).name
     drift = summary.get("drift")
     if drift:
-        images["drift"] = plot_drift(drift, directory / f"{stem}-drift.png", f"Drift against the training rows: {title}").name
+        images["drift"] = plot_drift(
+            drift, directory / f"{stem}-drift.png", f"Drift against the training rows: {title}"
+        ).name
     anomaly = anomaly_class_metrics(summary)
     report = {"kind": "evaluation", **context, **summary, "anomaly_class": anomaly, "images": images}
     sections: dict[str, Any] = {
@@ -241,13 +309,24 @@ def write_evaluation_report(summary: dict[str, Any], directory: Path, stem: str,
             {"true \\ predicted": "normal", "normal": tn, "anomaly": fp},
             {"true \\ predicted": "anomaly", "normal": fn, "anomaly": tp},
         ]
-        sections["Ranking quality (anomaly class)"] = {"ROC-AUC": anomaly.get("roc_auc"), "PR-AUC": anomaly.get("pr_auc")}
+        sections["Ranking quality (anomaly class)"] = {
+            "ROC-AUC": anomaly.get("roc_auc"),
+            "PR-AUC": anomaly.get("pr_auc"),
+        }
     if reasons.get("rows_flagged"):
         sections["Why rows were flagged (most frequent first reason)"] = [
-            {"feature": row["feature"], "reason_1 rows": row["reason_1_rows"], "share of flagged rows": row["reason_1_share_of_flagged"], "mean share of error": row["mean_share"]}
+            {
+                "feature": row["feature"],
+                "reason_1 rows": row["reason_1_rows"],
+                "share of flagged rows": row["reason_1_share_of_flagged"],
+                "mean share of error": row["mean_share"],
+            }
             for row in reasons["table"][:15]
         ]
     if drift:
-        sections[f"Drift against the training rows (PSI, {drift['rows_sampled_for_features']:,} rows sampled for the features)"] = drift_table(drift)
+        sections[
+            "Drift against the training rows "
+            f"(PSI, {drift['rows_sampled_for_features']:,} rows sampled for the features)"
+        ] = drift_table(drift)
     markdown = render_markdown(title, sections, [str(directory / name) for name in images.values()])
     return {**write_report_files(report, markdown, directory, stem), "error_histogram": str(png)}

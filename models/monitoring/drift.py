@@ -41,7 +41,10 @@ BATCHES_FAILED = "batches_failed"
 
 
 def quantile_edges(values: np.ndarray, bins: int = REFERENCE_BINS, dtype: type = np.float32) -> np.ndarray:
-    """Return the ``bins - 1`` inner edges splitting ``values`` into bins of equal shares (float32: the precision features are scored at)."""
+    """Return the ``bins - 1`` inner edges splitting ``values`` into bins of equal shares.
+
+    The edges are float32, the precision features are scored at.
+    """
     levels = np.arange(1, bins) / bins
     return np.quantile(np.asarray(values, dtype=np.float64), levels).astype(dtype)
 
@@ -52,7 +55,9 @@ def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.bincount(index, minlength=len(edges) + 1).astype(np.int64)
 
 
-def feature_reference(train_features: np.ndarray, feature_names: Sequence[str], bins: int = REFERENCE_BINS) -> dict[str, Any]:
+def feature_reference(
+    train_features: np.ndarray, feature_names: Sequence[str], bins: int = REFERENCE_BINS
+) -> dict[str, Any]:
     """Return each feature's decile edges among the training rows and how many of them fall in each bin."""
     matrix = np.asarray(train_features, dtype=np.float32)
     edges = np.stack([quantile_edges(matrix[:, j], bins) for j in range(matrix.shape[1])])
@@ -63,7 +68,11 @@ def feature_reference(train_features: np.ndarray, feature_names: Sequence[str], 
 def score_reference(holdout_errors: np.ndarray, bins: int = REFERENCE_BINS) -> dict[str, Any]:
     """Return the decile edges of the held-out normal rows' errors and how many of them fall in each bin."""
     edges = quantile_edges(holdout_errors, bins, np.float64)
-    return {"edges": edges.tolist(), "counts": bin_counts(holdout_errors, edges).tolist(), "rows": int(len(holdout_errors))}
+    return {
+        "edges": edges.tolist(),
+        "counts": bin_counts(holdout_errors, edges).tolist(),
+        "rows": int(len(holdout_errors)),
+    }
 
 
 def drift_reference(features: dict[str, Any], score: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +101,9 @@ class FeatureBins:
         return bins
 
     def add(self, matrix: np.ndarray) -> None:
-        """Count an evenly spaced sample of at most ``DRIFT_ROWS_PER_CHUNK`` rows of one chunk (columns in the reference's order).
+        """Count an evenly spaced sample of at most ``DRIFT_ROWS_PER_CHUNK`` rows of one chunk.
+
+        The chunk's columns are in the reference's order.
 
         Chunks are cut the same way whether a file is scored whole or in units, so the sample is too.
         """
@@ -119,7 +130,10 @@ class FeatureBins:
 
 
 def psi(reference_counts: Sequence[int], observed_counts: Sequence[int]) -> tuple[float, int]:
-    """Return the population stability index of ``observed_counts`` against ``reference_counts``, and the number of bins it used."""
+    """Return the population stability index of ``observed_counts`` against ``reference_counts``.
+
+    The number of bins it used is returned with it.
+    """
     p_counts = np.asarray(reference_counts, dtype=np.float64)
     q_counts = np.asarray(observed_counts, dtype=np.float64)
     used = (p_counts + q_counts) > 0
@@ -129,7 +143,10 @@ def psi(reference_counts: Sequence[int], observed_counts: Sequence[int]) -> tupl
 
 
 def psi_cutoff(reference_rows: int, rows: int, bins_used: int, tests: int) -> float:
-    """Return the PSI above which a measure counts as drift: the floor, or what noise reaches once in 1/FALSE_ALARM_RATE nights."""
+    """Return the PSI above which a measure counts as drift.
+
+    That is the floor, or what noise reaches once in 1/FALSE_ALARM_RATE nights.
+    """
     from scipy.stats import chi2
 
     if bins_used < 2 or not reference_rows or not rows:
@@ -147,7 +164,9 @@ def score_bin_counts(distribution: ErrorDistribution, edges: Sequence[float]) ->
     return np.diff(np.concatenate([[0], below, [cumulative[-1]]])).astype(np.int64)
 
 
-def measure_drift(reference: dict[str, Any], feature_counts: Sequence[Sequence[int]] | None, distribution: ErrorDistribution) -> dict[str, Any]:
+def measure_drift(
+    reference: dict[str, Any], feature_counts: Sequence[Sequence[int]] | None, distribution: ErrorDistribution
+) -> dict[str, Any]:
     """Return each feature's and the score's PSI against the reference with its cut-off, most drifted first."""
     names = reference["features"]["names"]
     rows = int(distribution.rows())
@@ -159,7 +178,16 @@ def measure_drift(reference: dict[str, Any], feature_counts: Sequence[Sequence[i
         for name, ref, observed in zip(names, reference["features"]["counts"], feature_counts, strict=True):
             value, used = psi(ref, observed)
             cutoff = psi_cutoff(n, sampled, used, tests)
-            features.append({"feature": name, "psi": value, "cutoff": cutoff, "drifted": value > cutoff, "reference_share": _shares(ref), "night_share": _shares(observed)})
+            features.append(
+                {
+                    "feature": name,
+                    "psi": value,
+                    "cutoff": cutoff,
+                    "drifted": value > cutoff,
+                    "reference_share": _shares(ref),
+                    "night_share": _shares(observed),
+                }
+            )
         features.sort(key=lambda row: (-row["psi"] / row["cutoff"], row["feature"]))
     score_ref = reference["score"]
     score_observed = score_bin_counts(distribution, score_ref["edges"])
@@ -174,7 +202,14 @@ def measure_drift(reference: dict[str, Any], feature_counts: Sequence[Sequence[i
         "reference_rows": int(reference["features"]["rows"]),
         "features": features,
         "drifted_features": [row["feature"] for row in features if row["drifted"]],
-        "score": {"psi": value, "cutoff": cutoff, "drifted": value > cutoff, "reference_rows": int(score_ref["rows"]), "reference_share": _shares(score_ref["counts"]), "night_share": _shares(score_observed)},
+        "score": {
+            "psi": value,
+            "cutoff": cutoff,
+            "drifted": value > cutoff,
+            "reference_rows": int(score_ref["rows"]),
+            "reference_share": _shares(score_ref["counts"]),
+            "night_share": _shares(score_observed),
+        },
     }
 
 
@@ -189,7 +224,9 @@ def with_drift(summary: dict[str, Any], bundle_metadata: dict[str, Any]) -> dict
     reference = bundle_metadata.get("drift_reference")
     drift = None
     if reference and summary["rows_scored"]:
-        drift = measure_drift(reference, summary.get("feature_bins"), ErrorDistribution.from_json(summary["error_distribution"]))
+        drift = measure_drift(
+            reference, summary.get("feature_bins"), ErrorDistribution.from_json(summary["error_distribution"])
+        )
     summary["drift"] = drift
     return summary
 
@@ -202,7 +239,10 @@ def with_alarm(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def alarm_reasons(summary: dict[str, Any], batches_failed: int) -> list[str]:
-    """Return why a night is abnormal: flag rate outside its band, drifted inputs or score, failed batches (empty: no alarm)."""
+    """Return why a night is abnormal: flag rate outside its band, drifted inputs or score, failed batches.
+
+    An empty list means no alarm.
+    """
     reasons = []
     verdict = summary.get("flag_rate_verdict")
     if verdict == "above":

@@ -129,7 +129,9 @@ class ErrorDistribution:
         """Return one class's counts in the display histogram's bins, each fine bin counted where its middle falls."""
         middles = _fine_lower_edge(np.arange(FINE_BINS) + 0.5, self.threshold)
         middles[0] = 0.0
-        index = np.minimum((middles * (DISPLAY_BINS / (DISPLAY_SPAN * self.threshold))).astype(np.intp), DISPLAY_BINS - 1)
+        index = np.minimum(
+            (middles * (DISPLAY_BINS / (DISPLAY_SPAN * self.threshold))).astype(np.intp), DISPLAY_BINS - 1
+        )
         return np.bincount(index, weights=self.fine[name], minlength=DISPLAY_BINS).astype(np.int64)
 
     def quantiles(self, levels: tuple[float, ...] = QUANTILE_LEVELS) -> dict[str, float]:
@@ -153,7 +155,10 @@ class ErrorDistribution:
         return out
 
     def ranking_quality(self) -> tuple[float | None, float | None]:
-        """Return ROC-AUC and PR-AUC (average precision) of the anomaly class over labelled rows, or None without both classes."""
+        """Return ROC-AUC and PR-AUC (average precision) of the anomaly class over labelled rows.
+
+        Return None unless both classes are present.
+        """
         negatives, positives = self.fine["normal"], self.fine["anomaly"]
         n_neg, n_pos = int(negatives.sum()), int(positives.sum())
         if not n_neg or not n_pos:
@@ -161,7 +166,8 @@ class ErrorDistribution:
         below = np.cumsum(negatives) - negatives  # normal rows in lower bins
         # Rows in one bin count as ties, which scikit-learn scores one half.
         roc_auc = float(np.sum(positives * (below + 0.5 * negatives)) / (n_pos * n_neg))
-        # Average precision: from the highest bin down, precision at each bin holding anomalies, weighted by the recall it adds.
+        # Average precision: from the highest bin down, precision at each bin holding anomalies,
+        # weighted by the recall it adds.
         tp = np.cumsum(positives[::-1])
         fp = np.cumsum(negatives[::-1])
         hits = positives[::-1] > 0
@@ -171,7 +177,10 @@ class ErrorDistribution:
 
 
 def classification_report_from_confusion(matrix: list[list[int]]) -> dict[str, Any]:
-    """Return scikit-learn's per-class report (as ``classification_report(output_dict=True)``) from a 2x2 confusion matrix."""
+    """Return scikit-learn's per-class report from a 2x2 confusion matrix.
+
+    It has the form of ``classification_report(output_dict=True)``.
+    """
     (tn, fp), (fn, tp) = matrix
     report: dict[str, Any] = {}
     for name, hit, false_pos, miss in (("normal", tn, fn, fp), ("anomaly", tp, fp, fn)):
@@ -184,7 +193,10 @@ def classification_report_from_confusion(matrix: list[list[int]]) -> dict[str, A
 
 
 def summarize(distribution: ErrorDistribution, percentile: float) -> dict[str, Any]:
-    """Summarise a distribution: counts, flag rate against the expected rate, quantiles, display histogram, label metrics."""
+    """Summarise a distribution: counts, flag rate, quantiles, display histogram, label metrics.
+
+    The flag rate is set against the expected rate.
+    """
     threshold = distribution.threshold
     rows = distribution.rows()
     flagged = sum(distribution.flagged.values())
@@ -222,7 +234,9 @@ def summarize(distribution: ErrorDistribution, percentile: float) -> dict[str, A
     return summary
 
 
-def summarize_errors(errors: np.ndarray, threshold: float, percentile: float, classes: np.ndarray | None) -> dict[str, Any]:
+def summarize_errors(
+    errors: np.ndarray, threshold: float, percentile: float, classes: np.ndarray | None
+) -> dict[str, Any]:
     """Summarise errors held in memory: as :func:`summarize`, with quantiles and AUCs computed exactly."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -231,7 +245,9 @@ def summarize_errors(errors: np.ndarray, threshold: float, percentile: float, cl
     distribution.add(errors, classes)
     summary = summarize(distribution, percentile)
     if len(errors):
-        summary["error_quantiles"] = {f"{q:g}": float(v) for q, v in zip(QUANTILE_LEVELS, np.percentile(errors, QUANTILE_LEVELS), strict=True)}
+        summary["error_quantiles"] = {
+            f"{q:g}": float(v) for q, v in zip(QUANTILE_LEVELS, np.percentile(errors, QUANTILE_LEVELS), strict=True)
+        }
     if summary["labels"] and summary["labels"]["roc_auc"] is not None:
         labelled = classes != UNLABELLED
         truth = classes[labelled] == ANOMALY
@@ -248,7 +264,10 @@ def merge_counts(payloads: Sequence[list[list[int]] | None]) -> list[list[int]] 
 
 
 def combine(summaries: list[dict[str, Any]], threshold: float, percentile: float) -> dict[str, Any]:
-    """Add up summaries of several batches scored with one threshold into one summary (reasons and feature bin counts too, where they have them)."""
+    """Add up summaries of several batches scored with one threshold into one summary.
+
+    Reasons and feature bin counts are added up too, where the summaries have them.
+    """
     total = ErrorDistribution(float(threshold))
     reasons: ReasonTally | None = None
     for summary in summaries:

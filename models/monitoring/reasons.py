@@ -31,7 +31,7 @@ class RowReasons:
 
 
 def explain_rows(residuals: np.ndarray, loss: str, feature_names: Sequence[str], reason_count: int) -> RowReasons:
-    """Return the ``reason_count`` largest shares of each row's error, from its residuals (input minus reconstruction)."""
+    """Return the ``reason_count`` largest shares of each row's error, from its residuals (input - reconstruction)."""
     residuals = np.asarray(residuals, dtype=np.float64)
     terms = np.square(residuals) if loss == "mse" else np.abs(residuals)
     totals = terms.sum(axis=1, keepdims=True)
@@ -51,7 +51,10 @@ def explain_rows(residuals: np.ndarray, loss: str, feature_names: Sequence[str],
 
 @dataclass
 class ReasonTally:
-    """Over a set of flagged rows: how often each feature is the first reason, and the sum of its shares; mergeable exactly."""
+    """Over a set of flagged rows: how often each feature is the first reason, and the sum of its shares.
+
+    It is mergeable exactly.
+    """
 
     features: list[str]
     first: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -94,9 +97,20 @@ class ReasonTally:
             for i, name in enumerate(self.features)
         ]
         table.sort(key=lambda row: (-row["reason_1_rows"], -row["mean_share"], row["feature"]))
-        return {"rows_flagged": self.rows, "features": self.features, "first": self.first.tolist(), "share_units": self.share_units.tolist(), "table": table}
+        return {
+            "rows_flagged": self.rows,
+            "features": self.features,
+            "first": self.first.tolist(),
+            "share_units": self.share_units.tolist(),
+            "table": table,
+        }
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> ReasonTally:
         """Rebuild a tally written by :meth:`to_json`."""
-        return cls(list(payload["features"]), np.asarray(payload["first"], dtype=np.int64), np.asarray(payload["share_units"], dtype=np.int64), int(payload["rows_flagged"]))
+        return cls(
+            list(payload["features"]),
+            np.asarray(payload["first"], dtype=np.int64),
+            np.asarray(payload["share_units"], dtype=np.int64),
+            int(payload["rows_flagged"]),
+        )

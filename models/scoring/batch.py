@@ -1,4 +1,4 @@
-"""Scoring one batch of a workspace: fingerprint the file, stream it through the model, check it did not change, publish.
+"""Scoring one batch of a workspace: fingerprint the file, stream it through the model, check it is unchanged, publish.
 
 A batch's outputs and its manifest record always describe the same bytes and the same model:
 the record is withdrawn before outputs are replaced and written again only after they are
@@ -68,7 +68,7 @@ def read_state(path: Path) -> FileState:
 
 
 def fingerprint_unchanged(path: Path, before: FileState) -> Fingerprint:
-    """Return the fingerprint (with SHA-256) of a file just scored, refusing one whose bytes changed since ``before``."""
+    """Return the fingerprint (with SHA-256) of a file just scored; refuse one whose bytes changed since ``before``."""
     try:
         fingerprint = storage.fingerprint(path)
         after = storage.file_state(path)
@@ -77,12 +77,27 @@ def fingerprint_unchanged(path: Path, before: FileState) -> Fingerprint:
     except OSError as exc:
         raise read_error(path, exc, "file could not be read", "unreadable") from exc
     if after != before:
-        raise BatchFileError(path, "file changed while it was scored (size, modification or status-change time differ); nothing was published, the next run scores it again", code="changed_during_scoring")
+        raise BatchFileError(
+            path,
+            "file changed while it was scored (size, modification or status-change time differ); "
+            "nothing was published, the next run scores it again",
+            code="changed_during_scoring",
+        )
     return fingerprint
 
 
-def batch_summary(distribution: ErrorDistribution, reasons: ReasonTally, feature_bins: FeatureBins | None, bundle: LoadedBundle, rows_read: int, rows_quarantined: int) -> dict[str, Any]:
-    """Return a batch's summary from its error distribution, reasons, feature bin counts and row counts, with its flag-rate verdict."""
+def batch_summary(
+    distribution: ErrorDistribution,
+    reasons: ReasonTally,
+    feature_bins: FeatureBins | None,
+    bundle: LoadedBundle,
+    rows_read: int,
+    rows_quarantined: int,
+) -> dict[str, Any]:
+    """Return a batch's summary from its error distribution, reasons, feature bin counts and row counts.
+
+    The summary includes its flag-rate verdict.
+    """
     summary = {
         **summarize(distribution, bundle.percentile),
         "reasons": reasons.to_json(),
@@ -94,7 +109,10 @@ def batch_summary(distribution: ErrorDistribution, reasons: ReasonTally, feature
 
 
 def with_flag_rate_verdict(summary: dict[str, Any], bundle_metadata: dict[str, Any]) -> dict[str, Any]:
-    """Add the band of flag rates an all-normal batch of the summary's size would show, where the observed rate falls, and the threshold's interval."""
+    """Add the band of flag rates an all-normal batch of the summary's size would show.
+
+    Also add where the observed rate falls, and the threshold's interval.
+    """
     band = flag_rate_band(summary["rows_scored"], *exceedance_beta(bundle_metadata))
     uncertainty = bundle_metadata["threshold"].get("uncertainty")
     summary["threshold_interval"] = uncertainty["confidence_interval"] if uncertainty else None
@@ -120,15 +138,22 @@ def score_file(
     options: ScoringOptions,
     before_publish: Callable[[], None] | None = None,
 ) -> FileScore:
-    """Score a whole file into staged outputs and publish them together once all of it succeeded (and ``before_publish`` passed)."""
+    """Score a whole file into staged outputs and publish them together once all of it succeeded.
+
+    ``before_publish`` must have passed too.
+    """
     with StagedOutputs(targets, options.write_scores) as staged:
         counts = stream_batch_file(bundle, source, batch, staged, options)
         check_bad_row_share(source, counts.rows_read, counts.rows_quarantined, options.max_bad_row_share)
         if before_publish is not None:
             before_publish()
         published = staged.publish()
-    summary = batch_summary(counts.distribution, counts.reasons, counts.feature_bins, bundle, counts.rows_read, counts.rows_quarantined)
-    return FileScore(counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, published, summary)
+    summary = batch_summary(
+        counts.distribution, counts.reasons, counts.feature_bins, bundle, counts.rows_read, counts.rows_quarantined
+    )
+    return FileScore(
+        counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, published, summary
+    )
 
 
 def score_batch(
@@ -191,7 +216,10 @@ def describe_failure(error: BaseException, source: str) -> dict[str, Any]:
 
 
 def reject_batch(workspace_root: str, run_date: dt.date, batch: Batch, rejection: dict[str, Any]) -> dict[str, Any]:
-    """Withdraw a failed batch's record and outputs (nothing published may disagree with its bytes) and record why it failed."""
+    """Withdraw a failed batch's record and outputs and record why it failed.
+
+    Nothing published may disagree with its bytes.
+    """
     workspace = Workspace.at(workspace_root)
     batches.withdraw_record(workspace, run_date, batch.name)
     withdrawn = withdraw_outputs(batch_outputs(workspace, run_date, batch.name))
@@ -202,4 +230,6 @@ def reject_batch(workspace_root: str, run_date: dt.date, batch: Batch, rejection
 def record_scored_batch(workspace_root: str, result: BatchResult, model_version: str) -> Path:
     """Publish a scored batch by writing its manifest record, last."""
     batch = Batch(result.batch, storage.as_path(result.source))
-    return batches.write_record(Workspace.at(workspace_root), result.run_date, batch, model_version, result.fingerprint, result.counts())
+    return batches.write_record(
+        Workspace.at(workspace_root), result.run_date, batch, model_version, result.fingerprint, result.counts()
+    )

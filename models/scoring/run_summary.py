@@ -1,4 +1,7 @@
-"""The summary of a date (every batch of it published by one model, added up from their reports in constant memory) and of a scoring run."""
+"""The summary of a date and of a scoring run.
+
+A date's summary covers every batch of it published by one model, added up from their reports in constant memory.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ from models.scoring.streaming import RowCounts
 
 
 def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -> dict[str, Any]:
-    """Combine the reports of the date's batches that ``model_version`` published (by their manifest records) into one summary."""
+    """Combine the reports of the date's batches that ``model_version`` published into one summary.
+
+    Their manifest records tell which batches it published.
+    """
     workspace = Workspace.at(workspace_root)
     meta = read_bundle_json(workspace.version_dir(model_version))
     records = batches.recorded_batches(workspace, run_date, model_version)
@@ -64,13 +70,23 @@ class ScoringRun:
     def artifact_rows(self) -> list[dict[str, Any]]:
         """Return one row per published or failed batch, for the run's table artifact."""
         published = [
-            {"date": r.run_date.isoformat(), "batch": r.batch, **r.row_counts(), "flag_rate": round(r.summary["flag_rate"], 6), "error": None}
+            {
+                "date": r.run_date.isoformat(),
+                "batch": r.batch,
+                **r.row_counts(),
+                "flag_rate": round(r.summary["flag_rate"], 6),
+                "error": None,
+            }
             for r in self.scored
         ]
         unscored = {**RowCounts(0, 0, 0, 0).row_counts(), "flag_rate": None}
-        return published + [{"date": f["date"], "batch": f["batch"], **unscored, "error": f["error"]} for f in self.failed]
+        return published + [
+            {"date": f["date"], "batch": f["batch"], **unscored, "error": f["error"]} for f in self.failed
+        ]
 
-    def outcome(self, summary: dict[str, Any], report_paths: dict[str, str], workspace: Workspace, write_scores: bool) -> dict[str, Any]:
+    def outcome(
+        self, summary: dict[str, Any], report_paths: dict[str, str], workspace: Workspace, write_scores: bool
+    ) -> dict[str, Any]:
         """Return the run's JSON outcome from the date's summary and run report."""
         return {
             "date": self.date.isoformat(),

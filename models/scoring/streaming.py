@@ -1,4 +1,4 @@
-"""Streaming one Parquet file through the model: check, score, flag and quarantine, chunk by chunk, in bounded memory."""
+"""Streaming a Parquet file through the model: check, score, flag and quarantine, chunk by chunk, in bounded memory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ import pyarrow as pa
 from data.errors import BatchFileError
 from data.output_schema import TIMESTAMP, flagged_schema, output_metadata, quarantine_schema, scores_schema
 from data.outputs import StagedOutputs
-from data.parquet import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_BAD_ROW_SHARE, check_batch_schema, feature_matrix, iter_record_batches, label_classes, parquet_writer
+from data.parquet import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_MAX_BAD_ROW_SHARE,
+    check_batch_schema,
+    feature_matrix,
+    iter_record_batches,
+    label_classes,
+    parquet_writer,
+)
 from models.bundle import LoadedBundle
 from models.monitoring.drift import FeatureBins
 from models.monitoring.error_summary import ErrorDistribution
@@ -27,7 +35,10 @@ DEFAULT_REASON_COUNT = 3
 
 @dataclass(frozen=True)
 class ScoringOptions:
-    """How batches are scored: when, how many rows at a time, reasons per flagged row, every row's score or not, the bad-row limit."""
+    """How batches are scored: when, how many rows at a time and how many reasons per flagged row.
+
+    Also whether every row's score is written, and the bad-row limit.
+    """
 
     scored_at: dt.datetime
     write_scores: bool = True
@@ -47,7 +58,12 @@ class RowCounts:
 
     def row_counts(self) -> dict[str, int]:
         """Return the four counters by name."""
-        return {"rows_read": self.rows_read, "rows_scored": self.rows_scored, "rows_flagged": self.rows_flagged, "rows_quarantined": self.rows_quarantined}
+        return {
+            "rows_read": self.rows_read,
+            "rows_scored": self.rows_scored,
+            "rows_flagged": self.rows_flagged,
+            "rows_quarantined": self.rows_quarantined,
+        }
 
 
 @dataclass
@@ -92,7 +108,9 @@ def stream_batch_file(
 
     with contextlib.ExitStack() as writers:
         flagged_writer = writers.enter_context(parquet_writer(staged.flagged.tmp, flagged_out))
-        scores_writer = writers.enter_context(parquet_writer(staged.scores.tmp, scores_out)) if staged.scores is not None else None
+        scores_writer = (
+            writers.enter_context(parquet_writer(staged.scores.tmp, scores_out)) if staged.scores is not None else None
+        )
         quarantine_writer = None
 
         for record_batch in iter_record_batches(source, chunk_rows, row_groups):
@@ -104,7 +122,9 @@ def stream_batch_file(
                 if quarantine_writer is None:
                     quarantine_writer = writers.enter_context(parquet_writer(staged.stage_quarantine(), quarantine_out))
                 bad_rows = record_batch.filter(pa.array(~good))
-                quarantine_writer.write_batch(_quarantine_rows(bad_rows, features, batch, bundle.version, scored_at, quarantine_out))
+                quarantine_writer.write_batch(
+                    _quarantine_rows(bad_rows, features, batch, bundle.version, scored_at, quarantine_out)
+                )
                 rows_quarantined += bad_rows.num_rows
                 record_batch = record_batch.filter(pa.array(good))
                 matrix = matrix[good]
@@ -131,7 +151,11 @@ def stream_batch_file(
                     reasons = explain_rows(flagged_residuals, bundle.loss, features, reason_count)
                     tally.add(reasons)
                     for k in range(reason_count):
-                        reason_arrays += [pa.array(reasons.features[:, k], type=pa.string()), pa.array(reasons.shares[:, k], type=pa.float64()), pa.array(reasons.directions[:, k], type=pa.string())]
+                        reason_arrays += [
+                            pa.array(reasons.features[:, k], type=pa.string()),
+                            pa.array(reasons.shares[:, k], type=pa.float64()),
+                            pa.array(reasons.directions[:, k], type=pa.string()),
+                        ]
                 flagged_writer.write_batch(
                     pa.RecordBatch.from_arrays(
                         [c.take(picked) for c in record_batch.columns]
@@ -149,7 +173,10 @@ def stream_batch_file(
                 )
             if scores_writer is not None:
                 scores_writer.write_batch(
-                    pa.RecordBatch.from_arrays([record_batch.column(c) for c in keep] + [error_array, flag_array, version_array, batch_array], schema=scores_out)
+                    pa.RecordBatch.from_arrays(
+                        [record_batch.column(c) for c in keep] + [error_array, flag_array, version_array, batch_array],
+                        schema=scores_out,
+                    )
                 )
             rows_scored += n
             rows_flagged += n_flagged
@@ -172,17 +199,24 @@ def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
 
 
 def bad_value_reasons(rows: pa.RecordBatch, features: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Return, for each row holding a bad feature, why (``missing_value``, ``infinite_value``, ``out_of_range``) and the first such feature."""
+    """Return, for each row holding a bad feature, why and the first such feature.
+
+    The reason is ``missing_value``, ``infinite_value`` or ``out_of_range``.
+    """
     values = feature_matrix(rows, features, dtype=np.float64)
     # Scoring is float32: a finite float64 beyond its range cannot be scored either.
     bad = ~np.isfinite(values) | (np.abs(values) > FLOAT32_MAX)
     first = np.argmax(bad, axis=1)
     first_values = values[np.arange(len(values)), first]
-    codes = np.where(np.isnan(first_values), "missing_value", np.where(np.isinf(first_values), "infinite_value", "out_of_range"))
+    codes = np.where(
+        np.isnan(first_values), "missing_value", np.where(np.isinf(first_values), "infinite_value", "out_of_range")
+    )
     return codes.tolist(), [features[i] for i in first]
 
 
-def _quarantine_rows(rows: pa.RecordBatch, features: Sequence[str], batch: str, version: str, when: dt.datetime, schema: pa.Schema) -> pa.RecordBatch:
+def _quarantine_rows(
+    rows: pa.RecordBatch, features: Sequence[str], batch: str, version: str, when: dt.datetime, schema: pa.Schema
+) -> pa.RecordBatch:
     codes, columns = bad_value_reasons(rows, features)
     n = rows.num_rows
     return pa.RecordBatch.from_arrays(

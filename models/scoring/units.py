@@ -1,4 +1,4 @@
-"""One file split across workers: planning units of row groups, scoring each into private parts, merging them in order."""
+"""One file split across workers: planning units of row groups, scoring each to private parts, merging them in order."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ def score_unit(
     workspace = Workspace.at(workspace_root)
     bundle = load_bundle(workspace.version_dir(model_version))
     folder = parts_dir(workspace, run_date, batch.name) / f"unit-{unit:05d}"
-    targets = BatchOutputs(flagged=folder / "flagged.parquet", scores=folder / "scores.parquet", quarantine=folder / "quarantine.parquet")
+    targets = BatchOutputs(
+        flagged=folder / "flagged.parquet", scores=folder / "scores.parquet", quarantine=folder / "quarantine.parquet"
+    )
     with StagedOutputs(targets) as staged:
         counts = stream_batch_file(bundle, batch.path, batch.name, staged, options, row_groups=row_groups)
         parts = staged.publish()

@@ -1,4 +1,4 @@
-"""Rows of past nights that later labels confirm, gathered as extra training data: normal rows to learn from, anomalies to test on.
+"""Past nights' rows that later labels confirm, as extra training data: normal rows to learn from, anomalies to test on.
 
 The nights' incoming files are joined to the latest labels by id in DuckDB, out of core; rows with a
 missing or infinite feature (quarantined when they were scored) are left out, as training refuses them.
@@ -29,7 +29,10 @@ def gather_label_history(
     staged_labels: str,
     target: Path,
 ) -> dict[str, Any]:
-    """Write the labelled rows of the ``days`` nights up to ``end_date`` (features and label) to ``target``; return counts by date."""
+    """Write the labelled rows of the ``days`` nights up to ``end_date`` to ``target``; return counts by date.
+
+    Each row is written with its features and label.
+    """
     label_column, normal_label = labels.column, labels.normal
     workspace = Workspace.at(workspace_root)
     dates = dates_ending(end_date, days)
@@ -46,12 +49,21 @@ def gather_label_history(
                 f"CREATE TEMP TABLE history AS SELECT {features}, "
                 f"CASE WHEN l.label_class = 0 THEN $normal ELSE '{CONFIRMED_ANOMALY}' END AS {quoted(label_column)}, "
                 "regexp_extract(i.filename, '/(\\d{4}-\\d{2}-\\d{2})/', 1) AS night "
-                f"FROM read_parquet($files, union_by_name = true, filename = true) i JOIN latest l ON {join_on_ids('i', id_columns)} WHERE {finite}",
+                "FROM read_parquet($files, union_by_name = true, filename = true) "
+                f"i JOIN latest l ON {join_on_ids('i', id_columns)} WHERE {finite}",
                 {"files": paths, "normal": str(normal_label)},
             )
         else:
-            con.execute(f"CREATE TEMP TABLE history AS SELECT {', '.join(f'0.0::DOUBLE AS {quoted(n)}' for n in feature_names)}, ''::VARCHAR AS {quoted(label_column)}, ''::VARCHAR AS night WHERE false")
-        by_night = con.execute(f"SELECT night, count(*) FILTER ({quoted(label_column)} = $normal), count(*) FILTER ({quoted(label_column)} <> $normal) FROM history GROUP BY night ORDER BY night", {"normal": str(normal_label)}).fetchall()
+            con.execute(
+                "CREATE TEMP TABLE history AS SELECT "
+                f"{', '.join(f'0.0::DOUBLE AS {quoted(n)}' for n in feature_names)}, "
+                f"''::VARCHAR AS {quoted(label_column)}, ''::VARCHAR AS night WHERE false"
+            )
+        by_night = con.execute(
+            f"SELECT night, count(*) FILTER ({quoted(label_column)} = $normal), count(*) "
+            f"FILTER ({quoted(label_column)} <> $normal) FROM history GROUP BY night ORDER BY night",
+            {"normal": str(normal_label)},
+        ).fetchall()
         with storage.staged_path(target, suffix=".parquet") as tmp:
             con.execute(f"COPY (SELECT * EXCLUDE (night) FROM history) TO '{str(tmp)}' (FORMAT parquet)")
     finally:
@@ -63,14 +75,36 @@ def gather_label_history(
         "nights_with_files": len(files),
         "rows_confirmed_normal": int(sum(n for _, n, _ in by_night)),
         "rows_confirmed_anomalous": int(sum(a for _, _, a in by_night)),
-        "by_night": [{"date": night, "confirmed_normal": int(n), "confirmed_anomalous": int(a)} for night, n, a in by_night],
+        "by_night": [
+            {"date": night, "confirmed_normal": int(n), "confirmed_anomalous": int(a)} for night, n, a in by_night
+        ],
     }
 
 
-def label_history_for_training(workspace_root: str, training_source: str, labels: LabelRule, end_date: dt.date, days: int, id_columns: Sequence[str], work_dir: Path) -> dict[str, Any]:
-    """Check the labels, then gather the confirmed rows of the last ``days`` nights with the training data's features into ``work_dir``."""
+def label_history_for_training(
+    workspace_root: str,
+    training_source: str,
+    labels: LabelRule,
+    end_date: dt.date,
+    days: int,
+    id_columns: Sequence[str],
+    work_dir: Path,
+) -> dict[str, Any]:
+    """Check the labels, then gather the confirmed rows of the last ``days`` nights into ``work_dir``.
+
+    The rows keep the training data's features.
+    """
     workspace = Workspace.at(workspace_root)
     _, feature_names = training_files_and_features(training_source, labels.column)
     staged = work_dir / STAGED_LABELS
     stage_labels(workspace, id_columns, labels.column, labels.normal, staged)
-    return gather_label_history(workspace_root, end_date, days, id_columns, feature_names, labels, str(staged), work_dir / "label-history.parquet")
+    return gather_label_history(
+        workspace_root,
+        end_date,
+        days,
+        id_columns,
+        feature_names,
+        labels,
+        str(staged),
+        work_dir / "label-history.parquet",
+    )

@@ -64,7 +64,9 @@ class RetrainingRun:
             "validation_rows": self.split["rows_threshold"],
             "threshold_scheme": self.split["scheme"],
             "holdout_anomalies": self.split["rows_holdout_anomalies"],
-            "label_history": {k: v for k, v in self.label_history.items() if k != "path"} if self.label_history else None,
+            "label_history": {k: v for k, v in self.label_history.items() if k != "path"}
+            if self.label_history
+            else None,
             "epochs_run": self.history["epochs_run"],
             "fit_seconds": self.history["fit_seconds"],
             "holdout_recall": anomaly.get("recall"),

@@ -32,7 +32,9 @@ def cross_checked_flag_rates(holdout_normal_errors: np.ndarray, percentile: floa
     return [float(np.mean(other > np.percentile(fit, percentile))) for fit, other in ((first, second), (second, first))]
 
 
-def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], models_dir: Path, feature_names: list[str]) -> dict[str, Any]:
+def check_promotion(
+    staging: Path, errors_path: str, threshold: dict[str, Any], models_dir: Path, feature_names: list[str]
+) -> dict[str, Any]:
     """Decide whether the staged model may become current; the decision and its reasons are returned."""
     errors, labelled = read_holdout_errors(errors_path)
     normal_errors = errors[~labelled]
@@ -51,7 +53,10 @@ def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], 
     checks["flag_rate_cross_check"] = {"rates": rates, "expected": expected, "tolerance": tolerance}
     cross_check_failed = any(abs(rate - expected) > tolerance for rate in rates)
     if cross_check_failed:
-        reasons.append(f"flag rate on unseen held-out normal rows was {rates}, not within {tolerance:.4f} of {expected:.4f}: the threshold does not generalise")
+        reasons.append(
+            f"flag rate on unseen held-out normal rows was {rates}, not within {tolerance:.4f} of {expected:.4f}: "
+            "the threshold does not generalise"
+        )
 
     anomalies = int(labelled.sum())
     new_recall = float(np.mean(errors[labelled] > threshold["value"])) if anomalies else None
@@ -71,19 +76,35 @@ def check_promotion(staging: Path, errors_path: str, threshold: dict[str, Any], 
                 checks["current_recall_skipped"] = "current model uses other features"
             else:
                 holdout = pq.read_table(Path(errors_path).with_name(HOLDOUT_FILE))
-                anomaly_rows = read_matrix(holdout, feature_names)[holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)]
+                anomaly_rows = read_matrix(holdout, feature_names)[
+                    holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)
+                ]
                 current_errors = reconstruction_errors(incumbent.model, anomaly_rows, incumbent.loss)
                 current_recall = float(np.mean(current_errors > incumbent.threshold))
-                allowed = max(RECALL_TOLERANCE, 2.0 * math.sqrt(max(current_recall * (1 - current_recall), 1e-12) / anomalies))
+                allowed = max(
+                    RECALL_TOLERANCE, 2.0 * math.sqrt(max(current_recall * (1 - current_recall), 1e-12) / anomalies)
+                )
                 checks["current_recall"] = current_recall
                 checks["recall_tolerance"] = allowed
                 if new_recall is not None and new_recall < current_recall - allowed:
-                    reasons.append(f"recall on {anomalies} held-out labelled anomalies is {new_recall:.3f}, clearly below the current model's {current_recall:.3f}")
+                    reasons.append(
+                        f"recall on {anomalies} held-out labelled anomalies is {new_recall:.3f}, "
+                        f"clearly below the current model's {current_recall:.3f}"
+                    )
     warnings: list[str] = []
     if current is None and finite and cross_check_failed and len(reasons) == 1:
         # Without a current model nothing can be scored: a first model whose threshold is only less
         # sure than hoped is better than none, and the flag-rate band of every night widens with it.
-        warnings.append(f"promoted although {reasons.pop()}, because no model was current; retrain on more normal rows to replace it")
-    decision = {"passed": not reasons, "reasons": reasons, "warnings": warnings, "first_model": current is None, "checks": checks}
+        warnings.append(
+            f"promoted although {reasons.pop()}, because no model was current; "
+            "retrain on more normal rows to replace it"
+        )
+    decision = {
+        "passed": not reasons,
+        "reasons": reasons,
+        "warnings": warnings,
+        "first_model": current is None,
+        "checks": checks,
+    }
     storage.write_json(staging / PROMOTION_FILE, decision)
     return decision

@@ -16,5 +16,16 @@ from data.workspace import Workspace
 def write_demo_data(workspace_root: str, run_date: dt.date, n_batches: int) -> dict[str, Any]:
     """Write the tutorial's training split and one night's test batches."""
     dataset = write_demo_dataset(Workspace.at(workspace_root), run_date, n_batches=n_batches)
-    get_run_logger().info("Demo data: %d training rows, %d test rows (%d anomalies) in %d batches", dataset.training_rows, dataset.test_rows, dataset.test_anomalies, len(dataset.batch_files))
-    return {"training_file": str(dataset.training_file), "batch_files": [str(p) for p in dataset.batch_files], "test_rows": dataset.test_rows, "test_anomalies": dataset.test_anomalies}
+    get_run_logger().info(
+        "Demo data: %d training rows, %d test rows (%d anomalies) in %d batches",
+        dataset.training_rows,
+        dataset.test_rows,
+        dataset.test_anomalies,
+        len(dataset.batch_files),
+    )
+    return {
+        "training_file": str(dataset.training_file),
+        "batch_files": [str(p) for p in dataset.batch_files],
+        "test_rows": dataset.test_rows,
+        "test_anomalies": dataset.test_anomalies,
+    }

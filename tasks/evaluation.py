@@ -27,18 +27,30 @@ def stage_labels(workspace_root: str, id_columns: list[str], label_column: str, 
     workspace = Workspace.at(workspace_root)
     target = workspace.state_dir / "labels" / labels.STAGED_LABELS
     staged = labels.stage_labels(workspace, id_columns, label_column, normal_label, target)
-    get_run_logger().info("%d label row(s) from %d file(s) in %s", staged["rows"], len(staged["files"]), labels.labels_dir(workspace))
+    get_run_logger().info(
+        "%d label row(s) from %d file(s) in %s", staged["rows"], len(staged["files"]), labels.labels_dir(workspace)
+    )
     return {**staged, "path": str(target)}
 
 
 @task(name="evaluate-dates", cache_policy=NO_CACHE, **RETRIES)
-def evaluate_dates(workspace_root: str, dates: list[dt.date], id_columns: list[str], staged_labels: str) -> list[dict[str, Any]]:
+def evaluate_dates(
+    workspace_root: str, dates: list[dt.date], id_columns: list[str], staged_labels: str
+) -> list[dict[str, Any]]:
     """Join the labels to each date's scores and write its evaluation; return the rows written."""
     logger = get_run_logger()
 
     def progress(date: dt.date, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            logger.info("%s, model %s: %d rows, %d labelled, precision %s, recall %s", date, row["model_version"], row["rows_scored"], row["rows_labelled"], row["precision"], row["recall"])
+            logger.info(
+                "%s, model %s: %d rows, %d labelled, precision %s, recall %s",
+                date,
+                row["model_version"],
+                row["rows_scored"],
+                row["rows_labelled"],
+                row["precision"],
+                row["recall"],
+            )
 
     return labelled.evaluate_dates(workspace_root, dates, id_columns, staged_labels, progress)
 

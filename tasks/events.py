@@ -14,8 +14,34 @@ NIGHT_SCORED = "anomaly.night.scored"
 NIGHT_ALARM = "anomaly.night.alarm"
 MODEL_PROMOTED = "anomaly.model.promoted"
 MODEL_REFUSED = "anomaly.model.refused"
-NIGHT_PAYLOAD_KEYS = ("date", "model_version", "rows_scored", "rows_flagged", "flag_rate", "expected_flag_rate", "flag_rate_band", "flag_rate_verdict", "alarm", "alarm_reasons", "batches_scored", "batches_failed", "report")
-MODEL_PAYLOAD_KEYS = ("model_version", "promoted", "promotion_refused", "preset", "threshold", "percentile", "threshold_warning", "training_rows", "validation_rows", "holdout_recall", "report")
+NIGHT_PAYLOAD_KEYS = (
+    "date",
+    "model_version",
+    "rows_scored",
+    "rows_flagged",
+    "flag_rate",
+    "expected_flag_rate",
+    "flag_rate_band",
+    "flag_rate_verdict",
+    "alarm",
+    "alarm_reasons",
+    "batches_scored",
+    "batches_failed",
+    "report",
+)
+MODEL_PAYLOAD_KEYS = (
+    "model_version",
+    "promoted",
+    "promotion_refused",
+    "preset",
+    "threshold",
+    "percentile",
+    "threshold_warning",
+    "training_rows",
+    "validation_rows",
+    "holdout_recall",
+    "report",
+)
 
 
 def workspace_uri(workspace_root: str) -> str:
@@ -26,12 +52,19 @@ def workspace_uri(workspace_root: str) -> str:
 def workspace_resource(workspace_root: str) -> dict[str, str]:
     """Return the related resource naming a workspace, so that automations can match one workspace's events."""
     root = workspace_uri(workspace_root)
-    return {"prefect.resource.id": f"anomaly.workspace.{root}", "prefect.resource.role": "workspace", "prefect.resource.name": root}
+    return {
+        "prefect.resource.id": f"anomaly.workspace.{root}",
+        "prefect.resource.role": "workspace",
+        "prefect.resource.name": root,
+    }
 
 
 @task(name="emit-night-events", cache_policy=NO_CACHE)
 def emit_night_events(workspace_root: str, outcome: dict[str, Any]) -> list[str]:
-    """Emit anomaly.night.scored for a scoring run, and anomaly.night.alarm when its night is alarmed; return the events emitted."""
+    """Emit anomaly.night.scored for a scoring run, and anomaly.night.alarm when its night is alarmed.
+
+    Return the events emitted.
+    """
     root = workspace_uri(workspace_root)
     date = str(outcome["date"])
     resource = {
@@ -51,7 +84,10 @@ def emit_night_events(workspace_root: str, outcome: dict[str, Any]) -> list[str]
 
 @task(name="emit-model-event", cache_policy=NO_CACHE)
 def emit_model_event(workspace_root: str, outcome: dict[str, Any]) -> str | None:
-    """Emit anomaly.model.promoted, or anomaly.model.refused when the promotion gate refused the new model; return the event emitted."""
+    """Emit anomaly.model.promoted, or anomaly.model.refused when the promotion gate refused the new model.
+
+    Return the event emitted.
+    """
     root = workspace_uri(workspace_root)
     if outcome["promoted"]:
         name = MODEL_PROMOTED
@@ -65,5 +101,10 @@ def emit_model_event(workspace_root: str, outcome: dict[str, Any]) -> str | None
         "anomaly.workspace": root,
         "anomaly.model_version": str(outcome["model_version"]),
     }
-    emit_event(name, resource=resource, related=[workspace_resource(root)], payload={"workspace": root, **{key: outcome.get(key) for key in MODEL_PAYLOAD_KEYS}})
+    emit_event(
+        name,
+        resource=resource,
+        related=[workspace_resource(root)],
+        payload={"workspace": root, **{key: outcome.get(key) for key in MODEL_PAYLOAD_KEYS}},
+    )
     return name

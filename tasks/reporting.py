@@ -20,7 +20,9 @@ def artifact_key(*parts: str) -> str:
 
 
 @task(name="write-evaluation-report", cache_policy=NO_CACHE, **RETRIES)
-def write_evaluation_report(summary: dict[str, Any], directory: str, stem: str, title: str, context: dict[str, Any]) -> dict[str, str]:
+def write_evaluation_report(
+    summary: dict[str, Any], directory: str, stem: str, title: str, context: dict[str, Any]
+) -> dict[str, str]:
     """Write an evaluation report (JSON, Markdown, PNG)."""
     return reports.write_evaluation_report(summary, storage.as_path(directory), stem, title, context)
 

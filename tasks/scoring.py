@@ -79,8 +79,15 @@ def score_batch(
 def write_batch_report(workspace_root: str, result: BatchResult, model_version: str) -> dict[str, str]:
     """Write a scored batch's evaluation report (JSON, Markdown, PNG)."""
     folder = batch_report_dir(Workspace.at(workspace_root), result.run_date)
-    context = {"batch": result.batch, "source": result.source, "model_version": model_version, "date": result.run_date.isoformat()}
-    return reports.write_evaluation_report(result.summary, folder, result.batch, f"Batch {result.batch} ({result.run_date})", context)
+    context = {
+        "batch": result.batch,
+        "source": result.source,
+        "model_version": model_version,
+        "date": result.run_date.isoformat(),
+    }
+    return reports.write_evaluation_report(
+        result.summary, folder, result.batch, f"Batch {result.batch} ({result.run_date})", context
+    )
 
 
 @task(name="record-scored-batch", cache_policy=NO_CACHE, **RETRIES)
@@ -94,7 +101,11 @@ def reject_batch(workspace_root: str, run_date: dt.date, batch: Batch, rejection
     """Withdraw a failed batch's record and outputs and record why it failed."""
     outcome = batch_scoring.reject_batch(workspace_root, run_date, batch, rejection)
     if outcome["withdrawn"]:
-        get_run_logger().warning("Batch %s: withdrew %d earlier output file(s), which no longer match the file", batch.name, len(outcome["withdrawn"]))
+        get_run_logger().warning(
+            "Batch %s: withdrew %d earlier output file(s), which no longer match the file",
+            batch.name,
+            len(outcome["withdrawn"]),
+        )
     return outcome
 
 
@@ -113,7 +124,9 @@ def remove_stale_temporaries(workspace_root: str, run_date: dt.date) -> list[str
     removed = [p for folder in folders for p in storage.remove_stale_temporaries(folder)]
     removed += units.discard_date_parts(workspace_root, run_date)
     if removed:
-        get_run_logger().warning("Removed %d temporary file(s) left by a run that died: %s", len(removed), [p.name for p in removed])
+        get_run_logger().warning(
+            "Removed %d temporary file(s) left by a run that died: %s", len(removed), [p.name for p in removed]
+        )
     return [str(p) for p in removed]
 
 
@@ -124,18 +137,51 @@ def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
 
 
 @task(name="score-unit", cache_policy=NO_CACHE, **RETRIES)
-def score_unit(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, unit: int, row_groups: list[int], options: ScoringOptions) -> UnitResult:
+def score_unit(
+    workspace_root: str,
+    run_date: dt.date,
+    batch: Batch,
+    model_version: str,
+    unit: int,
+    row_groups: list[int],
+    options: ScoringOptions,
+) -> UnitResult:
     """Score some row groups of one file into part files."""
-    result = units.score_unit(workspace_root, run_date, batch, model_version, unit=unit, row_groups=row_groups, options=options)
-    get_run_logger().info("Batch %s, unit %d (row groups %d-%d): %d rows scored", batch.name, unit, row_groups[0], row_groups[-1], result.rows_scored)
+    result = units.score_unit(
+        workspace_root, run_date, batch, model_version, unit=unit, row_groups=row_groups, options=options
+    )
+    get_run_logger().info(
+        "Batch %s, unit %d (row groups %d-%d): %d rows scored",
+        batch.name,
+        unit,
+        row_groups[0],
+        row_groups[-1],
+        result.rows_scored,
+    )
     return result
 
 
 @task(name="merge-units", cache_policy=NO_CACHE, **RETRIES)
-def merge_units(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, plan: UnitPlan, unit_results: list[UnitResult], options: ScoringOptions) -> BatchResult:
+def merge_units(
+    workspace_root: str,
+    run_date: dt.date,
+    batch: Batch,
+    model_version: str,
+    plan: UnitPlan,
+    unit_results: list[UnitResult],
+    options: ScoringOptions,
+) -> BatchResult:
     """Join a file's units into its flagged rows, scores and quarantine."""
-    result = units.merge_units(workspace_root, run_date, batch, model_version, plan=plan, unit_results=unit_results, options=options)
-    get_run_logger().info("Batch %s: %d units joined, %d rows scored, %d flagged", batch.name, len(unit_results), result.rows_scored, result.rows_flagged)
+    result = units.merge_units(
+        workspace_root, run_date, batch, model_version, plan=plan, unit_results=unit_results, options=options
+    )
+    get_run_logger().info(
+        "Batch %s: %d units joined, %d rows scored, %d flagged",
+        batch.name,
+        len(unit_results),
+        result.rows_scored,
+        result.rows_flagged,
+    )
     return result
 
 

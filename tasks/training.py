@@ -18,27 +18,61 @@ from tasks.common import RETRIES
 
 
 @task(name="gather-label-history", cache_policy=NO_CACHE, **RETRIES)
-def gather_label_history(workspace_root: str, source: str, labels: LabelRule, end_date: dt.date, days: int, id_columns: list[str], staging: str) -> dict[str, Any]:
+def gather_label_history(
+    workspace_root: str,
+    source: str,
+    labels: LabelRule,
+    end_date: dt.date,
+    days: int,
+    id_columns: list[str],
+    staging: str,
+) -> dict[str, Any]:
     """Gather the rows of past nights that later labels confirmed, as extra training data."""
-    history = label_history.label_history_for_training(workspace_root, source, labels, end_date, days, id_columns, Path(staging) / retraining.WORK_DIR)
+    history = label_history.label_history_for_training(
+        workspace_root, source, labels, end_date, days, id_columns, Path(staging) / retraining.WORK_DIR
+    )
     get_run_logger().info(
-        "Label history %s..%s: %d confirmed normal row(s) added, %d confirmed anomalies held out, from %d night(s) with files",
-        history["first_date"], history["last_date"], history["rows_confirmed_normal"], history["rows_confirmed_anomalous"], history["nights_with_files"],
+        "Label history %s..%s: %d confirmed normal row(s) added, %d confirmed anomalies held out, from %d night(s) "
+        "with files",
+        history["first_date"],
+        history["last_date"],
+        history["rows_confirmed_normal"],
+        history["rows_confirmed_anomalous"],
+        history["nights_with_files"],
     )
     return history
 
 
 @task(name="split-training-data", cache_policy=NO_CACHE, **RETRIES)
-def split_training_data(source: str, staging: str, labels: LabelRule, holdout_fraction: float, percentile: float, seed: int, label_history: str | None = None) -> dict[str, Any]:
+def split_training_data(
+    source: str,
+    staging: str,
+    labels: LabelRule,
+    holdout_fraction: float,
+    percentile: float,
+    seed: int,
+    label_history: str | None = None,
+) -> dict[str, Any]:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
-    split = retraining.split_training_data(source, Path(staging), labels, holdout_fraction, percentile, seed, label_history=label_history)
+    split = retraining.split_training_data(
+        source, Path(staging), labels, holdout_fraction, percentile, seed, label_history=label_history
+    )
     if split["scheme"] == retraining.CROSS_FIT:
         get_run_logger().info(
-            "Training rows: %d normal, each also scored out of fold for the threshold (%d folds: a %d%% hold-out would leave it uncertain), %d labelled anomalies held out",
-            split["rows_train"], split["folds"], round(100 * holdout_fraction), split["rows_holdout_anomalies"],
+            "Training rows: %d normal, each also scored out of fold for the threshold (%d folds: "
+            "a %d%% hold-out would leave it uncertain), %d labelled anomalies held out",
+            split["rows_train"],
+            split["folds"],
+            round(100 * holdout_fraction),
+            split["rows_holdout_anomalies"],
         )
     else:
-        get_run_logger().info("Training rows: %d normal for training, %d normal held out, %d labelled anomalies held out", split["rows_train"], split["rows_holdout_normal"], split["rows_holdout_anomalies"])
+        get_run_logger().info(
+            "Training rows: %d normal for training, %d normal held out, %d labelled anomalies held out",
+            split["rows_train"],
+            split["rows_holdout_normal"],
+            split["rows_holdout_anomalies"],
+        )
     return split
 
 
@@ -48,16 +82,26 @@ def choose_recipe(split: dict[str, Any], preset: str, config: dict[str, Any], st
     logger = get_run_logger()
 
     def log_candidate(row: dict[str, Any]) -> None:
-        logger.info("Candidate recipe %r: held-out ROC-AUC %.4f, PR-AUC %.4f (%.1f s)", row["recipe"], row["roc_auc"], row["pr_auc"], row["seconds"])
+        logger.info(
+            "Candidate recipe %r: held-out ROC-AUC %.4f, PR-AUC %.4f (%.1f s)",
+            row["recipe"],
+            row["roc_auc"],
+            row["pr_auc"],
+            row["seconds"],
+        )
 
-    recipe = retraining.choose_recipe(split, preset, AutoencoderConfig.model_validate(config), Path(staging), progress=log_candidate)
+    recipe = retraining.choose_recipe(
+        split, preset, AutoencoderConfig.model_validate(config), Path(staging), progress=log_candidate
+    )
     if recipe["candidates"]:
         logger.info("Recipe %r chosen on the %s", recipe["name"], recipe["chosen_on"])
     return recipe
 
 
 @task(name="build-and-train-autoencoder", cache_policy=NO_CACHE)
-def train_autoencoder(train_path: str, feature_names: list[str], config: dict[str, Any], staging: str) -> dict[str, Any]:
+def train_autoencoder(
+    train_path: str, feature_names: list[str], config: dict[str, Any], staging: str
+) -> dict[str, Any]:
     """Build the autoencoder from its config and train it, logging every epoch."""
     logger = get_run_logger()
     settings = AutoencoderConfig.model_validate(config)
@@ -70,7 +114,13 @@ def train_autoencoder(train_path: str, feature_names: list[str], config: dict[st
     sized = history["config"]
     logger.info(
         "Trained %d epochs in %.1f s (best epoch %d); layers %s / %s, batch size %d, patience %s",
-        history["epochs_run"], history["fit_seconds"], history["best_epoch"], sized["encoder_units"], sized["decoder_units"], sized["batch_size"], sized["early_stopping_patience"],
+        history["epochs_run"],
+        history["fit_seconds"],
+        history["best_epoch"],
+        sized["encoder_units"],
+        sized["decoder_units"],
+        sized["batch_size"],
+        sized["early_stopping_patience"],
     )
     for attempt in history["diverged_attempts"]:
         logger.warning("A fit diverged and was trained again with safer settings: %s", attempt)
@@ -78,8 +128,13 @@ def train_autoencoder(train_path: str, feature_names: list[str], config: dict[st
 
 
 @task(name="compute-reconstruction-errors", cache_policy=NO_CACHE)
-def compute_reconstruction_errors(staging: str, split: dict[str, Any], config: dict[str, Any], normal_errors_path: str | None = None) -> str:
-    """Score the normal rows the model did not see (held out, or out of fold) and the labelled anomalies; return the path of their errors."""
+def compute_reconstruction_errors(
+    staging: str, split: dict[str, Any], config: dict[str, Any], normal_errors_path: str | None = None
+) -> str:
+    """Score the normal rows the model did not see (held out, or out of fold) and the labelled anomalies.
+
+    Return the path of their errors.
+    """
     logger = get_run_logger()
     if split["scheme"] == retraining.CROSS_FIT:
         logger.info("Cross-fitting: %d fold models, each scoring the normal rows the others trained on", split["folds"])
@@ -87,7 +142,9 @@ def compute_reconstruction_errors(staging: str, split: dict[str, Any], config: d
     def log_fold(fold: int, folds: int) -> None:
         logger.info("Fold %d/%d scored", fold + 1, folds)
 
-    return retraining.compute_holdout_errors(Path(staging), split, config, progress=log_fold, normal_errors_path=normal_errors_path)
+    return retraining.compute_holdout_errors(
+        Path(staging), split, config, progress=log_fold, normal_errors_path=normal_errors_path
+    )
 
 
 @task(name="fix-threshold", cache_policy=NO_CACHE)
@@ -96,7 +153,9 @@ def fix_threshold(errors_path: str, percentile: float, scheme: str) -> dict[str,
     threshold = retraining.fix_threshold_from_errors(errors_path, percentile, scheme)
     logger = get_run_logger()
     unseen = "held-out normal rows" if scheme == retraining.HOLDOUT else "normal rows scored out of fold"
-    logger.info("Threshold %.6g at the %gth percentile of %d %s", threshold["value"], percentile, threshold["rows"], unseen)
+    logger.info(
+        "Threshold %.6g at the %gth percentile of %d %s", threshold["value"], percentile, threshold["rows"], unseen
+    )
     if threshold["warning"]:
         logger.warning("Uncertain threshold: %s", threshold["warning"])
     return threshold
@@ -104,7 +163,14 @@ def fix_threshold(errors_path: str, percentile: float, scheme: str) -> dict[str,
 
 @task(name="save-model-bundle", cache_policy=NO_CACHE, **RETRIES)
 def save_model_bundle(
-    staging: str, version: str, split: dict[str, Any], history: dict[str, Any], threshold: dict[str, Any], preset: str, labels: LabelRule, recipe: dict[str, Any]
+    staging: str,
+    version: str,
+    split: dict[str, Any],
+    history: dict[str, Any],
+    threshold: dict[str, Any],
+    preset: str,
+    labels: LabelRule,
+    recipe: dict[str, Any],
 ) -> str:
     """Write bundle.json beside the model, with the config it was trained with."""
     return str(retraining.write_bundle(Path(staging), version, split, history, threshold, preset, labels, recipe))
@@ -112,10 +178,19 @@ def save_model_bundle(
 
 @task(name="write-training-report", cache_policy=NO_CACHE)
 def write_training_report(
-    staging: str, version: str, errors_path: str, history: dict[str, Any], threshold: dict[str, Any], split: dict[str, Any], preset: str, recipe: dict[str, Any]
+    staging: str,
+    version: str,
+    errors_path: str,
+    history: dict[str, Any],
+    threshold: dict[str, Any],
+    split: dict[str, Any],
+    preset: str,
+    recipe: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the training report into the staged version."""
-    return retraining.write_training_report(Path(staging), version, errors_path, history, threshold, split, preset, recipe)
+    return retraining.write_training_report(
+        Path(staging), version, errors_path, history, threshold, split, preset, recipe
+    )
 
 
 @task(name="publish-model-version", cache_policy=NO_CACHE)
@@ -133,9 +208,13 @@ def promote_model(models_dir: str, version: str) -> str:
 
 
 @task(name="check-promotion-gate", cache_policy=NO_CACHE)
-def check_promotion_gate(staging: str, errors_path: str, threshold: dict[str, Any], models_dir: str, feature_names: list[str]) -> dict[str, Any]:
+def check_promotion_gate(
+    staging: str, errors_path: str, threshold: dict[str, Any], models_dir: str, feature_names: list[str]
+) -> dict[str, Any]:
     """Decide whether the new model may replace the current one."""
-    decision = promotion.check_promotion(Path(staging), errors_path, threshold, storage.as_path(models_dir), feature_names)
+    decision = promotion.check_promotion(
+        Path(staging), errors_path, threshold, storage.as_path(models_dir), feature_names
+    )
     logger = get_run_logger()
     if decision["passed"]:
         logger.info("Promotion gate passed: %s", decision["checks"])
@@ -151,5 +230,9 @@ def remove_stale_staging(models_dir: str) -> list[str]:
     """Delete the staging folders of retraining runs that died."""
     removed = bundle.remove_stale_staging(storage.as_path(models_dir))
     if removed:
-        get_run_logger().warning("Removed %d staging folder(s) left by a retraining run that died: %s", len(removed), [p.name for p in removed])
+        get_run_logger().warning(
+            "Removed %d staging folder(s) left by a retraining run that died: %s",
+            len(removed),
+            [p.name for p in removed],
+        )
     return [str(p) for p in removed]

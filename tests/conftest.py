@@ -19,7 +19,13 @@ N_FEATURES = 6
 FEATURES = [f"f{j}" for j in range(N_FEATURES)]
 RUN_DATE = dt.date(2026, 11, 27)
 SCORED_AT = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.UTC)
-FAST_OVERRIDES = {"epochs": 8, "batch_size": 256, "encoder_units": [16, 5], "decoder_units": [16], "early_stopping_patience": None}
+FAST_OVERRIDES = {
+    "epochs": 8,
+    "batch_size": 256,
+    "encoder_units": [16, 5],
+    "decoder_units": [16],
+    "early_stopping_patience": None,
+}
 
 
 def make_rows(n: int, seed: int, anomaly_share: float = 0.0, start_id: int = 0) -> pa.Table:
@@ -65,7 +71,9 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = resolve_preset("default", **FAST_OVERRIDES)
     version = "20260101T000000Z"
     staging = bundle.staging_dir(root / "models", version)
-    split = retraining.split_training_data(str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed)
+    split = retraining.split_training_data(
+        str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed
+    )
     history = retraining.train_model(split["train_path"], split["feature_names"], config, staging)
     errors = retraining.compute_holdout_errors(staging, split, history["config"])
     threshold = retraining.fix_threshold_from_errors(errors, 98.0)

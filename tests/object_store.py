@@ -1,4 +1,4 @@
-"""An S3-compatible server on loopback (moto's standalone server) for the tests and the bench, and helpers to fill it."""
+"""An S3-compatible server on loopback (moto's standalone server) for the tests and bench, and helpers to fill it."""
 
 from __future__ import annotations
 
@@ -63,7 +63,12 @@ def loopback_s3(extra_env: dict[str, str] | None = None, read_timeout_s: int | N
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint, **(extra_env or {})}
     client_options = {"config_kwargs": {"read_timeout": read_timeout_s}} if read_timeout_s else {}
     if client_options:

@@ -74,7 +74,10 @@ class AlertReceiver:
                 if matches(body.get("text", "")):
                     return body["text"]
             time.sleep(0.5)
-        pytest.fail(f"no matching notification within {timeout_s:.0f}s; received: {[b.get('text', '')[:120] for b in self.bodies]}")
+        pytest.fail(
+            f"no matching notification within {timeout_s:.0f}s; received: "
+            f"{[b.get('text', '')[:120] for b in self.bodies]}"
+        )
 
     def close(self) -> None:
         self.server.shutdown()
@@ -103,7 +106,11 @@ class PrefectStack:
     def log(self, name: str, lines: int = 80) -> str:
         """Return the end of a log the stack wrote (server, worker, deploy)."""
         path = self.home / "logs" / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else f"({path} does not exist)"
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            if path.exists()
+            else f"({path} does not exist)"
+        )
 
     @contextlib.contextmanager
     def client(self) -> Iterator[Any]:
@@ -130,7 +137,10 @@ class PrefectStack:
                     return runs
                 if time.monotonic() > deadline:
                     states = ", ".join(f"{r.name}: {r.state.name if r.state else None}" for r in runs)
-                    pytest.fail(f"flow runs not finished after {timeout_s:.0f}s ({states})\n--- worker log ---\n{self.log('worker')}")
+                    pytest.fail(
+                        f"flow runs not finished after {timeout_s:.0f}s ({states})\n"
+                        f"--- worker log ---\n{self.log('worker')}"
+                    )
                 time.sleep(1)
 
     def wait_for(self, *flow_run_ids: UUID, timeout_s: float = RUN_TIMEOUT_S) -> list[Any]:
@@ -148,7 +158,9 @@ class PrefectStack:
 
         with self.client() as client:
             deployment = client.read_deployment_by_name(deployment_name)
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            )
         return {r.id for r in runs}
 
     def process_tree(self) -> list[int]:
@@ -167,7 +179,9 @@ class PrefectStack:
         import psutil
 
         tree = self.process_tree()
-        result = subprocess.run([str(STACK_SCRIPT), "stop"], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [str(STACK_SCRIPT), "stop"], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         survivors = []
         for pid in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -222,13 +236,25 @@ def start_stack(home: Path, alert_webhook_url: str | None = None, database_url: 
     stack = PrefectStack(home=home, port=int(env["ANOMALY_PREFECT_PORT"]), env=env)
     started = time.monotonic()
     try:
-        result = subprocess.run([str(STACK_SCRIPT), "serve"], env=env, cwd=REPO, capture_output=True, text=True, timeout=START_TIMEOUT_S + 120)
+        result = subprocess.run(
+            [str(STACK_SCRIPT), "serve"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S + 120,
+        )
     finally:
-        stack.started = [int(p.read_text()) for p in (home / "postgres.pid", home / "server.pid", home / "worker.pid") if p.exists()]
+        stack.started = [
+            int(p.read_text()) for p in (home / "postgres.pid", home / "server.pid", home / "worker.pid") if p.exists()
+        ]
     if result.returncode != 0:
         server_log = stack.log("server")
         stack.stop()
-        pytest.fail(f"scripts/stack.sh serve failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n--- server log ---\n{server_log}")
+        pytest.fail(
+            f"scripts/stack.sh serve failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n"
+            f"--- server log ---\n{server_log}"
+        )
     print(f"\nPrefect stack up in {time.monotonic() - started:.0f}s at {stack.ui_url} (home {home})\n{result.stdout}")
     stack.serve_output = result.stdout
     return stack

@@ -1,4 +1,7 @@
-"""The alerting automations as defined in code, and a night's alarm codes; the end-to-end check is in test_deployments.py."""
+"""The alerting automations as defined in code, and a night's alarm codes.
+
+The end-to-end check is in test_deployments.py.
+"""
 
 from __future__ import annotations
 
@@ -27,15 +30,36 @@ def test_with_a_webhook_each_automation_notifies_with_the_date_the_verdict_and_a
     assert "{{ flow_run|ui_url }}" in alarm.actions[0].body and "{{ flow_run|ui_url }}" in failure.actions[0].body
     assert alarm.trigger.expect == {"anomaly.night.alarm"}
     assert failure.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
-    assert missing.trigger.posture == "Proactive" and missing.trigger.within == MISSING_RUN_WINDOW == dt.timedelta(hours=26)
+    assert (
+        missing.trigger.posture == "Proactive"
+        and missing.trigger.within == MISSING_RUN_WINDOW == dt.timedelta(hours=26)
+    )
 
 
 def test_a_night_alarms_for_each_reason_and_only_then() -> None:
-    quiet = with_alarm({"flag_rate_verdict": "within", "drift": {"drifted_features": [], "score": {"drifted": False}}, "failed_batches": []})
+    quiet = with_alarm(
+        {
+            "flag_rate_verdict": "within",
+            "drift": {"drifted_features": [], "score": {"drifted": False}},
+            "failed_batches": [],
+        }
+    )
     assert quiet["alarm"] is False and quiet["alarm_reasons"] == []
-    loud = with_alarm({"flag_rate_verdict": "above", "drift": {"drifted_features": ["f3", "f1"], "score": {"drifted": True}}, "failed_batches": [{"batch": "x"}]})
+    loud = with_alarm(
+        {
+            "flag_rate_verdict": "above",
+            "drift": {"drifted_features": ["f3", "f1"], "score": {"drifted": True}},
+            "failed_batches": [{"batch": "x"}],
+        }
+    )
     assert loud["alarm"] is True
-    assert loud["alarm_reasons"] == ["flag_rate_above_band", "input_drift:f3", "input_drift:f1", "score_drift", "batches_failed"]
+    assert loud["alarm_reasons"] == [
+        "flag_rate_above_band",
+        "input_drift:f3",
+        "input_drift:f1",
+        "score_drift",
+        "batches_failed",
+    ]
     assert with_alarm({"flag_rate_verdict": "below", "drift": None})["alarm_reasons"] == ["flag_rate_below_band"]
 
 

@@ -7,7 +7,16 @@ import pytest
 from sklearn.metrics import classification_report
 
 from data import storage
-from data.batches import Batch, already_scored, awaits_scoring, batch_name, find_batches, withdraw_record, write_record, write_rejection
+from data.batches import (
+    Batch,
+    already_scored,
+    awaits_scoring,
+    batch_name,
+    find_batches,
+    withdraw_record,
+    write_record,
+    write_rejection,
+)
 from data.errors import NoBatchesError, ParameterError
 from data.workspace import Workspace, check_path_part, resolve_run_date
 from models.evaluation.reports import render_markdown
@@ -116,7 +125,9 @@ def test_combined_summaries_add_up_to_the_whole():
     assert combined["rows_scored"] == 2000 and combined["rows_flagged"] == whole["rows_flagged"]
     assert combined["histogram"]["counts"] == whole["histogram"]["counts"]
     assert combined["labels"]["confusion_matrix"] == whole["labels"]["confusion_matrix"]
-    assert combined["labels"]["classification_report"]["anomaly"]["recall"] == pytest.approx(whole["labels"]["classification_report"]["anomaly"]["recall"])
+    assert combined["labels"]["classification_report"]["anomaly"]["recall"] == pytest.approx(
+        whole["labels"]["classification_report"]["anomaly"]["recall"]
+    )
 
 
 def test_summary_without_labels_has_no_label_metrics_and_markdown_renders_tables():

@@ -21,7 +21,13 @@ from models.threshold import (
 def test_seed_preset_is_the_tutorial_recipe():
     seed = PRESETS["seed"]
     assert (seed.scale_inputs, seed.encoder_units, seed.decoder_units) == (False, [16, 8, 4], [8, 16])
-    assert (seed.output_activation, seed.loss, seed.optimizer, seed.epochs, seed.batch_size) == ("sigmoid", "mae", "adam", 20, 64)
+    assert (seed.output_activation, seed.loss, seed.optimizer, seed.epochs, seed.batch_size) == (
+        "sigmoid",
+        "mae",
+        "adam",
+        20,
+        64,
+    )
 
 
 def test_default_preset_scales_and_has_linear_output():
@@ -53,12 +59,29 @@ def test_fix_threshold_is_the_percentile_of_holdout_errors_and_flags_two_percent
 def test_the_default_recipe_sizes_itself_from_the_features_and_rows():
     default = resolve_preset("default")
     large = default.sized_for(rows=64_000, features=32)
-    assert (large.encoder_units, large.decoder_units, large.batch_size, large.early_stopping_patience) == ([64, 32, 24], [32, 64], 1024, 4)
+    assert (large.encoder_units, large.decoder_units, large.batch_size, large.early_stopping_patience) == (
+        [64, 32, 24],
+        [32, 64],
+        1024,
+        4,
+    )
     small = default.sized_for(rows=240, features=64)
-    assert (small.encoder_units, small.decoder_units, small.batch_size, small.early_stopping_patience) == ([128, 64, 48], [64, 128], 32, 20)
+    assert (small.encoder_units, small.decoder_units, small.batch_size, small.early_stopping_patience) == (
+        [128, 64, 48],
+        [64, 128],
+        32,
+        20,
+    )
     assert default.sized_for(rows=1_000, features=64).early_stopping_patience == 6
-    explicit = resolve_preset("default", batch_size=256, encoder_units=[8, 2], early_stopping_patience=7).sized_for(rows=240, features=64)
-    assert (explicit.encoder_units, explicit.decoder_units, explicit.batch_size, explicit.early_stopping_patience) == ([8, 2], [8], 256, 7)
+    explicit = resolve_preset("default", batch_size=256, encoder_units=[8, 2], early_stopping_patience=7).sized_for(
+        rows=240, features=64
+    )
+    assert (explicit.encoder_units, explicit.decoder_units, explicit.batch_size, explicit.early_stopping_patience) == (
+        [8, 2],
+        [8],
+        256,
+        7,
+    )
     assert resolve_preset("seed").sized_for(rows=240, features=64) == resolve_preset("seed")
 
 
@@ -70,7 +93,10 @@ def test_fix_threshold_refuses_a_zero_threshold(errors):
 
 def test_fix_threshold_refuses_only_rows_too_few_to_estimate_the_percentile():
     assert (min_holdout_rows(98.0), min_holdout_rows(95.0), min_holdout_rows(99.9)) == (50, 20, 1000)
-    with pytest.raises(TrainingDataError, match="only 49 held-out normal rows; the 98th percentile cannot be estimated from fewer than 50"):
+    with pytest.raises(
+        TrainingDataError,
+        match="only 49 held-out normal rows; the 98th percentile cannot be estimated from fewer than 50",
+    ):
         fix_threshold(np.linspace(1.0, 2.0, 49), 98.0)
     assert fix_threshold(np.linspace(1.0, 2.0, 50), 98.0) > 1.9
 
@@ -83,7 +109,11 @@ def test_an_uncertain_threshold_is_called_so_with_its_range_and_the_rows_that_wo
     warning = threshold_warning(few, 98.0)
     low, high = exceedance_range(260, 98.0)
     assert low < 0.01 and high > 0.04
-    assert "rests on 260 held-out normal rows" in warning and f"{low:.2%} and {high:.2%}" in warning and str(comfortable) in warning
+    assert (
+        "rests on 260 held-out normal rows" in warning
+        and f"{low:.2%} and {high:.2%}" in warning
+        and str(comfortable) in warning
+    )
     assert threshold_warning(threshold_uncertainty(np.random.default_rng(0).random(5000), 98.0), 98.0) is None
 
 
@@ -120,14 +150,21 @@ def test_whitening_decorrelates_features_keeps_each_one_and_damps_exact_combinat
     mean, std = standardisation(features)
     standardised = (features - mean) / std
     whitened = standardised @ whitening_matrix(features, floor)
-    before, after = np.corrcoef(standardised[:, :2], rowvar=False)[0, 1], np.corrcoef(whitened[:, :2], rowvar=False)[0, 1]
+    before, after = (
+        np.corrcoef(standardised[:, :2], rowvar=False)[0, 1],
+        np.corrcoef(whitened[:, :2], rowvar=False)[0, 1],
+    )
     assert before > 0.75 and abs(after) < before / 3, "features that move together are decorrelated"
-    assert all(np.corrcoef(standardised[:, j], whitened[:, j])[0, 1] > 0.9 for j in range(3)), "each output stays closest to its own feature"
+    assert all(np.corrcoef(standardised[:, j], whitened[:, j])[0, 1] > 0.9 for j in range(3)), (
+        "each output stays closest to its own feature"
+    )
     assert np.all(whitened[:, 3] == 0.0), "a constant feature stays centred"
 
     with_combination = np.column_stack([features, 2.0 * features[:, 0] - features[:, 1]])
     matrix = whitening_matrix(with_combination, floor)
-    assert np.isfinite(matrix).all() and np.abs(matrix).max() <= 1.0 / np.sqrt(floor), "an exact combination is damped, not inverted"
+    assert np.isfinite(matrix).all() and np.abs(matrix).max() <= 1.0 / np.sqrt(floor), (
+        "an exact combination is damped, not inverted"
+    )
     mean, std = standardisation(with_combination)
     assert ((with_combination - mean) / std @ matrix).std(axis=0).max() <= 1.0
 
@@ -145,7 +182,12 @@ def test_exact_linear_dependencies_are_counted_and_decide_auto_decorrelation():
     config = resolve_preset("default")
     assert config.sized_for(rows=500, features=8, linear_dependencies=2).decorrelate_inputs is True
     assert config.sized_for(rows=500, features=21, linear_dependencies=1).decorrelate_inputs is False
-    assert resolve_preset("default", decorrelate_inputs=False).sized_for(rows=500, features=8, linear_dependencies=2).decorrelate_inputs is False
+    assert (
+        resolve_preset("default", decorrelate_inputs=False)
+        .sized_for(rows=500, features=8, linear_dependencies=2)
+        .decorrelate_inputs
+        is False
+    )
 
 
 def test_every_preset_name_the_flows_offer_has_a_recipe():

@@ -38,7 +38,9 @@ def _night(root) -> int:
 
 def _tables(root, kind):
     table = pq.read_table(Workspace.at(root).output_partition(kind, RUN_DATE))
-    return table.select([c for c in table.column_names if c not in VOLATILE]).sort_by([("batch", "ascending"), ("row_id", "ascending")])
+    return table.select([c for c in table.column_names if c not in VOLATILE]).sort_by(
+        [("batch", "ascending"), ("row_id", "ascending")]
+    )
 
 
 def _without(record: dict, *keys: str) -> dict:
@@ -47,7 +49,12 @@ def _without(record: dict, *keys: str) -> dict:
 
 def _record(ws: Workspace, batch: str) -> dict:
     """A batch's manifest record without what differs between two workspaces."""
-    return _without(json.loads((ws.state_dir / "scored" / f"date={RUN_DATE}" / f"{batch}.json").read_text()), "recorded_at", "source", "outputs")
+    return _without(
+        json.loads((ws.state_dir / "scored" / f"date={RUN_DATE}" / f"{batch}.json").read_text()),
+        "recorded_at",
+        "source",
+        "outputs",
+    )
 
 
 def test_two_dask_workers_score_a_night_exactly_as_one_process(harness, workspace_copy, tmp_path):
@@ -60,7 +67,13 @@ def test_two_dask_workers_score_a_night_exactly_as_one_process(harness, workspac
     alone = score_flow(workspace=str(single), run_date=RUN_DATE)
     # TensorFlow's float32 results can differ in the last digit with its number of threads; the workers
     # get as many as this process has, so that any difference would come from the units and their join.
-    spread = score_flow(workspace=str(on_dask), run_date=RUN_DATE, dask_workers=2, dask_threads_per_worker=cpu_threads(), rows_per_unit=20_000)
+    spread = score_flow(
+        workspace=str(on_dask),
+        run_date=RUN_DATE,
+        dask_workers=2,
+        dask_threads_per_worker=cpu_threads(),
+        rows_per_unit=20_000,
+    )
 
     assert alone["rows_read"] == spread["rows_read"] == rows
     for key in ("rows_scored", "rows_flagged", "rows_quarantined", "flag_rate", "batches_scored"):
@@ -77,9 +90,13 @@ def test_two_dask_workers_score_a_night_exactly_as_one_process(harness, workspac
         theirs = json.loads((ws_dask.output_partition("reports", RUN_DATE) / "batches" / f"{name}.json").read_text())
         assert _without(ours, "source") == _without(theirs, "source"), name
         assert _record(ws_single, name) == _record(ws_dask, name), name
-    run = lambda ws: _without(json.loads((ws.output_partition("reports", RUN_DATE) / "run-report.json").read_text()), "images")  # noqa: E731
+    run = lambda ws: _without(  # noqa: E731
+        json.loads((ws.output_partition("reports", RUN_DATE) / "run-report.json").read_text()), "images"
+    )
     assert run(ws_single) == run(ws_dask)
-    assert not (ws_dask.state_dir / "parts" / f"date={RUN_DATE}").exists() or not any((ws_dask.state_dir / "parts" / f"date={RUN_DATE}").iterdir())
+    assert not (ws_dask.state_dir / "parts" / f"date={RUN_DATE}").exists() or not any(
+        (ws_dask.state_dir / "parts" / f"date={RUN_DATE}").iterdir()
+    )
 
     again = score_flow(workspace=str(on_dask), run_date=RUN_DATE, dask_workers=2, rows_per_unit=20_000)
     assert again["batches_skipped"] == 4 and again["rows_scored"] == rows - 3
@@ -117,7 +134,17 @@ def faulty_cluster(tmp_path_factory):
 
     faults = tmp_path_factory.mktemp("dask-faults")
     preload = str(Path(__file__).with_name("dask_faults.py"))
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env={"DASK_FAULTS_DIR": str(faults)}, preload=[preload]) as cluster:
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 1}),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={"DASK_FAULTS_DIR": str(faults)},
+            preload=[preload],
+        ) as cluster,
+    ):
         yield cluster.scheduler_address, faults
 
 
@@ -130,7 +157,9 @@ def _every_row_once(root, rows: int) -> None:
 
 
 @pytest.mark.parametrize("fault", ["exit", "oserror", "merge-oserror", "merge-exit"])
-def test_a_lost_worker_or_a_failing_unit_or_merge_is_retried_on_dask(harness, workspace_copy, faulty_cluster, fault, monkeypatch):
+def test_a_lost_worker_or_a_failing_unit_or_merge_is_retried_on_dask(
+    harness, workspace_copy, faulty_cluster, fault, monkeypatch
+):
     from flows.score import DASK_ADDRESS_ENV, score_flow
 
     address, faults = faulty_cluster
@@ -141,7 +170,9 @@ def test_a_lost_worker_or_a_failing_unit_or_merge_is_retried_on_dask(harness, wo
         monkeypatch.setenv(DASK_ADDRESS_ENV, address)
         outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, rows_per_unit=20_000)
     else:
-        outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE, dask_address=address, rows_per_unit=20_000)
+        outcome = score_flow(
+            workspace=str(workspace_copy), run_date=RUN_DATE, dask_address=address, rows_per_unit=20_000
+        )
 
     # A merge retried, or run again after its worker died, still has its units' part files.
     assert not (faults / fault).exists(), "the fault never struck"
@@ -150,7 +181,9 @@ def test_a_lost_worker_or_a_failing_unit_or_merge_is_retried_on_dask(harness, wo
     _every_row_once(workspace_copy, rows)
 
 
-def test_a_unit_that_keeps_killing_its_worker_fails_its_file_alone_and_a_rerun_completes_the_night(harness, workspace_copy, faulty_cluster):
+def test_a_unit_that_keeps_killing_its_worker_fails_its_file_alone_and_a_rerun_completes_the_night(
+    harness, workspace_copy, faulty_cluster
+):
     from flows.score import BatchesFailedError, score_flow
 
     address, faults = faulty_cluster
@@ -166,7 +199,11 @@ def test_a_unit_that_keeps_killing_its_worker_fails_its_file_alone_and_a_rerun_c
     assert outcome["batches_scored"] == 3 and [f["batch"] for f in outcome["failed"]] == ["part-1"]
     assert outcome["failed"][0]["code"] == "KilledWorker" and "workers died" in outcome["failed"][0]["error"]
     ws = Workspace.at(workspace_copy)
-    assert sorted(p.stem for p in (ws.state_dir / "scored" / f"date={RUN_DATE}").glob("*.json")) == ["part-0", "part-2", "small"]
+    assert sorted(p.stem for p in (ws.state_dir / "scored" / f"date={RUN_DATE}").glob("*.json")) == [
+        "part-0",
+        "part-2",
+        "small",
+    ]
     assert "part-1" not in set(_tables(workspace_copy, "scores")["batch"].to_pylist())
     assert (ws.output_partition("rejected", RUN_DATE) / "part-1.json").exists()
 
@@ -184,8 +221,24 @@ def test_the_command_line_scores_on_local_dask_workers_that_report_to_its_own_se
     rows = _night(workspace_copy)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "score", "--workspace", str(workspace_copy), "--run-date", RUN_DATE.isoformat(), "--dask-workers", "2", "--rows-per-unit", "20000"],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "score",
+            "--workspace",
+            str(workspace_copy),
+            "--run-date",
+            RUN_DATE.isoformat(),
+            "--dask-workers",
+            "2",
+            "--rows-per-unit",
+            "20000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])

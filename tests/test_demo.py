@@ -1,4 +1,4 @@
-"""The product's bar on the tutorial's own dataset: the default preset works, the seed preset reproduces the tutorial."""
+"""The product's bar on the tutorial's dataset: the default preset works, the seed preset reproduces the tutorial."""
 
 from __future__ import annotations
 
@@ -29,8 +29,11 @@ def test_demo_meets_the_bar_and_the_seed_preset_reproduces_the_tutorial(tmp_path
     assert demo["roc_auc"] >= 0.74
     assert demo["flag_rate"] == pytest.approx(0.02, abs=0.01)
 
-    # In a workspace that already holds a good model, the seed demo scores with the seed model it trains, promoted or not.
-    seed = _anomaly("demo", "--preset", "seed", "--run-date", "2026-11-27", workspace=tmp_path, home=tmp_path / "prefect")
+    # In a workspace that already holds a good model, the seed demo scores with the seed model it
+    # trains, promoted or not.
+    seed = _anomaly(
+        "demo", "--preset", "seed", "--run-date", "2026-11-27", workspace=tmp_path, home=tmp_path / "prefect"
+    )
     assert seed["promoted"] is False and seed["promotion_refused"]
     assert seed["model_version"] != demo["model_version"]
     assert seed["recall"] < 0.1

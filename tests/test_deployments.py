@@ -76,7 +76,10 @@ def test_deployments_are_registered_as_prefect_yaml_declares(prefect_stack):
         [schedule] = deployment.schedules
         [declared_schedule] = spec["schedules"]
         assert schedule.active is True
-        assert (schedule.schedule.cron, schedule.schedule.timezone) == (declared_schedule["cron"], declared_schedule["timezone"])
+        assert (schedule.schedule.cron, schedule.schedule.timezone) == (
+            declared_schedule["cron"],
+            declared_schedule["timezone"],
+        )
         assert deployment.parameters["workspace"] == "./workspace"
 
     retraining, scoring = _deployment(prefect_stack, RETRAINING), _deployment(prefect_stack, SCORING)
@@ -144,7 +147,11 @@ def test_a_scoring_run_writes_flagged_rows_and_reports(prefect_stack, retrained,
     flagged_files = sorted(ws.output_partition("flagged", FIRST_NIGHT).glob("*.parquet"))
     assert [f.name for f in flagged_files] == ["part-0.parquet", "part-1.parquet"]
     flagged = pd.read_parquet(ws.output_partition("flagged", FIRST_NIGHT))
-    assert len(flagged) > 0 and flagged["is_anomaly"].all() and (flagged["reconstruction_error"] > flagged["threshold"]).all()
+    assert (
+        len(flagged) > 0
+        and flagged["is_anomaly"].all()
+        and (flagged["reconstruction_error"] > flagged["threshold"]).all()
+    )
     report = json.loads((ws.output_partition("reports", FIRST_NIGHT) / "run-report.json").read_text())
     assert report["rows_scored"] == nights[FIRST_NIGHT] and report["rows_flagged"] == len(flagged)
     assert len(pd.read_parquet(ws.output_partition("scores", FIRST_NIGHT))) == nights[FIRST_NIGHT]
@@ -169,7 +176,9 @@ def test_two_runs_of_a_night_at_once_run_one_after_the_other_and_write_once(pref
     scored_at = {as_utc(t.to_pydatetime()) for t in flagged["scored_at"]}
     assert len(scored_at) == 1
     assert as_utc(first.start_time) <= scored_at.pop() <= as_utc(first.end_time)
-    outputs = list(ws.output_partition("flagged", SECOND_NIGHT).glob("*.parquet")) + list(ws.output_partition("scores", SECOND_NIGHT).glob("*.parquet"))
+    outputs = list(ws.output_partition("flagged", SECOND_NIGHT).glob("*.parquet")) + list(
+        ws.output_partition("scores", SECOND_NIGHT).glob("*.parquet")
+    )
     assert len(outputs) == 4
     assert all(dt.datetime.fromtimestamp(p.stat().st_mtime, tz=dt.UTC) < as_utc(second.start_time) for p in outputs)
 
@@ -189,7 +198,14 @@ def test_make_serve_applied_the_automations_once_each_with_a_26_hour_proactive_t
     assert f"notifications: webhook block {WEBHOOK_BLOCK}" in prefect_stack.serve_output
     # Applying again (the documented command against a running server) updates them in place.
     env = {**prefect_stack.env, "PREFECT_API_URL": prefect_stack.api_url}
-    again = subprocess.run([str(REPO / ".venv" / "bin" / "anomaly"), "alerts"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "anomaly"), "alerts"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr
     assert [a["action"] for a in json.loads(again.stdout.splitlines()[-1])["automations"]] == ["updated"] * 3
     with prefect_stack.client() as client:
@@ -201,7 +217,11 @@ def test_make_serve_applied_the_automations_once_each_with_a_26_hour_proactive_t
     assert missing.trigger.expect == {"prefect.flow-run.Completed"}
     assert missing.trigger.match_related.model_dump()["prefect.resource.name"] == ["nightly-scoring"]
     for [automation] in found.values():
-        assert automation.enabled and isinstance(automation.actions[0], SendNotification) and automation.actions[0].block_document_id == block.id
+        assert (
+            automation.enabled
+            and isinstance(automation.actions[0], SendNotification)
+            and automation.actions[0].block_document_id == block.id
+        )
 
 
 def test_a_shifted_night_and_a_corrupt_night_reach_the_webhook(prefect_stack, retrained, workspace):
@@ -215,28 +235,45 @@ def test_a_shifted_night_and_a_corrupt_night_reach_the_webhook(prefect_stack, re
     ws.incoming_for(FAILED_NIGHT).mkdir(parents=True)
     (ws.incoming_for(FAILED_NIGHT) / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file")
 
-    alarm_id = prefect_stack.run_deployment(SCORING, {"workspace": str(root), "run_date": ALARM_NIGHT.isoformat(), "catch_up_days": 0})
-    failed_id = prefect_stack.run_deployment(SCORING, {"workspace": str(root), "run_date": FAILED_NIGHT.isoformat(), "catch_up_days": 0})
+    alarm_id = prefect_stack.run_deployment(
+        SCORING, {"workspace": str(root), "run_date": ALARM_NIGHT.isoformat(), "catch_up_days": 0}
+    )
+    failed_id = prefect_stack.run_deployment(
+        SCORING, {"workspace": str(root), "run_date": FAILED_NIGHT.isoformat(), "catch_up_days": 0}
+    )
     alarm_run, failed_run = prefect_stack.wait_until_final(alarm_id, failed_id)
     assert alarm_run.state.is_completed() and failed_run.state.is_failed(), (alarm_run.state, failed_run.state)
 
     report = json.loads((ws.output_partition("reports", ALARM_NIGHT) / "run-report.json").read_text())
     assert report["alarm"] and "input_drift:f00" in report["alarm_reasons"]
-    assert report["drift"]["drifted_features"][0] == "f00" and (ws.output_partition("reports", ALARM_NIGHT) / "run-report-drift.png").stat().st_size > 5_000
+    assert (
+        report["drift"]["drifted_features"][0] == "f00"
+        and (ws.output_partition("reports", ALARM_NIGHT) / "run-report-drift.png").stat().st_size > 5_000
+    )
 
     alarm = prefect_stack.alerts.wait_for(lambda text: f"Anomaly alarm for {ALARM_NIGHT}" in text)
     assert "input_drift:f00" in alarm and f"/runs/flow-run/{alarm_id}" in alarm
     failure = prefect_stack.alerts.wait_for(lambda text: f"score-{FAILED_NIGHT}" in text and "Failed" in text)
-    assert f"Date: {FAILED_NIGHT}" in failure and f"/runs/flow-run/{failed_id}" in failure and "corrupt.parquet" in failure
+    assert (
+        f"Date: {FAILED_NIGHT}" in failure and f"/runs/flow-run/{failed_id}" in failure and "corrupt.parquet" in failure
+    )
 
     # The events behind them name the workspace and the date; retraining announced its promotion.
-    wanted = {("anomaly.night.scored", FAILED_NIGHT.isoformat()), ("anomaly.night.alarm", FAILED_NIGHT.isoformat()), ("anomaly.night.alarm", ALARM_NIGHT.isoformat())}
+    wanted = {
+        ("anomaly.night.scored", FAILED_NIGHT.isoformat()),
+        ("anomaly.night.alarm", FAILED_NIGHT.isoformat()),
+        ("anomaly.night.alarm", ALARM_NIGHT.isoformat()),
+    }
     # Automations see an event as it arrives; the events API lists it once the server has stored it, a little later.
     deadline = time.monotonic() + 60
     while True:
         with prefect_stack.client() as client:
-            events = client._client.post("/events/filter", json={"filter": {"event": {"prefix": ["anomaly."]}}, "limit": 50}).json()["events"]
-        nights = {(e["event"], e["resource"]["anomaly.date"]): e for e in events if e["event"].startswith("anomaly.night.")}
+            events = client._client.post(
+                "/events/filter", json={"filter": {"event": {"prefix": ["anomaly."]}}, "limit": 50}
+            ).json()["events"]
+        nights = {
+            (e["event"], e["resource"]["anomaly.date"]): e for e in events if e["event"].startswith("anomaly.night.")
+        }
         if wanted <= set(nights) or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -256,13 +293,21 @@ def test_the_evaluation_deployment_joins_later_labels_to_the_scored_nights(prefe
     # Labels of the first night's rows arrive later, in the labels/ folder.
     _, labels = make_tutorial_data(n_samples=8000, random_state=5)
     (ws.root / "labels").mkdir(exist_ok=True)
-    pq.write_table(pa.table({"row_id": np.arange(6000, 7000), "label": labels[6000:7000]}), ws.root / "labels" / "reviews.parquet")
+    pq.write_table(
+        pa.table({"row_id": np.arange(6000, 7000), "label": labels[6000:7000]}), ws.root / "labels" / "reviews.parquet"
+    )
 
-    run_id = prefect_stack.run_deployment(EVALUATION, {"workspace": str(root), "end_date": SECOND_NIGHT.isoformat(), "window_days": 7})
+    run_id = prefect_stack.run_deployment(
+        EVALUATION, {"workspace": str(root), "end_date": SECOND_NIGHT.isoformat(), "window_days": 7}
+    )
     [run] = prefect_stack.wait_for(run_id)
     first = pq.read_table(ws.output_partition("evaluation", FIRST_NIGHT)).to_pylist()
     [row] = first
-    assert row["rows_scored"] == nights[FIRST_NIGHT] and row["rows_labelled"] == nights[FIRST_NIGHT] and row["recall_known"]
+    assert (
+        row["rows_scored"] == nights[FIRST_NIGHT]
+        and row["rows_labelled"] == nights[FIRST_NIGHT]
+        and row["recall_known"]
+    )
     assert 0 < row["precision"] <= 1 and 0 < row["recall"] <= 1 and row["roc_auc"] > 0.5
     assert (ws.outputs_dir / "reports" / "evaluation-trend" / "evaluation-trend.png").stat().st_size > 5_000
     with prefect_stack.client() as client:

@@ -25,7 +25,13 @@ from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_r
 
 def _score_night(ws, loaded, table: pa.Table, name: str) -> dict:
     source = write_rows(table, ws.incoming_for(RUN_DATE) / f"{name}.parquet")
-    result = score_file(loaded, source, name, batch_outputs(ws, RUN_DATE, name), ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0))
+    result = score_file(
+        loaded,
+        source,
+        name,
+        batch_outputs(ws, RUN_DATE, name),
+        ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0),
+    )
     return with_drift(result.summary, loaded.metadata)
 
 
@@ -50,7 +56,11 @@ def test_twenty_large_normal_nights_raise_no_drift_and_a_half_sd_shift_is_named(
         assert not drift["drifted_features"], (night, drift["features"][:2])
         assert not drift["score"]["drifted"], (night, drift["score"])
         assert not [r for r in alarm_reasons(summary, 0) if not r.startswith("flag_rate")]
-        worst = max(worst, drift["features"][0]["psi"] / drift["features"][0]["cutoff"], drift["score"]["psi"] / drift["score"]["cutoff"])
+        worst = max(
+            worst,
+            drift["features"][0]["psi"] / drift["features"][0]["cutoff"],
+            drift["score"]["psi"] / drift["score"]["cutoff"],
+        )
     # Not merely below the cut-off: normal nights stay far from it.
     assert worst < 0.5
 
@@ -95,7 +105,9 @@ def test_feature_bins_count_what_the_reference_counts_and_merge() -> None:
     parts.merge(FeatureBins.from_counts(reference, _counted(reference, train[2_000:4_000])))
     assert (whole.counts == parts.counts).all()
     assert whole.counts.sum() == 3 * 4_000
-    assert (whole.counts == np.asarray(reference["features"]["counts"]) - np.asarray(_counted(reference, train[4_000:]))).all()
+    assert (
+        whole.counts == np.asarray(reference["features"]["counts"]) - np.asarray(_counted(reference, train[4_000:]))
+    ).all()
 
 
 def _counted(reference: dict, rows: np.ndarray) -> list[list[int]]:

@@ -1,4 +1,7 @@
-"""The streaming error summary: exact counts, quantiles and AUCs within the stated bounds of scikit-learn's, labels left out when missing."""
+"""The streaming error summary: exact counts, quantiles and AUCs within the stated bounds of scikit-learn's.
+
+Labels are left out when missing.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +40,12 @@ def test_streamed_aucs_and_quantiles_match_scikit_learn_within_the_stated_bounds
     # Counts against the threshold are exact.
     flagged = errors > threshold
     (tn, fp), (fn, tp) = summary["labels"]["confusion_matrix"]["rows_true_columns_predicted"]
-    assert (tn, fp, fn, tp) == (int((~truth & ~flagged).sum()), int((~truth & flagged).sum()), int((truth & ~flagged).sum()), int((truth & flagged).sum()))
+    assert (tn, fp, fn, tp) == (
+        int((~truth & ~flagged).sum()),
+        int((~truth & flagged).sum()),
+        int((truth & ~flagged).sum()),
+        int((truth & flagged).sum()),
+    )
     assert summary["rows_flagged"] == int(flagged.sum())
 
 
@@ -65,7 +73,9 @@ def test_unlabelled_rows_count_apart_and_stay_out_of_every_metric():
     distribution.add(errors, classes)
     summary = summarize(distribution, 98.0)
     labelled = classes != UNLABELLED
-    assert summary["rows_unlabelled"] == 5_000 and summary["rows_labelled"] == 15_000 and summary["rows_scored"] == 20_000
+    assert (
+        summary["rows_unlabelled"] == 5_000 and summary["rows_labelled"] == 15_000 and summary["rows_scored"] == 20_000
+    )
     assert sum(map(sum, summary["labels"]["confusion_matrix"]["rows_true_columns_predicted"])) == 15_000
     assert abs(summary["labels"]["roc_auc"] - roc_auc_score(classes[labelled] == ANOMALY, errors[labelled])) <= 0.001
 
@@ -79,7 +89,12 @@ def test_a_batch_without_labels_has_no_label_metrics():
 
 def test_label_classes_treat_null_and_nan_as_unlabelled_whatever_the_column_type():
     assert label_classes(pa.array([0, 1, None, 2]), "0").tolist() == [NORMAL, ANOMALY, UNLABELLED, ANOMALY]
-    assert label_classes(pa.array([0.0, 1.0, float("nan"), None]), "0").tolist() == [NORMAL, ANOMALY, UNLABELLED, UNLABELLED]
+    assert label_classes(pa.array([0.0, 1.0, float("nan"), None]), "0").tolist() == [
+        NORMAL,
+        ANOMALY,
+        UNLABELLED,
+        UNLABELLED,
+    ]
     assert label_classes(pa.array(["ok", "fraud", None]), "ok").tolist() == [NORMAL, ANOMALY, UNLABELLED]
 
 

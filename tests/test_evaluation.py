@@ -39,7 +39,9 @@ def _evaluate(ws) -> dict[dt.date, dict]:
     out = {}
     for night in NIGHTS:
         [row] = pq.read_table(ws.output_partition("evaluation", night) / "evaluation.parquet").to_pylist()
-        assert json.loads((ws.output_partition("evaluation", night) / "_evaluation.json").read_text())["by_model_version"] == [row]
+        assert json.loads((ws.output_partition("evaluation", night) / "_evaluation.json").read_text())[
+            "by_model_version"
+        ] == [row]
         out[night] = row
     return out
 
@@ -69,13 +71,21 @@ def test_later_labels_give_the_realised_quality_of_each_night_and_more_labels_re
         score_file(loaded, source, "batch", batch_outputs(ws, night, "batch"), ScoringOptions(scored_at=SCORED_AT))
         scores[night] = pd.read_parquet(ws.output_partition("scores", night))
     first, second, third = NIGHTS
-    flagged_second = truth[second][truth[second]["row_id"].isin(scores[second].loc[scores[second]["is_anomaly"], "row_id"])]
+    flagged_second = truth[second][
+        truth[second]["row_id"].isin(scores[second].loc[scores[second]["is_anomaly"], "row_id"])
+    ]
 
     # Night 1 fully labelled, in two files: a first pass marks every row normal, a later review (newer
     # labelled_at, older file) corrects the anomalies, so the latest labelled_at must win over the file order.
     review_time = pd.Timestamp("2026-11-25T10:00:00Z")
-    wrong = truth[first].assign(label=0, labelled_at=pd.Timestamp("2026-11-23T10:00:00Z"))[["row_id", "label", "labelled_at"]]
-    review = truth[first].loc[truth[first]["truth"] == 1].assign(label=1, labelled_at=review_time)[["row_id", "label", "labelled_at"]]
+    wrong = truth[first].assign(label=0, labelled_at=pd.Timestamp("2026-11-23T10:00:00Z"))[
+        ["row_id", "label", "labelled_at"]
+    ]
+    review = (
+        truth[first]
+        .loc[truth[first]["truth"] == 1]
+        .assign(label=1, labelled_at=review_time)[["row_id", "label", "labelled_at"]]
+    )
     _label_file(ws, "a-review.parquet", review, mtime=1_000)
     _label_file(ws, "b-first-pass.parquet", wrong, mtime=2_000)
     # Night 2: only the flagged rows are labelled (as a reviewer confirms alerts). Night 3: no labels.
@@ -92,10 +102,22 @@ def test_later_labels_give_the_realised_quality_of_each_night_and_more_labels_re
 
     got = result[second]
     assert got["rows_labelled"] == len(flagged_second) and got["label_coverage_unflagged"] == 0.0
-    assert got["precision"] == pytest.approx(precision_score(flagged_second["truth"] == 1, np.ones(len(flagged_second), bool)))
-    assert (got["recall"], got["f1"], got["roc_auc"], got["pr_auc"], got["recall_known"]) == (None, None, None, None, False)
+    assert got["precision"] == pytest.approx(
+        precision_score(flagged_second["truth"] == 1, np.ones(len(flagged_second), bool))
+    )
+    assert (got["recall"], got["f1"], got["roc_auc"], got["pr_auc"], got["recall_known"]) == (
+        None,
+        None,
+        None,
+        None,
+        False,
+    )
     assert RECALL_UNKNOWN in got["note"]
-    assert result[third]["rows_labelled"] == 0 and result[third]["precision"] is None and "no labels yet" in result[third]["note"]
+    assert (
+        result[third]["rows_labelled"] == 0
+        and result[third]["precision"] is None
+        and "no labels yet" in result[third]["note"]
+    )
 
     # The rest of night 2 is labelled later: evaluating again replaces its figures.
     _label_file(ws, "d-rest.parquet", truth[second].rename(columns={"truth": "label"}), mtime=4_000)
@@ -105,7 +127,9 @@ def test_later_labels_give_the_realised_quality_of_each_night_and_more_labels_re
     assert len(pq.read_table(ws.output_partition("evaluation", second))) == 1
     # The whole evaluation history reads as one Hive-partitioned dataset, one row per date and model.
     history = pd.read_parquet(ws.outputs_dir / "evaluation")
-    assert len(history) == 3 and sorted(history["date"].astype(str)) == sorted(history["scored_date"]) == [n.isoformat() for n in NIGHTS]
+    assert len(history) == 3 and sorted(history["date"].astype(str)) == sorted(history["scored_date"]) == [
+        n.isoformat() for n in NIGHTS
+    ]
 
 
 def test_a_label_file_without_its_label_column_is_refused_naming_file_and_column(tmp_path: Path) -> None:
@@ -122,7 +146,9 @@ def test_a_label_file_without_its_label_column_is_refused_naming_file_and_column
     assert good.exists()
 
 
-def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_those_confirmed_anomalous(tmp_path: Path) -> None:
+def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_those_confirmed_anomalous(
+    tmp_path: Path,
+) -> None:
     from data.workspace import Workspace
     from models.training.label_history import label_history_for_training
     from models.training.retraining import split_training_data
@@ -139,17 +165,33 @@ def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_thos
     # Yesterday is fully labelled, the day before only its first 100 rows; the night 40 days ago is outside the window.
     _label_file(ws, "labels.parquet", pd.concat([labels[0], labels[1].iloc[:100], labels[2]]), mtime=1_000)
 
-    history = label_history_for_training(str(ws.root), str(ws.training_dir), LabelRule("label", "0"), today, 30, ["row_id"], tmp_path / "work")
+    history = label_history_for_training(
+        str(ws.root), str(ws.training_dir), LabelRule("label", "0"), today, 30, ["row_id"], tmp_path / "work"
+    )
     expected = pd.concat([labels[0], labels[1].iloc[:100]])
     assert history["rows_confirmed_normal"] == int((expected["label"] == 0).sum())
     assert history["rows_confirmed_anomalous"] == int((expected["label"] == 1).sum())
     assert [n["date"] for n in history["by_night"]] == sorted(n.isoformat() for n in list(nights)[:2])
 
     plain = split_training_data(str(ws.training_dir), tmp_path / "plain", LabelRule("label", "0", False), 0.2, 98.0, 1)
-    split = split_training_data(str(ws.training_dir), tmp_path / "staged", LabelRule("label", "0", False), 0.2, 98.0, 1, label_history=history["path"])
-    assert split["rows_train"] + split["rows_holdout_normal"] == plain["rows_train"] + plain["rows_holdout_normal"] + history["rows_confirmed_normal"]
+    split = split_training_data(
+        str(ws.training_dir),
+        tmp_path / "staged",
+        LabelRule("label", "0", False),
+        0.2,
+        98.0,
+        1,
+        label_history=history["path"],
+    )
+    assert (
+        split["rows_train"] + split["rows_holdout_normal"]
+        == plain["rows_train"] + plain["rows_holdout_normal"] + history["rows_confirmed_normal"]
+    )
     assert split["rows_holdout_anomalies"] == plain["rows_holdout_anomalies"] + history["rows_confirmed_anomalous"]
-    assert (split["rows_label_history_normal"], split["rows_label_history_anomalies"]) == (history["rows_confirmed_normal"], history["rows_confirmed_anomalous"])
+    assert (split["rows_label_history_normal"], split["rows_label_history_anomalies"]) == (
+        history["rows_confirmed_normal"],
+        history["rows_confirmed_anomalous"],
+    )
     # No row a label calls anomalous is trained on.
     confirmed_anomalous = pq.read_table(history["path"]).to_pandas().query("label != '0'")["f0"]
     assert not set(pq.read_table(split["train_path"]).column("f0").to_pylist()) & set(confirmed_anomalous)
@@ -160,10 +202,23 @@ def test_labels_match_rows_whose_ids_were_written_with_another_type(tmp_path: Pa
 
     ws = Workspace.at(tmp_path)
     night = NIGHTS[0]
-    scores = pa.table({"row_id": np.arange(100), "reconstruction_error": np.linspace(0, 1, 100), "is_anomaly": np.arange(100) >= 90, "model_version": ["v1"] * 100, "batch": ["b"] * 100})
+    scores = pa.table(
+        {
+            "row_id": np.arange(100),
+            "reconstruction_error": np.linspace(0, 1, 100),
+            "is_anomaly": np.arange(100) >= 90,
+            "model_version": ["v1"] * 100,
+            "batch": ["b"] * 100,
+        }
+    )
     write_rows(scores, ws.output_partition("scores", night) / "b.parquet")
     # The reviewers' export holds the ids as text.
-    _label_file(ws, "export.parquet", pd.DataFrame({"row_id": [str(i) for i in range(100)], "label": ["1" if i >= 95 else "0" for i in range(100)]}), mtime=1_000)
+    _label_file(
+        ws,
+        "export.parquet",
+        pd.DataFrame({"row_id": [str(i) for i in range(100)], "label": ["1" if i >= 95 else "0" for i in range(100)]}),
+        mtime=1_000,
+    )
     staged = tmp_path / "staged.parquet"
     stage_labels(ws, ["row_id"], "label", "0", staged)
     [row] = evaluate_dates(str(ws.root), [night], ["row_id"], str(staged))

@@ -43,7 +43,9 @@ def _night(root, rows, n_files=3):
     folder = Workspace.at(root).incoming_for(RUN_DATE)
     for i, part in enumerate(np.array_split(np.flatnonzero(normal), n_files)):
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(rows_table(features[part], labels[part], ids[part]), folder / f"part-{i}.parquet", row_group_size=500)
+        pq.write_table(
+            rows_table(features[part], labels[part], ids[part]), folder / f"part-{i}.parquet", row_group_size=500
+        )
     return int(normal.sum())
 
 
@@ -56,7 +58,13 @@ def test_retraining_writes_a_promoted_bundle_and_its_report(retrained):
     assert bundle["threshold"]["value"] == result["threshold"] and bundle["threshold"]["percentile"] == 98.0
     assert bundle["threshold"]["rows"] == result["validation_rows"] > 0
     assert bundle["preset"] == "default" and bundle["config"]["epochs"] == 6 and bundle["seed"] == 7
-    for name in ("training-report.json", "training-report.md", "loss-curves.png", "holdout-error-histogram.png", "holdout-evaluation.json"):
+    for name in (
+        "training-report.json",
+        "training-report.md",
+        "loss-curves.png",
+        "holdout-error-histogram.png",
+        "holdout-evaluation.json",
+    ):
         assert (version_dir / "report" / name).stat().st_size > 0, name
     report = json.loads((version_dir / "report" / "training-report.json").read_text())
     # Fixed on one half of the held-out normal rows, the threshold flags about 2% of the other half.
@@ -81,9 +89,23 @@ def test_scoring_a_night_writes_outputs_reports_and_skips_on_rerun(retrained, tm
     assert outcome["flag_rate"] == pytest.approx(0.02, abs=0.01)
     flagged = pd.read_parquet(ws.outputs_dir / "flagged")
     assert len(flagged) == outcome["rows_flagged"]
-    assert {"row_id", "f00", "label", "reconstruction_error", "threshold", "is_anomaly", "model_version", "batch", "scored_at", "date"} <= set(flagged.columns)
+    assert {
+        "row_id",
+        "f00",
+        "label",
+        "reconstruction_error",
+        "threshold",
+        "is_anomaly",
+        "model_version",
+        "batch",
+        "scored_at",
+        "date",
+    } <= set(flagged.columns)
     assert flagged["is_anomaly"].all() and (flagged["reconstruction_error"] > flagged["threshold"]).all()
-    count, versions = duckdb.sql(f"select count(*), count(distinct model_version) from read_parquet('{ws.outputs_dir}/flagged/**/*.parquet', hive_partitioning=true)").fetchall()[0]
+    count, versions = duckdb.sql(
+        f"select count(*), count(distinct model_version) from read_parquet('{ws.outputs_dir}/flagged/**/*.parquet', "
+        "hive_partitioning=true)"
+    ).fetchall()[0]
     assert (count, versions) == (outcome["rows_flagged"], 1)
     assert duckdb.sql(f"select count(*) from '{ws.outputs_dir}/scores/**/*.parquet'").fetchall()[0][0] == n_rows
 
@@ -117,7 +139,9 @@ def test_a_bad_file_fails_the_run_but_not_the_other_batches(retrained, tmp_path)
     ws = Workspace.at(root)
     bad = ws.incoming_for(RUN_DATE) / "broken.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(BatchesFailedError, match=r"1 of 3 batch\(es\) failed.*broken.parquet: not a readable Parquet file") as caught:
+    with pytest.raises(
+        BatchesFailedError, match=r"1 of 3 batch\(es\) failed.*broken.parquet: not a readable Parquet file"
+    ) as caught:
         score_flow(workspace=str(root), run_date=RUN_DATE)
     assert caught.value.outcome["rows_scored"] == n_rows
     assert not (ws.output_partition("flagged", RUN_DATE) / "broken.parquet").exists()
@@ -147,14 +171,22 @@ def test_retraining_refuses_too_few_normal_rows_and_keeps_the_current_model(retr
     small = root / "small.parquet"
     normal = np.flatnonzero(labels == 0)[:49]
     pq.write_table(rows_table(features[normal], labels[normal], ids[normal]), small)
-    with pytest.raises(TrainingDataError, match=r"small.parquet'?: 49 normal rows; the 98th percentile cannot be estimated from fewer than 50 normal rows.* at least 50 normal rows are needed"):
+    with pytest.raises(
+        TrainingDataError,
+        match=(
+            r"small.parquet'?: 49 normal rows; the 98th percentile cannot be estimated from fewer than 50 normal "
+            r"rows.* at least 50 normal rows are needed"
+        ),
+    ):
         retrain_flow(workspace=str(root), training_data=str(small))
     ws = Workspace.at(root)
     assert json.loads((ws.models_dir / "current.json").read_text())["model_version"] == result["model_version"]
     assert not list(ws.models_dir.glob("*.partial"))
 
 
-def test_retraining_on_a_few_hundred_rows_trains_on_all_of_them_and_says_how_unsure_its_threshold_is(retrained, tmp_path):
+def test_retraining_on_a_few_hundred_rows_trains_on_all_of_them_and_says_how_unsure_its_threshold_is(
+    retrained, tmp_path
+):
     from flows.retrain import retrain_flow
 
     base, _, rows = retrained
@@ -166,13 +198,27 @@ def test_retraining_on_a_few_hundred_rows_trains_on_all_of_them_and_says_how_uns
     pq.write_table(rows_table(features[normal], labels[normal], ids[normal]), small)
     outcome = retrain_flow(workspace=str(root), training_data=str(small), promote=False)
     # A 20% hold-out would fix the threshold on 60 rows and train on 240: cross-fitting uses all 300 for both.
-    assert (outcome["training_rows"], outcome["validation_rows"], outcome["threshold_scheme"]) == (300, 300, "cross_fit")
-    assert outcome["threshold_warning"].startswith("the threshold rests on 300 normal rows scored out of fold: normal rows will exceed it at a rate anywhere between")
+    assert (outcome["training_rows"], outcome["validation_rows"], outcome["threshold_scheme"]) == (
+        300,
+        300,
+        "cross_fit",
+    )
+    assert outcome["threshold_warning"].startswith(
+        "the threshold rests on 300 normal rows scored out of fold: normal rows will exceed it at a rate anywhere "
+        "between"
+    )
     version_dir = Workspace.at(root).version_dir(outcome["model_version"])
     bundle = json.loads((version_dir / "bundle.json").read_text())
     assert bundle["threshold"]["warning"] == outcome["threshold_warning"]
-    assert (bundle["threshold"]["scheme"], bundle["threshold"]["folds"], bundle["threshold"]["rows"]) == ("cross_fit", 5, 300)
-    assert json.loads((version_dir / "report" / "training-report.json").read_text())["threshold"]["warning"] == outcome["threshold_warning"]
+    assert (bundle["threshold"]["scheme"], bundle["threshold"]["folds"], bundle["threshold"]["rows"]) == (
+        "cross_fit",
+        5,
+        300,
+    )
+    assert (
+        json.loads((version_dir / "report" / "training-report.json").read_text())["threshold"]["warning"]
+        == outcome["threshold_warning"]
+    )
     assert outcome["threshold_warning"] in (version_dir / "report" / "training-report.md").read_text()
 
 
@@ -190,12 +236,19 @@ def test_retraining_with_label_history_trains_on_rows_labels_confirm_normal(retr
     night = np.concatenate([normal[300:500], anomalous[:20]])
     folder = Workspace.at(root).incoming_for(dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1))
     folder.mkdir(parents=True)
-    pq.write_table(rows_table(features[night], labels[night], ids[night]).drop_columns(["label"]), folder / "night.parquet")
+    pq.write_table(
+        rows_table(features[night], labels[night], ids[night]).drop_columns(["label"]), folder / "night.parquet"
+    )
     (root / "labels").mkdir()
     pq.write_table(pa.table({"row_id": ids[night], "label": labels[night]}), root / "labels" / "review.parquet")
 
-    outcome = retrain_flow(workspace=str(root), training_data=str(small), promote=False, use_label_history=True, label_history_days=3)
-    assert (outcome["label_history"]["rows_confirmed_normal"], outcome["label_history"]["rows_confirmed_anomalous"]) == (200, 20)
+    outcome = retrain_flow(
+        workspace=str(root), training_data=str(small), promote=False, use_label_history=True, label_history_days=3
+    )
+    assert (
+        outcome["label_history"]["rows_confirmed_normal"],
+        outcome["label_history"]["rows_confirmed_anomalous"],
+    ) == (200, 20)
     # 500 normal rows: too few for a comfortable hold-out, so all of them train and fix the threshold out of fold.
     assert outcome["training_rows"] == outcome["validation_rows"] == 500 and outcome["holdout_anomalies"] == 20
     report = (Workspace.at(root).version_dir(outcome["model_version"]) / "report" / "training-report.md").read_text()
@@ -212,7 +265,11 @@ def test_a_first_model_of_120_normal_rows_is_trained_promoted_and_says_how_unsur
     pq.write_table(rows_table(features[normal], labels[normal], normal), ws.training_dir / "few.parquet")
     outcome = retrain_flow(workspace=str(tmp_path), epochs=10)
     assert outcome["promoted"] and outcome["current_model"] == outcome["model_version"]
-    assert (outcome["training_rows"], outcome["validation_rows"], outcome["threshold_scheme"]) == (120, 120, "cross_fit")
+    assert (outcome["training_rows"], outcome["validation_rows"], outcome["threshold_scheme"]) == (
+        120,
+        120,
+        "cross_fit",
+    )
     assert outcome["threshold_warning"].startswith("the threshold rests on 120 normal rows scored out of fold")
     bundle = json.loads((ws.version_dir(outcome["model_version"]) / "bundle.json").read_text())
     low, high = bundle["threshold"]["uncertainty"]["confidence_interval"]
@@ -253,9 +310,18 @@ def test_a_refused_first_model_says_so_with_the_command_and_scoring_names_it(har
     assert outcome["promote_command"] == f"anomaly promote {version}" and outcome["current_model"] is None
     # The run's log says what to do.
     logged = "\n".join(record.getMessage() for record in records if record.levelno >= logging.ERROR)
-    assert f"Model {version} is saved but NOT promoted, and no model is current" in logged and f"Promote it anyway with: anomaly promote {version}" in logged
+    assert (
+        f"Model {version} is saved but NOT promoted, and no model is current" in logged
+        and f"Promote it anyway with: anomaly promote {version}" in logged
+    )
     folder = ws.incoming_for(RUN_DATE)
     folder.mkdir(parents=True)
     pq.write_table(rows_table(features[:100], labels[:100], np.arange(100)), folder / "night.parquet")
-    with pytest.raises(BundleError, match=rf"no current model; model {version} was trained but its promotion gate refused it: a refusal this test asks for\. Promote it with: anomaly promote {version}"):
+    with pytest.raises(
+        BundleError,
+        match=(
+            rf"no current model; model {version} was trained but its promotion gate refused it: "
+            rf"a refusal this test asks for\. Promote it with: anomaly promote {version}"
+        ),
+    ):
         score_flow(workspace=str(tmp_path), run_date=RUN_DATE)

@@ -1,4 +1,4 @@
-"""The workspace in object storage: both flows, bad input, kills, concurrent runs and Dask against an S3 server on loopback."""
+"""The workspace in object storage (S3 on loopback): both flows, bad input, kills, concurrent runs and Dask."""
 
 from __future__ import annotations
 
@@ -54,7 +54,11 @@ def _table(s3, uri: str, columns=None) -> pa.Table:
 
 def test_files_are_written_read_listed_fingerprinted_and_removed_in_a_bucket(s3, s3_root):
     root = storage.as_path(s3_root)
-    assert storage.is_remote(root) and not storage.is_remote(storage.as_path("/tmp/x")) and not storage.is_remote(storage.as_path("file:///tmp/x"))
+    assert (
+        storage.is_remote(root)
+        and not storage.is_remote(storage.as_path("/tmp/x"))
+        and not storage.is_remote(storage.as_path("file:///tmp/x"))
+    )
     storage.write_json(root / "a" / "one.json", {"n": 1})
     storage.write_text(root / "a" / "sub" / "two.json", "{}")
     storage.write_text(root / "a" / ".hidden.json", "{}")
@@ -62,7 +66,9 @@ def test_files_are_written_read_listed_fingerprinted_and_removed_in_a_bucket(s3,
     assert [p.name for p in storage.list_files(root / "a", "*.json")] == ["one.json"]
     assert [p.name for p in storage.list_files(root / "a", "*.json", recursive=True)] == ["one.json", "two.json"]
     assert [p.name for p in storage.list_dirs(root / "a")] == ["sub"]
-    assert storage.list_files(root / "nothing-here") == [] and storage.read_json_if_present(root / "missing.json") is None
+    assert (
+        storage.list_files(root / "nothing-here") == [] and storage.read_json_if_present(root / "missing.json") is None
+    )
 
     before = storage.file_state(root / "a" / "one.json")
     time.sleep(1.1)  # S3 modification times have whole seconds
@@ -73,7 +79,9 @@ def test_files_are_written_read_listed_fingerprinted_and_removed_in_a_bucket(s3,
     with pytest.raises(RuntimeError), storage.staged_path(root / "a" / "failed.json") as tmp:
         tmp.write_text("half")
         raise RuntimeError("writer died")
-    assert not storage.is_file(root / "a" / "failed.json") and not tmp.exists(), "nothing is uploaded, and the spool file is gone"
+    assert not storage.is_file(root / "a" / "failed.json") and not tmp.exists(), (
+        "nothing is uploaded, and the spool file is gone"
+    )
 
     assert storage.remove(root / "a" / "one.json") and not storage.remove(root / "a" / "one.json")
     storage.remove_tree(root / "a")
@@ -116,7 +124,10 @@ def test_a_lease_is_held_by_one_run_renewed_while_held_and_taken_over_once_expir
         with pytest.raises(locks.LockBusyError, match="held by another run"), locks.lock(path, timeout_s=0):
             pass
         time.sleep(LEASE_S * 1.5)  # past the lease: only renewal keeps it
-        with pytest.raises(locks.LockTimeoutError, match="another run has held this lease"), locks.lock(path, timeout_s=0.5):
+        with (
+            pytest.raises(locks.LockTimeoutError, match="another run has held this lease"),
+            locks.lock(path, timeout_s=0.5),
+        ):
             pass
     finally:
         release.set()
@@ -130,7 +141,9 @@ def test_a_lease_is_held_by_one_run_renewed_while_held_and_taken_over_once_expir
         assert storage.read_json(path)["owner"] != "a run that died"
 
 
-def test_a_version_whose_upload_did_not_finish_is_refused_and_removed_by_the_next_retraining(s3, s3_workspace, trained_workspace):
+def test_a_version_whose_upload_did_not_finish_is_refused_and_removed_by_the_next_retraining(
+    s3, s3_workspace, trained_workspace
+):
     from data.errors import BundleError
     from models import bundle
 
@@ -148,7 +161,9 @@ def test_a_version_whose_upload_did_not_finish_is_refused_and_removed_by_the_nex
     assert bundle.load_bundle(ws.version_dir(current)).version == current, "the model loads from the bucket"
 
 
-def test_a_model_in_a_bucket_is_downloaded_once_per_version_of_its_object_and_checked_each_load(s3, s3_workspace, trained_workspace, monkeypatch):
+def test_a_model_in_a_bucket_is_downloaded_once_per_version_of_its_object_and_checked_each_load(
+    s3, s3_workspace, trained_workspace, monkeypatch
+):
     from data.errors import BundleError
     from models import bundle
 
@@ -185,7 +200,9 @@ def test_explicit_batch_paths_may_be_files_folders_or_globs_in_a_bucket(s3, s3_r
 
 
 def test_a_workspace_in_a_missing_bucket_is_refused_naming_it(s3):
-    with pytest.raises(AnomalyJobError, match="workspace='s3://no-such-bucket/ws': bucket 'no-such-bucket' does not exist"):
+    with pytest.raises(
+        AnomalyJobError, match="workspace='s3://no-such-bucket/ws': bucket 'no-such-bucket' does not exist"
+    ):
         Workspace.at("s3://no-such-bucket/ws")
 
 
@@ -199,7 +216,9 @@ def test_a_bad_lease_length_is_refused_naming_the_setting(monkeypatch):
 
 
 @pytest.mark.slow
-def test_retraining_scoring_a_bad_input_night_evaluation_and_rollback_all_run_in_a_bucket(harness, s3, s3_root, tmp_path):
+def test_retraining_scoring_a_bad_input_night_evaluation_and_rollback_all_run_in_a_bucket(
+    harness, s3, s3_root, tmp_path
+):
     from flows.evaluate import evaluate_flow
     from flows.retrain import retrain_flow
     from flows.score import BatchesFailedError, score_flow
@@ -217,7 +236,9 @@ def test_retraining_scoring_a_bad_input_night_evaluation_and_rollback_all_run_in
     second = retrain_flow(workspace=s3_root, seed=4, **overrides)
     assert first["promoted"] and second["model_dir"] == f"{s3_root}/models/{second['model_version']}"
     assert current_version(ws.models_dir) == second["model_version"]
-    assert {"bundle.json", "model.keras", "promotion.json", "report/training-report.md"} <= set(s3.keys(second["model_dir"]))
+    assert {"bundle.json", "model.keras", "promotion.json", "report/training-report.md"} <= set(
+        s3.keys(second["model_dir"])
+    )
 
     with pytest.raises(BatchesFailedError, match=r"7 of 14 batch\(es\) failed") as caught:
         score_flow(workspace=s3_root, run_date=RUN_DATE)
@@ -231,12 +252,16 @@ def test_retraining_scoring_a_bad_input_night_evaluation_and_rollback_all_run_in
     assert s3.keys(str(ws.state_dir / "locks")) == [], "no lease is left behind"
 
     # Downstream readers read the outputs straight from the bucket.
-    scores = pd.read_parquet(f"{s3_root}/outputs/scores", storage_options={"endpoint_url": s3.endpoint, "use_listings_cache": False})
+    scores = pd.read_parquet(
+        f"{s3_root}/outputs/scores", storage_options={"endpoint_url": s3.endpoint, "use_listings_cache": False}
+    )
     assert len(scores) == outcome["rows_scored"] and scores["row_id"].is_unique and set(scores["batch"]) == scored
     assert set(scores["model_version"]) == {second["model_version"]}
     con = duckdb.connect()
     con.register_filesystem(s3.fs)
-    flagged = con.execute(f"SELECT count(*) FROM read_parquet('{s3_root}/outputs/flagged/*/*.parquet', hive_partitioning = true)").fetchone()[0]
+    flagged = con.execute(
+        f"SELECT count(*) FROM read_parquet('{s3_root}/outputs/flagged/*/*.parquet', hive_partitioning = true)"
+    ).fetchone()[0]
     assert flagged == outcome["rows_flagged"] > 0
     assert len(_table(s3, f"{s3_root}/outputs/quarantine/date={RUN_DATE}")) == outcome["rows_quarantined"] == 8
 
@@ -261,18 +286,30 @@ def test_retraining_scoring_a_bad_input_night_evaluation_and_rollback_all_run_in
     promote(ws.models_dir, first["model_version"])
     with pytest.raises(BatchesFailedError) as rolled:
         score_flow(workspace=s3_root, run_date=RUN_DATE)
-    assert rolled.value.outcome["model_version"] == first["model_version"] and rolled.value.outcome["batches_scored"] == len(scored)
-    rescored = pd.read_parquet(f"{s3_root}/outputs/scores", storage_options={"endpoint_url": s3.endpoint, "use_listings_cache": False})
+    assert rolled.value.outcome["model_version"] == first["model_version"] and rolled.value.outcome[
+        "batches_scored"
+    ] == len(scored)
+    rescored = pd.read_parquet(
+        f"{s3_root}/outputs/scores", storage_options={"endpoint_url": s3.endpoint, "use_listings_cache": False}
+    )
     assert set(rescored["model_version"]) == {first["model_version"]} and len(rescored) == len(scores)
 
 
 def _outputs(s3, root: str, kind: str) -> pa.Table:
-    table = _table(s3, f"{root}/outputs/{kind}/date={RUN_DATE}") if root.startswith("s3://") else pq.read_table(Workspace.at(root).output_partition(kind, RUN_DATE))
-    return table.select([c for c in table.column_names if c not in ("scored_at", "quarantined_at", "date")]).sort_by([("batch", "ascending"), ("row_id", "ascending")])
+    table = (
+        _table(s3, f"{root}/outputs/{kind}/date={RUN_DATE}")
+        if root.startswith("s3://")
+        else pq.read_table(Workspace.at(root).output_partition(kind, RUN_DATE))
+    )
+    return table.select([c for c in table.column_names if c not in ("scored_at", "quarantined_at", "date")]).sort_by(
+        [("batch", "ascending"), ("row_id", "ascending")]
+    )
 
 
 @pytest.mark.slow
-def test_a_scoring_run_killed_mid_upload_publishes_nothing_partial_and_the_rerun_equals_a_clean_run(harness, s3, s3_workspace, trained_workspace, tmp_path, monkeypatch):
+def test_a_scoring_run_killed_mid_upload_publishes_nothing_partial_and_the_rerun_equals_a_clean_run(
+    harness, s3, s3_workspace, trained_workspace, tmp_path, monkeypatch
+):
     from flows.score import score_flow
 
     clean = tmp_path / "clean"
@@ -287,12 +324,22 @@ def test_a_scoring_run_killed_mid_upload_publishes_nothing_partial_and_the_rerun
     spool = tmp_path / "tmp"
     spool.mkdir()
     monkeypatch.setenv("TMPDIR", str(spool))  # the killed process's spool, to watch it write
-    process = _cli("score", "--run-date", RUN_DATE.isoformat(), "--chunk-rows", "8192", workspace=s3_workspace, home=tmp_path / "prefect")
+    process = _cli(
+        "score",
+        "--run-date",
+        RUN_DATE.isoformat(),
+        "--chunk-rows",
+        "8192",
+        workspace=s3_workspace,
+        home=tmp_path / "prefect",
+    )
     _kill_when(process, lambda: any((spool / "anomaly-spool").glob(".big.parquet.*.tmp")))
     for kind in ("flagged", "scores"):
         assert not storage.is_file(ws.output_partition(kind, RUN_DATE) / "big.parquet"), kind
     assert not storage.is_file(ws.state_dir / "scored" / f"date={RUN_DATE}" / "big.json")
-    assert s3.keys(str(ws.state_dir / "locks")) == [f"score-{RUN_DATE}.lock"], "the killed run's lease stays until it expires"
+    assert s3.keys(str(ws.state_dir / "locks")) == [f"score-{RUN_DATE}.lock"], (
+        "the killed run's lease stays until it expires"
+    )
 
     rerun = score_flow(workspace=s3_workspace, run_date=RUN_DATE)
     assert rerun["batches_scored"] + rerun["batches_skipped"] == 2
@@ -314,7 +361,9 @@ def test_two_scoring_processes_of_one_date_in_a_bucket_write_every_row_once(s3, 
 
 
 @pytest.mark.slow
-def test_dask_workers_read_their_units_from_and_write_their_parts_to_the_bucket(harness, s3, s3_workspace, trained_workspace, tmp_path):
+def test_dask_workers_read_their_units_from_and_write_their_parts_to_the_bucket(
+    harness, s3, s3_workspace, trained_workspace, tmp_path
+):
     from flows.score import score_flow
     from models.runtime import cpu_threads
 
@@ -331,10 +380,18 @@ def test_dask_workers_read_their_units_from_and_write_their_parts_to_the_bucket(
     s3.upload_tree(night, f"{s3_workspace}/incoming/{RUN_DATE}")
 
     alone = score_flow(workspace=str(single), run_date=RUN_DATE)
-    spread = score_flow(workspace=s3_workspace, run_date=RUN_DATE, dask_workers=2, dask_threads_per_worker=cpu_threads(), rows_per_unit=20_000)
+    spread = score_flow(
+        workspace=s3_workspace,
+        run_date=RUN_DATE,
+        dask_workers=2,
+        dask_threads_per_worker=cpu_threads(),
+        rows_per_unit=20_000,
+    )
     for key in ("rows_read", "rows_scored", "rows_flagged", "rows_quarantined", "batches_scored"):
         assert alone[key] == spread[key], key
     for kind in ("flagged", "scores", "quarantine"):
         ours, theirs = _outputs(s3, str(single), kind), _outputs(s3, s3_workspace, kind)
         assert ours.schema.equals(theirs.schema) and ours.to_pandas().equals(theirs.to_pandas()), kind
-    assert not [k for k in s3.keys(s3_workspace) if k.startswith("state/parts/")], "every unit part is merged and removed"
+    assert not [k for k in s3.keys(s3_workspace) if k.startswith("state/parts/")], (
+        "every unit part is merged and removed"
+    )

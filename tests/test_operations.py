@@ -34,12 +34,31 @@ def bad_input_night(folder: Path) -> dict[str, int | None]:
     put("good_a", make_rows(1000, 1, start_id=0))
     put("good_b", make_rows(1000, 2, start_id=1000))
     base = make_rows(300, 3, start_id=2000)
-    put("ints", base.set_column(1, "f0", pa.array(np.round(base.column("f0").to_numpy() * 3).astype(np.int32))).set_column(0, "row_id", pa.array(np.arange(2600, 2900))))
+    put(
+        "ints",
+        base.set_column(1, "f0", pa.array(np.round(base.column("f0").to_numpy() * 3).astype(np.int32))).set_column(
+            0, "row_id", pa.array(np.arange(2600, 2900))
+        ),
+    )
     f32 = base.set_column(2, "f1", base.column("f1").cast(pa.float32()))
     put("float32", f32)
-    put("float32_as_float64", f32.set_column(2, "f1", f32.column("f1").cast(pa.float64())).set_column(0, "row_id", pa.array(np.arange(2300, 2600))))
+    put(
+        "float32_as_float64",
+        f32.set_column(2, "f1", f32.column("f1").cast(pa.float64())).set_column(
+            0, "row_id", pa.array(np.arange(2300, 2600))
+        ),
+    )
     nullable = make_rows(200, 4, start_id=3000)
-    put("nullable", nullable.set_column(3, "f2", pa.array([None if i % 40 == 0 else v for i, v in enumerate(nullable.column("f2").to_pylist())], type=pa.float64())))
+    put(
+        "nullable",
+        nullable.set_column(
+            3,
+            "f2",
+            pa.array(
+                [None if i % 40 == 0 else v for i, v in enumerate(nullable.column("f2").to_pylist())], type=pa.float64()
+            ),
+        ),
+    )
     nan_rows = make_rows(200, 5, start_id=4000)
     values = nan_rows.column("f5").to_numpy().copy()
     values[[3, 4, 5]] = [np.nan, np.inf, -np.inf]
@@ -90,7 +109,9 @@ def test_a_night_of_good_and_bad_files_scores_every_good_row_once_and_accounts_f
 
     scored_names = set(rows) - set(EXPECTED_REJECTIONS)
     scores = pq.read_table(ws.output_partition("scores", RUN_DATE)).to_pandas()
-    quarantine = pq.read_table(ws.output_partition("quarantine", RUN_DATE), columns=["row_id", "reason_code", "batch"]).to_pandas()
+    quarantine = pq.read_table(
+        ws.output_partition("quarantine", RUN_DATE), columns=["row_id", "reason_code", "batch"]
+    ).to_pandas()
     assert scores["row_id"].is_unique
     assert set(scores["batch"]) == scored_names
     assert len(quarantine) == 5 + 3
@@ -102,7 +123,10 @@ def test_a_night_of_good_and_bad_files_scores_every_good_row_once_and_accounts_f
     assert run_report["rows_read"] + readable_rejected == sum(r for r in rows.values() if r is not None)
     # Compatible types are cast: float32 features score exactly as the same values stored as float64.
     by_batch = scores.set_index("batch")
-    np.testing.assert_array_equal(by_batch.loc["float32", "reconstruction_error"].to_numpy(), by_batch.loc["float32_as_float64", "reconstruction_error"].to_numpy())
+    np.testing.assert_array_equal(
+        by_batch.loc["float32", "reconstruction_error"].to_numpy(),
+        by_batch.loc["float32_as_float64", "reconstruction_error"].to_numpy(),
+    )
 
 
 def _cli(*args: str, workspace: Path, home: Path) -> subprocess.Popen:
@@ -132,18 +156,30 @@ def _outputs(ws: Workspace) -> dict[str, pa.Table]:
     return tables
 
 
-def test_a_scoring_run_killed_mid_write_leaves_nothing_partial_and_the_rerun_equals_a_clean_run(harness, workspace_copy, tmp_path):
+def test_a_scoring_run_killed_mid_write_leaves_nothing_partial_and_the_rerun_equals_a_clean_run(
+    harness, workspace_copy, tmp_path
+):
     from flows.score import score_flow
 
     ws = Workspace.at(workspace_copy)
-    write_rows(make_rows(1_500_000, 12, anomaly_share=0.01), ws.incoming_for(RUN_DATE) / "big.parquet", row_group_size=100_000)
+    write_rows(
+        make_rows(1_500_000, 12, anomaly_share=0.01), ws.incoming_for(RUN_DATE) / "big.parquet", row_group_size=100_000
+    )
     write_rows(make_rows(2000, 13, start_id=2_000_000), ws.incoming_for(RUN_DATE) / "small.parquet")
     clean = tmp_path / "clean"
     shutil.copytree(workspace_copy, clean)
     score_flow(workspace=str(clean), run_date=RUN_DATE)
 
     flagged_dir = ws.output_partition("flagged", RUN_DATE)
-    process = _cli("score", "--run-date", RUN_DATE.isoformat(), "--chunk-rows", "8192", workspace=workspace_copy, home=tmp_path / "prefect")
+    process = _cli(
+        "score",
+        "--run-date",
+        RUN_DATE.isoformat(),
+        "--chunk-rows",
+        "8192",
+        workspace=workspace_copy,
+        home=tmp_path / "prefect",
+    )
     _kill_when(process, lambda: flagged_dir.is_dir() and any(flagged_dir.glob(".big.parquet.*.tmp")))
     assert not (flagged_dir / "big.parquet").exists()
     assert not (ws.output_partition("scores", RUN_DATE) / "big.parquet").exists()
@@ -175,7 +211,10 @@ def test_a_retraining_run_killed_midway_changes_nothing_and_the_next_run_cleans_
 
 
 def score_twice_at_once(workspace: str | Path, tmp_path: Path) -> list[dict]:
-    """Run two scoring processes of RUN_DATE at the same time; return their outcomes after checking that one scored and one skipped every batch."""
+    """Run two scoring processes of RUN_DATE at the same time and return their outcomes.
+
+    It first checks that one scored and one skipped every batch.
+    """
     first = _cli("score", "--run-date", RUN_DATE.isoformat(), workspace=workspace, home=tmp_path / "p1")
     second = _cli("score", "--run-date", RUN_DATE.isoformat(), workspace=workspace, home=tmp_path / "p2")
     outcomes = []

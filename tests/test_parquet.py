@@ -6,7 +6,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.errors import BatchFileError, SchemaError, TrainingDataError
-from data.parquet import ANOMALY, NORMAL, UNLABELLED, check_batch_schema, feature_matrix, iter_record_batches, read_training_rows, resolve_parquet_files
+from data.parquet import (
+    ANOMALY,
+    NORMAL,
+    UNLABELLED,
+    check_batch_schema,
+    feature_matrix,
+    iter_record_batches,
+    read_training_rows,
+    resolve_parquet_files,
+)
 from tests.conftest import FEATURES, make_rows, write_rows
 
 
@@ -89,7 +98,12 @@ def test_read_training_rows_splits_normal_and_requires_label(tmp_path):
     assert (rows.classes == NORMAL).sum() == (pq.read_table(path).column("label").to_numpy() == 0).sum()
     with pytest.raises(TrainingDataError, match="label column 'target' is missing.*all_rows_normal"):
         read_training_rows(path, "target", "0")
-    assert read_training_rows(path, "target", "0", all_rows_normal=True, exclude_columns=("row_id", "label")).classes.tolist() == [NORMAL] * 200
+    assert (
+        read_training_rows(
+            path, "target", "0", all_rows_normal=True, exclude_columns=("row_id", "label")
+        ).classes.tolist()
+        == [NORMAL] * 200
+    )
 
 
 def test_training_rows_without_a_label_are_neither_normal_nor_anomalous(tmp_path):
@@ -103,8 +117,13 @@ def test_training_rows_without_a_label_are_neither_normal_nor_anomalous(tmp_path
 
 
 def test_a_feature_named_like_an_output_column_is_refused_at_training(tmp_path):
-    path = write_rows(make_rows(50, 0).rename_columns(["row_id", "threshold", "f1", "f2", "f3", "f4", "f5", "label"]), tmp_path / "t.parquet")
-    with pytest.raises(TrainingDataError, match="column 'threshold': a feature may not be named like a column the outputs add"):
+    path = write_rows(
+        make_rows(50, 0).rename_columns(["row_id", "threshold", "f1", "f2", "f3", "f4", "f5", "label"]),
+        tmp_path / "t.parquet",
+    )
+    with pytest.raises(
+        TrainingDataError, match="column 'threshold': a feature may not be named like a column the outputs add"
+    ):
         read_training_rows(path, "label", "0")
 
 

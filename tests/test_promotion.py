@@ -38,7 +38,9 @@ def test_non_finite_errors_are_refused(tmp_path):
     errors = np.random.default_rng(0).exponential(size=4000)
     errors[7] = np.nan
     staging, path = _staging_with_errors(tmp_path, errors, np.zeros(4000, dtype=bool))
-    decision = check_promotion(staging, path, {"value": 1.0, "percentile": 98.0, "rows": 4000}, tmp_path / "models", FEATURES)
+    decision = check_promotion(
+        staging, path, {"value": 1.0, "percentile": 98.0, "rows": 4000}, tmp_path / "models", FEATURES
+    )
     assert not decision["passed"] and "not finite" in decision["reasons"][0]
 
 
@@ -62,7 +64,10 @@ def test_a_first_model_failing_only_the_flag_rate_cross_check_is_promoted_with_a
     # With no model current nothing could be scored: an unsure threshold is better than none.
     assert decision["passed"] and decision["first_model"] and decision["reasons"] == []
     [warning] = decision["warnings"]
-    assert warning.startswith("promoted although flag rate on unseen held-out normal rows was") and "no model was current" in warning
+    assert (
+        warning.startswith("promoted although flag rate on unseen held-out normal rows was")
+        and "no model was current" in warning
+    )
     assert json.loads((staging / "promotion.json").read_text())["warnings"] == [warning]
 
 
@@ -70,7 +75,9 @@ def test_a_first_model_with_non_finite_errors_is_still_refused(tmp_path):
     errors = np.random.default_rng(0).exponential(size=4000)
     errors[7] = np.inf
     staging, path = _staging_with_errors(tmp_path, errors, np.zeros(4000, dtype=bool))
-    decision = check_promotion(staging, path, {"value": 1.0, "percentile": 98.0, "rows": 4000}, tmp_path / "models", FEATURES)
+    decision = check_promotion(
+        staging, path, {"value": 1.0, "percentile": 98.0, "rows": 4000}, tmp_path / "models", FEATURES
+    )
     assert not decision["passed"] and decision["first_model"] and decision["warnings"] == []
 
 
@@ -83,7 +90,9 @@ def test_a_model_clearly_worse_than_the_current_one_on_labelled_anomalies_is_ref
     labelled = np.r_[np.zeros(3000, dtype=bool), np.ones(60, dtype=bool)]
     errors = np.random.default_rng(1).exponential(size=3060)
     errors[labelled] = 0.0  # the new model reconstructs every anomaly perfectly: recall 0
-    staging, path = _staging_with_errors(workspace_copy, errors, labelled, holdout.append_column("labelled_anomaly", pa.array(labelled)))
+    staging, path = _staging_with_errors(
+        workspace_copy, errors, labelled, holdout.append_column("labelled_anomaly", pa.array(labelled))
+    )
     decision = check_promotion(staging, path, _threshold(errors[~labelled]), ws.models_dir, FEATURES)
     assert decision["checks"]["current_version"] == current.version
     assert decision["checks"]["current_recall"] > 0.8

@@ -1,4 +1,7 @@
-"""What is published always agrees with what was scored: after changes, failures, kills and late files; and others can read it."""
+"""What is published always agrees with what was scored: after changes, failures, kills and late files.
+
+Others can read what is published, too.
+"""
 
 from __future__ import annotations
 
@@ -55,14 +58,24 @@ def test_every_published_file_and_folder_gets_the_permissions_of_the_umask(harne
             continue
         (folders if path.is_dir() else files).append(path)
     kinds = {p.name for p in files}
-    assert {"bundle.json", "model.keras", "current.json", "night.parquet", "run-report.json", "run-report-error-histogram.png", "night.json"} <= kinds
+    assert {
+        "bundle.json",
+        "model.keras",
+        "current.json",
+        "night.parquet",
+        "run-report.json",
+        "run-report-error-histogram.png",
+        "night.json",
+    } <= kinds
     wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o640}
     assert not wrong, f"files not 0640 under umask 027: {wrong}"
     wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders if stat.S_IMODE(p.stat().st_mode) != 0o750}
     assert not wrong, f"folders not 0750 under umask 027: {wrong}"
 
 
-def test_a_forced_rerun_with_another_model_killed_half_way_is_scored_again_by_the_next_plain_run(harness, workspace_copy, tmp_path):
+def test_a_forced_rerun_with_another_model_killed_half_way_is_scored_again_by_the_next_plain_run(
+    harness, workspace_copy, tmp_path
+):
     from flows.score import score_flow
     from tests.test_bundle import copy_version
 
@@ -74,7 +87,18 @@ def test_a_forced_rerun_with_another_model_killed_half_way_is_scored_again_by_th
     score_flow(workspace=str(workspace_copy), run_date=RUN_DATE)
     assert _record(ws, RUN_DATE, "big")["model_version"] == current
 
-    process = _cli("score", "--run-date", RUN_DATE.isoformat(), "--model-version", other, "--force", "--chunk-rows", "8192", workspace=workspace_copy, home=tmp_path / "prefect")
+    process = _cli(
+        "score",
+        "--run-date",
+        RUN_DATE.isoformat(),
+        "--model-version",
+        other,
+        "--force",
+        "--chunk-rows",
+        "8192",
+        workspace=workspace_copy,
+        home=tmp_path / "prefect",
+    )
     flagged_dir = ws.output_partition("flagged", RUN_DATE)
     _kill_when(process, lambda: any(flagged_dir.glob(".big.parquet.*.tmp")))
     assert _record(ws, RUN_DATE, "big") is None, "the record was withdrawn before any output could be replaced"
@@ -100,7 +124,10 @@ def test_a_scored_file_that_changes_and_is_rejected_has_its_outputs_and_record_w
         score_flow(workspace=str(workspace_copy), run_date=RUN_DATE)
     assert caught.value.outcome["batches_skipped"] == 1
     assert _record(ws, RUN_DATE, "changing") is None
-    assert not any((ws.output_partition(kind, RUN_DATE) / "changing.parquet").exists() for kind in ("flagged", "scores", "quarantine"))
+    assert not any(
+        (ws.output_partition(kind, RUN_DATE) / "changing.parquet").exists()
+        for kind in ("flagged", "scores", "quarantine")
+    )
     rejection = json.loads((ws.output_partition("rejected", RUN_DATE) / "changing.json").read_text())
     assert rejection["code"] == "unreadable" and rejection["size"] == changing.stat().st_size
     scores = pq.read_table(ws.output_partition("scores", RUN_DATE)).to_pandas()
@@ -145,7 +172,9 @@ def test_a_task_that_crashes_fails_its_batch_and_the_run_still_reports(harness, 
     outcome = caught.value.outcome
     assert (outcome["batches_scored"], outcome["batches_failed"], outcome["rows_scored"]) == (2, 1, 2000)
     assert outcome["failed"][0]["batch"] == "p1"
-    assert _record(ws, RUN_DATE, "p1") is None and not (ws.output_partition("flagged", RUN_DATE) / "p1.parquet").exists()
+    assert (
+        _record(ws, RUN_DATE, "p1") is None and not (ws.output_partition("flagged", RUN_DATE) / "p1.parquet").exists()
+    )
     run_report = json.loads((ws.output_partition("reports", RUN_DATE) / "run-report.json").read_text())
     assert run_report["failed_batches"][0]["batch"] == "p1"
 
@@ -157,9 +186,15 @@ def test_a_transient_read_error_is_retried_and_a_corrupt_file_is_not(harness, wo
 
     ws = Workspace.at(workspace_copy)
     flaky = write_rows(make_rows(1000, 50), ws.incoming_for(RUN_DATE) / "flaky.parquet")
-    # Whole numbers compress, so damage inside a page breaks its decompression: pyarrow raises OSError, without an errno.
+    # Whole numbers compress, so damage inside a page breaks its decompression:
+    # pyarrow raises OSError, without an errno.
     table = make_rows(20_000, 51)
-    table = pa.table({name: pa.array(np.round(table.column(name).to_numpy())) if name in FEATURES else table.column(name) for name in table.column_names})
+    table = pa.table(
+        {
+            name: pa.array(np.round(table.column(name).to_numpy())) if name in FEATURES else table.column(name)
+            for name in table.column_names
+        }
+    )
     whole = write_rows(table, ws.incoming_for(RUN_DATE) / "corrupt.parquet").read_bytes()
     middle = len(whole) // 3
     (ws.incoming_for(RUN_DATE) / "corrupt.parquet").write_bytes(whole[:middle] + b"\xff" * 400 + whole[middle + 400 :])
@@ -191,7 +226,11 @@ def test_late_files_of_earlier_dates_are_caught_up_under_their_own_dates(harness
     from flows.score import BatchesFailedError, score_flow
 
     ws = Workspace.at(workspace_copy)
-    yesterday, earlier, too_old = RUN_DATE - dt.timedelta(days=1), RUN_DATE - dt.timedelta(days=2), RUN_DATE - dt.timedelta(days=5)
+    yesterday, earlier, too_old = (
+        RUN_DATE - dt.timedelta(days=1),
+        RUN_DATE - dt.timedelta(days=2),
+        RUN_DATE - dt.timedelta(days=5),
+    )
     write_rows(make_rows(1000, 60), ws.incoming_for(yesterday) / "on_time.parquet")
     broken = ws.incoming_for(yesterday) / "replaced.parquet"
     broken.parent.mkdir(parents=True, exist_ok=True)
@@ -209,16 +248,25 @@ def test_late_files_of_earlier_dates_are_caught_up_under_their_own_dates(harness
     write_rows(make_rows(2000, 64, start_id=30_000), ws.incoming_for(RUN_DATE) / "tonight.parquet")
 
     outcome = score_flow(workspace=str(workspace_copy), run_date=RUN_DATE)
-    assert outcome["catch_up_batches"] == [{"date": yesterday.isoformat(), "batch": "late"}, {"date": yesterday.isoformat(), "batch": "replaced"}]
+    assert outcome["catch_up_batches"] == [
+        {"date": yesterday.isoformat(), "batch": "late"},
+        {"date": yesterday.isoformat(), "batch": "replaced"},
+    ]
     assert outcome["rows_scored"] == 2000 and outcome["batches_scored"] == 1
     late_scores = pq.read_table(ws.output_partition("scores", yesterday)).to_pandas()
     assert sorted(set(late_scores["batch"])) == ["late", "on_time", "replaced"] and len(late_scores) == 2000
     assert _record(ws, yesterday, "late") and _record(ws, yesterday, "replaced")
     assert not (ws.output_partition("rejected", yesterday) / "replaced.json").exists()
-    assert (ws.output_partition("rejected", earlier) / "still_broken.json").exists(), "an unchanged rejected file is not tried again"
+    assert (ws.output_partition("rejected", earlier) / "still_broken.json").exists(), (
+        "an unchanged rejected file is not tried again"
+    )
     assert not ws.output_partition("scores", too_old).exists(), "dates beyond catch_up_days are left alone"
     yesterday_report = json.loads((ws.output_partition("reports", yesterday) / "run-report.json").read_text())
-    assert yesterday_report["rows_scored"] == 2000 and sorted(yesterday_report["batches"]) == ["late", "on_time", "replaced"]
+    assert yesterday_report["rows_scored"] == 2000 and sorted(yesterday_report["batches"]) == [
+        "late",
+        "on_time",
+        "replaced",
+    ]
     tonight_report = json.loads((ws.output_partition("reports", RUN_DATE) / "run-report.json").read_text())
     assert tonight_report["catch_up_batches"] == outcome["catch_up_batches"]
 

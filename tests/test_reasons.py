@@ -60,11 +60,21 @@ def sensor_workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sensors")
     rows = _sensor_rows(8000, seed=1)
-    table = pa.table({"row_id": pa.array(np.arange(len(rows))), **{name: pa.array(rows[:, j]) for j, name in enumerate(SENSORS)}, "label": pa.array(np.zeros(len(rows), dtype=np.int64))})
+    table = pa.table(
+        {
+            "row_id": pa.array(np.arange(len(rows))),
+            **{name: pa.array(rows[:, j]) for j, name in enumerate(SENSORS)},
+            "label": pa.array(np.zeros(len(rows), dtype=np.int64)),
+        }
+    )
     write_rows(table, root / "training" / "train.parquet")
-    config = resolve_preset("default", epochs=30, batch_size=256, encoder_units=[24, 6], decoder_units=[24], early_stopping_patience=None)
+    config = resolve_preset(
+        "default", epochs=30, batch_size=256, encoder_units=[24, 6], decoder_units=[24], early_stopping_patience=None
+    )
     staging = bundle.staging_dir(root / "models", "20260102T000000Z")
-    split = retraining.split_training_data(str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed)
+    split = retraining.split_training_data(
+        str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed
+    )
     history = retraining.train_model(split["train_path"], split["feature_names"], config, staging)
     errors = retraining.compute_holdout_errors(staging, split, history["config"])
     threshold = retraining.fix_threshold_from_errors(errors, 98.0)
@@ -82,7 +92,9 @@ def test_a_planted_offset_is_named_as_the_first_reason_with_its_direction(sensor
     sign = np.where((planted // 5) % 2 == 0, 1.0, -1.0)
     # A large offset on one sensor, measured in that sensor's own spread.
     rows[planted, which] += 6.0 * sign * rows.std(axis=0)[which]
-    table = pa.table({"row_id": pa.array(np.arange(len(rows))), **{name: pa.array(rows[:, j]) for j, name in enumerate(SENSORS)}})
+    table = pa.table(
+        {"row_id": pa.array(np.arange(len(rows))), **{name: pa.array(rows[:, j]) for j, name in enumerate(SENSORS)}}
+    )
     source = write_rows(table, sensor_workspace / "in" / "planted.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "planted")
     result = score_file(loaded, source, "planted", outputs, ScoringOptions(scored_at=SCORED_AT))
@@ -90,9 +102,16 @@ def test_a_planted_offset_is_named_as_the_first_reason_with_its_direction(sensor
     flagged = pq.read_table(outputs.flagged).to_pandas().set_index("row_id")
     assert [c for c in flagged.columns if c.startswith("reason_")] == [name for name, _ in reason_fields(3)]
     expected = {row: (SENSORS[f], "high" if s > 0 else "low") for row, f, s in zip(planted, which, sign, strict=True)}
-    right = [row in flagged.index and (flagged.loc[row, "reason_1"], flagged.loc[row, "reason_1_direction"]) == expected[row] for row in planted]
-    assert np.mean(right) >= 0.95, "of all planted rows, at least 95% are flagged with the planted sensor and direction first"
-    assert (flagged["reason_1_share"] >= flagged["reason_2_share"]).all() and (flagged["reason_2_share"] >= flagged["reason_3_share"]).all()
+    right = [
+        row in flagged.index and (flagged.loc[row, "reason_1"], flagged.loc[row, "reason_1_direction"]) == expected[row]
+        for row in planted
+    ]
+    assert np.mean(right) >= 0.95, (
+        "of all planted rows, at least 95% are flagged with the planted sensor and direction first"
+    )
+    assert (flagged["reason_1_share"] >= flagged["reason_2_share"]).all() and (
+        flagged["reason_2_share"] >= flagged["reason_3_share"]
+    ).all()
     assert ((flagged[["reason_1_share", "reason_2_share", "reason_3_share"]].sum(axis=1)) <= 1 + 1e-9).all()
     # The batch's tally counts every sensor about equally often as reason_1.
     tally = {row["feature"]: row for row in result.summary["reasons"]["table"]}

@@ -15,7 +15,9 @@ from tests.conftest import FEATURES, RUN_DATE, SCORED_AT, current_bundle, make_r
 
 def test_score_batch_file_writes_flagged_rows_and_scores_with_the_documented_schema(workspace_copy):
     ws, loaded = current_bundle(workspace_copy)
-    source = write_rows(make_rows(3000, seed=7, anomaly_share=0.02), workspace_copy / "in" / "night.parquet", row_group_size=700)
+    source = write_rows(
+        make_rows(3000, seed=7, anomaly_share=0.02), workspace_copy / "in" / "night.parquet", row_group_size=700
+    )
     outputs = batch_outputs(ws, RUN_DATE, "night")
     result = score_file(loaded, source, "night", outputs, ScoringOptions(scored_at=SCORED_AT, chunk_rows=1000))
 
@@ -26,7 +28,13 @@ def test_score_batch_file_writes_flagged_rows_and_scores_with_the_documented_sch
     np.testing.assert_array_equal(scores.column("is_anomaly").to_numpy(zero_copy_only=False), errors > loaded.threshold)
 
     flagged = pq.read_table(outputs.flagged)
-    assert flagged.column_names == ["row_id", *FEATURES, "label", *FLAGGED_COLUMNS, *(name for name, _ in reason_fields(3))]
+    assert flagged.column_names == [
+        "row_id",
+        *FEATURES,
+        "label",
+        *FLAGGED_COLUMNS,
+        *(name for name, _ in reason_fields(3)),
+    ]
     assert flagged.num_rows == result.rows_flagged == int((errors > loaded.threshold).sum())
     assert flagged.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
     assert set(flagged.column("model_version").to_pylist()) == {loaded.version}
@@ -48,7 +56,13 @@ def test_score_batch_file_writes_flagged_rows_and_scores_with_the_documented_sch
 def test_normal_rows_are_flagged_near_the_expected_rate(workspace_copy):
     ws, loaded = current_bundle(workspace_copy)
     source = write_rows(make_rows(20_000, seed=11), workspace_copy / "in" / "normal.parquet")
-    result = score_file(loaded, source, "normal", batch_outputs(ws, RUN_DATE, "normal"), ScoringOptions(scored_at=SCORED_AT, write_scores=False))
+    result = score_file(
+        loaded,
+        source,
+        "normal",
+        batch_outputs(ws, RUN_DATE, "normal"),
+        ScoringOptions(scored_at=SCORED_AT, write_scores=False),
+    )
     assert result.summary["flag_rate"] == pytest.approx(0.02, abs=0.01)
     assert result.outputs["scores"] is None
 
@@ -78,7 +92,9 @@ def test_a_mostly_bad_batch_fails_and_publishes_nothing(workspace_copy):
     table = table.set_column(1, "f0", pa.array([np.nan] * 50 + [0.0] * 50))
     source = write_rows(table, workspace_copy / "in" / "bad.parquet")
     outputs = batch_outputs(ws, RUN_DATE, "bad")
-    with pytest.raises(BatchFileError, match="bad.parquet: 50 of 100 rows have missing, infinite or out-of-range feature values"):
+    with pytest.raises(
+        BatchFileError, match="bad.parquet: 50 of 100 rows have missing, infinite or out-of-range feature values"
+    ):
         score_file(loaded, source, "bad", outputs, ScoringOptions(scored_at=SCORED_AT, max_bad_row_share=0.1))
     partition = ws.output_partition("flagged", RUN_DATE)
     assert not outputs.flagged.exists() and not outputs.scores.exists() and not outputs.quarantine.exists()
@@ -134,7 +150,9 @@ def test_rows_with_a_null_or_nan_label_are_scored_but_left_out_of_every_metric(w
     labels = table.column("label").to_numpy().astype(np.float64)
     labels[::5] = np.nan
     labels[1::50] = np.nan
-    source = write_rows(table.set_column(7, "label", pa.array(labels).cast(pa.float64())), workspace_copy / "in" / "partly.parquet")
+    source = write_rows(
+        table.set_column(7, "label", pa.array(labels).cast(pa.float64())), workspace_copy / "in" / "partly.parquet"
+    )
     outputs = batch_outputs(ws, RUN_DATE, "partly")
     result = score_file(loaded, source, "partly", outputs, ScoringOptions(scored_at=SCORED_AT))
     unlabelled = int(np.isnan(labels).sum())
@@ -144,10 +162,14 @@ def test_rows_with_a_null_or_nan_label_are_scored_but_left_out_of_every_metric(w
     assert sum(map(sum, matrix)) == 4000 - unlabelled
     scores = pq.read_table(outputs.scores).to_pandas()
     known = scores[scores["label"].notna()]
-    assert abs(summary["labels"]["roc_auc"] - roc_auc_score(known["label"] == 1, known["reconstruction_error"])) <= 0.001
+    assert (
+        abs(summary["labels"]["roc_auc"] - roc_auc_score(known["label"] == 1, known["reconstruction_error"])) <= 0.001
+    )
 
 
-@pytest.mark.parametrize("name", sorted(__import__("data.output_schema", fromlist=["RESERVED_COLUMNS"]).RESERVED_COLUMNS))
+@pytest.mark.parametrize(
+    "name", sorted(__import__("data.output_schema", fromlist=["RESERVED_COLUMNS"]).RESERVED_COLUMNS)
+)
 def test_every_name_the_outputs_use_is_refused_as_an_input_column(tmp_path, name):
     from data.parquet import check_batch_schema
 
@@ -190,4 +212,6 @@ def test_a_file_that_changes_while_it_is_scored_publishes_nothing(workspace_copy
     assert caught.value.code == "changed_during_scoring"
     assert not any(p.exists() for p in outputs.paths())
     assert not list(outputs.flagged.parent.glob(".*")), "no temporary is left behind"
-    assert (ws.state_dir / "scored" / f"date={RUN_DATE}" / "moving.json").exists(), "the record of the earlier bytes stays until outputs are replaced"
+    assert (ws.state_dir / "scored" / f"date={RUN_DATE}" / "moving.json").exists(), (
+        "the record of the earlier bytes stays until outputs are replaced"
+    )

@@ -77,7 +77,9 @@ def _labels(page) -> set[str]:
 
 def _property(page, ui: str, title: str) -> str:
     """Return the text of one parameter's block in the Custom run form: label, description and field."""
-    block = page.locator("div.group" if ui == V2 else "div.schema-form-property").filter(has=page.locator("label", has_text=title))
+    block = page.locator("div.group" if ui == V2 else "div.schema-form-property").filter(
+        has=page.locator("label", has_text=title)
+    )
     return block.last.inner_text()
 
 
@@ -93,7 +95,13 @@ def test_the_deployment_page_shows_the_deployment_and_its_settings(prefect_stack
 
     page.goto(f"{prefect_stack.ui_url}{V2}/deployments/deployment/{scoring.id}")
     # Parts of the page load separately; expect() waits for each.
-    for text in ("nightly-scoring", "score-batches", "anomaly-process-pool", "flows/score.py:score_flow", "Concurrency Limit"):
+    for text in (
+        "nightly-scoring",
+        "score-batches",
+        "anomaly-process-pool",
+        "flows/score.py:score_flow",
+        "Concurrency Limit",
+    ):
         expect(page.get_by_text(text, exact=True).first).to_be_visible()
     assert _screenshot(page, "ui-deployment-nightly-scoring.png").stat().st_size > 10_000
 
@@ -112,7 +120,11 @@ def test_the_custom_run_form_shows_every_parameter_titled_described_with_its_def
     assert all(p["description"].split("<")[0] in body for p in properties.values())
     # The fields hold the deployment's defaults (V1 does not tie its labels to the inputs).
     values = page.locator("input, textarea").evaluate_all("fields => fields.map(f => f.value)")
-    assert {scoring.parameters["workspace"], scoring.parameters["timezone"], str(properties["chunk_rows"]["default"])} <= set(values), values
+    assert {
+        scoring.parameters["workspace"],
+        scoring.parameters["timezone"],
+        str(properties["chunk_rows"]["default"]),
+    } <= set(values), values
     # The run date is a plain, empty date picker: no `date | None` type toggle, no "Property is type None".
     run_date = _property(page, ui, "Run date")
     assert ("Pick a date" if ui == V2 else "Select date") in run_date
@@ -136,7 +148,9 @@ def test_the_form_refuses_an_out_of_range_value_and_creates_no_run(prefect_stack
 
 
 @pytest.mark.parametrize("pick_date", [False, True], ids=["date-left-empty", "date-picked"])
-def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(prefect_stack, scoring, page, tmp_path, pick_date):
+def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(
+    prefect_stack, scoring, page, tmp_path, pick_date
+):
     from playwright.sync_api import expect
 
     empty_workspace = tmp_path / "no-model-yet"
@@ -162,7 +176,17 @@ def test_a_custom_run_from_the_form_runs_on_the_worker_with_the_values_typed(pre
         time.sleep(0.5)
     if not new:
         _screenshot(page, f"ui-custom-run-not-created-{'date-picked' if pick_date else 'date-left-empty'}.png")
-        pytest.fail("\n".join([f"submitting the form created no flow run; the browser is at {page.url}", "--- console ---", *console, "--- server log ---", prefect_stack.log("server", 60)]))
+        pytest.fail(
+            "\n".join(
+                [
+                    f"submitting the form created no flow run; the browser is at {page.url}",
+                    "--- console ---",
+                    *console,
+                    "--- server log ---",
+                    prefect_stack.log("server", 60),
+                ]
+            )
+        )
     assert len(new) == 1, "submitting the form created one flow run"
     [run] = prefect_stack.wait_until_final(*new)
     assert run.parameters["workspace"] == str(empty_workspace) and run.parameters["force"] is True

@@ -33,7 +33,12 @@ def test_the_normal_flag_rate_follows_the_beta_law_of_the_threshold_whatever_the
 def test_the_percentile_interval_covers_the_true_percentile_about_95_percent_of_the_time():
     rng = np.random.default_rng(6)
     true = -np.log(0.02)  # the 98th percentile of Exp(1)
-    covered = [low <= true <= high for low, high in (threshold_uncertainty(rng.exponential(size=600), 98.0)["confidence_interval"] for _ in range(300))]
+    covered = [
+        low <= true <= high
+        for low, high in (
+            threshold_uncertainty(rng.exponential(size=600), 98.0)["confidence_interval"] for _ in range(300)
+        )
+    ]
     assert 0.92 <= np.mean(covered) <= 0.99
 
 
@@ -70,19 +75,35 @@ def test_thirty_normal_nights_fall_within_the_band_and_a_shifted_night_is_above(
     # The product's own summaries carry that band for the bundle's threshold, and a shifted night is above it.
     assert "uncertainty" in loaded.metadata["threshold"]
     normal = write_rows(make_rows(4000, seed=1000), workspace_copy / "in" / "normal.parquet")
-    summary = score_file(loaded, normal, "normal", batch_outputs(ws, RUN_DATE, "normal"), ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0)).summary
+    summary = score_file(
+        loaded,
+        normal,
+        "normal",
+        batch_outputs(ws, RUN_DATE, "normal"),
+        ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0),
+    ).summary
     assert summary["flag_rate_band"] == list(flag_rate_band(4000, *loaded.exceedance_beta))
     assert summary["flag_rate_verdict"] == flag_rate_verdict(summary["rows_flagged"], 4000, summary["flag_rate_band"])
     table = make_rows(4000, seed=2000)
     for name in FEATURES[:3]:
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(table.column(name).to_numpy() + 1.0))
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.array(table.column(name).to_numpy() + 1.0)
+        )
     source = write_rows(table, workspace_copy / "in" / "shifted.parquet")
-    result = score_file(loaded, source, "shifted", batch_outputs(ws, RUN_DATE, "shifted"), ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0))
+    result = score_file(
+        loaded,
+        source,
+        "shifted",
+        batch_outputs(ws, RUN_DATE, "shifted"),
+        ScoringOptions(scored_at=SCORED_AT, write_scores=False, reason_count=0),
+    )
     assert result.summary["flag_rate_verdict"] == "above", result.summary["flag_rate"]
     assert result.summary["flag_rate"] > result.summary["flag_rate_band"][1]
 
 
-@pytest.mark.parametrize(("rows", "a", "b"), [(100, 21, 980), (4000, 21, 980), (50_000, 21, 980), (20_000, 3, 148), (20_000, 201, 9800)])
+@pytest.mark.parametrize(
+    ("rows", "a", "b"), [(100, 21, 980), (4000, 21, 980), (50_000, 21, 980), (20_000, 3, 148), (20_000, 201, 9800)]
+)
 def test_the_fast_band_equals_scipys_beta_binomial_quantiles(rows, a, b):
     from scipy.stats import betabinom
 

@@ -35,7 +35,9 @@ def demo_flow(
     write_demo_data(root, date, n_batches)
     trained = retrain_flow(workspace=root, preset=preset)
     # The night is scored with the model just trained, even when the promotion gate kept a better one current.
-    scored = score_flow(workspace=root, run_date=date, force=True, model_version=trained["model_version"], catch_up_days=0)
+    scored = score_flow(
+        workspace=root, run_date=date, force=True, model_version=trained["model_version"], catch_up_days=0
+    )
     return {
         **scored,
         "promoted": trained["promoted"],

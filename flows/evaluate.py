@@ -1,4 +1,4 @@
-"""Evaluation flow: join labels that arrived later to what was scored, per scored date and model version, and report the trend."""
+"""Evaluation flow: join labels that arrived later to what was scored, per date and model version; report the trend."""
 
 from __future__ import annotations
 
@@ -18,17 +18,25 @@ from tasks.reporting import publish_report_artifacts
 @flow(name="evaluate-labels", flow_run_name="evaluate-{window_days}-days", timeout_seconds=2 * 3600)
 def evaluate_flow(
     workspace: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Workspace"})] = default_workspace(),
-    end_date: Annotated[dt.date | None, BeforeValidator(empty_means_today), RUN_DATE_SCHEMA, Field(json_schema_extra={"title": "Last scored date", "default": ""})] = None,
+    end_date: Annotated[
+        dt.date | None,
+        BeforeValidator(empty_means_today),
+        RUN_DATE_SCHEMA,
+        Field(json_schema_extra={"title": "Last scored date", "default": ""}),
+    ] = None,
     window_days: Annotated[int, Field(ge=1, le=3660, json_schema_extra={"title": "Days evaluated"})] = 30,
-    id_columns: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, json_schema_extra={"title": "Id columns"})] = ["row_id"],  # noqa: B006 - Prefect copies parameters
+    id_columns: Annotated[
+        list[Annotated[str, Field(min_length=1)]], Field(min_length=1, json_schema_extra={"title": "Id columns"})
+    ] = ["row_id"],  # noqa: B006 - Prefect copies parameters
     timezone: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Time zone"})] = DEFAULT_TIMEZONE,
 ) -> dict[str, Any]:
-    """Join the labels in labels/ to the scores outputs of the last dates and write their realised quality and its trend.
+    """Join the labels in labels/ to the last dates' scores outputs and write their realised quality and its trend.
 
     Args:
         workspace: Root folder of every runtime file (training/, incoming/, labels/, models/, outputs/, state/).
         end_date: Last scored date evaluated. Empty means today in the time zone below.
-        window_days: How many scored dates, ending at the last one, are evaluated again (their evaluations are replaced).
+        window_days: How many scored dates, ending at the last one, are evaluated again
+            (their evaluations are replaced).
         id_columns: Columns that identify a row in both the label files and the scores outputs.
         timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris.
     """
@@ -44,7 +52,13 @@ def evaluate_flow(
     title = f"Realised quality, {dates[0]} to {last}"
     trend = write_trend_report(root, dates, title)
     publish_report_artifacts(f"evaluation-trend-{last.isoformat()}", trend["text"], rows, title)
-    logger.info("Evaluated %d scored date(s) of %s..%s with %d label row(s)", len({r["scored_date"] for r in rows}), dates[0], last, staged["rows"])
+    logger.info(
+        "Evaluated %d scored date(s) of %s..%s with %d label row(s)",
+        len({r["scored_date"] for r in rows}),
+        dates[0],
+        last,
+        staged["rows"],
+    )
     return {
         "first_date": dates[0].isoformat(),
         "last_date": last.isoformat(),

@@ -44,22 +44,35 @@ def retrain_flow(
     normal_label: Annotated[str, Field(json_schema_extra={"title": "Normal label value"})] = "0",
     all_rows_normal: Annotated[bool, Field(json_schema_extra={"title": "All rows are normal"})] = False,
     holdout_fraction: Annotated[float, Field(gt=0, lt=1, json_schema_extra={"title": "Hold-out fraction"})] = 0.2,
-    epochs: Annotated[Annotated[int, Field(ge=1, le=10_000)] | None, Field(json_schema_extra={"title": "Epochs"})] = None,
+    epochs: Annotated[
+        Annotated[int, Field(ge=1, le=10_000)] | None, Field(json_schema_extra={"title": "Epochs"})
+    ] = None,
     batch_size: Annotated[Annotated[int, Field(ge=1)] | None, Field(json_schema_extra={"title": "Batch size"})] = None,
-    learning_rate: Annotated[Annotated[float, Field(gt=0, le=1)] | None, Field(json_schema_extra={"title": "Learning rate"})] = None,
-    seed: Annotated[Annotated[int, Field(ge=0, le=4_294_967_295)] | None, Field(json_schema_extra={"title": "Random seed"})] = None,
+    learning_rate: Annotated[
+        Annotated[float, Field(gt=0, le=1)] | None, Field(json_schema_extra={"title": "Learning rate"})
+    ] = None,
+    seed: Annotated[
+        Annotated[int, Field(ge=0, le=4_294_967_295)] | None, Field(json_schema_extra={"title": "Random seed"})
+    ] = None,
     promote: Annotated[bool, Field(json_schema_extra={"title": "Promote the new model"})] = True,
     use_label_history: Annotated[bool, Field(json_schema_extra={"title": "Learn from labelled past nights"})] = False,
-    label_history_days: Annotated[int, Field(ge=1, le=3660, json_schema_extra={"title": "Days of labelled nights"})] = 30,
-    id_columns: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, json_schema_extra={"title": "Id columns of the labels"})] = ["row_id"],  # noqa: B006 - Prefect copies parameters
+    label_history_days: Annotated[
+        int, Field(ge=1, le=3660, json_schema_extra={"title": "Days of labelled nights"})
+    ] = 30,
+    id_columns: Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        Field(min_length=1, json_schema_extra={"title": "Id columns of the labels"}),
+    ] = ["row_id"],  # noqa: B006 - Prefect copies parameters
 ) -> dict[str, Any]:
     """Retrain the autoencoder on normal-labelled rows and fix the anomaly threshold on held-out normal rows.
 
     Args:
         workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/).
         training_data: Training Parquet: a file, a folder or a glob. Empty means the workspace's training/ folder.
-        preset: Named model recipe: 'default' (works on standardised data) or 'seed' (the tutorial's recipe, for reproducing it).
-        percentile: Percentile of held-out normal rows' reconstruction error that becomes the threshold (98 flags about 2% of normal rows).
+        preset: Named model recipe: 'default' (works on standardised data) or 'seed'
+            (the tutorial's recipe, for reproducing it).
+        percentile: Percentile of held-out normal rows' reconstruction error that becomes the threshold
+            (98 flags about 2% of normal rows).
         label_column: Column holding the class label in the training data.
         normal_label: Value of the label column that marks a normal row (compared as text, e.g. '0').
         all_rows_normal: Set when the training data has no label column and every row is normal.
@@ -69,7 +82,8 @@ def retrain_flow(
         learning_rate: Override the preset's learning rate.
         seed: Override the preset's random seed (weights, shuffling, hold-out split).
         promote: Make the new model the one nightly scoring uses.
-        use_label_history: Also train on rows of past nights (incoming/) that labels in labels/ confirm normal, and test on those they confirm anomalous.
+        use_label_history: Also train on rows of past nights (incoming/) that labels in labels/ confirm normal,
+            and test on those they confirm anomalous.
         label_history_days: How many nights, ending today (UTC), the label history reaches back.
         id_columns: Columns that identify a row in both the label files and the nights' files.
     """
@@ -87,31 +101,92 @@ def retrain_flow(
         staging = str(staging_dir(ws.models_dir, version))
         logger.info("Retraining model %s with preset %r from %s", version, preset, source)
         try:
-            # Normal rows only (with those of past nights that labels confirm), a seeded share held out for the threshold.
+            # Normal rows only (with those of past nights that labels confirm), a seeded share held out for the
+            # threshold.
             confirmed = None
             if use_label_history:
-                confirmed = gather_label_history(workspace_root=str(ws.root), source=source, labels=labels, end_date=dt.datetime.now(dt.UTC).date(), days=label_history_days, id_columns=list(id_columns), staging=staging)
-            split = split_training_data(source=source, staging=staging, labels=labels, holdout_fraction=holdout_fraction, percentile=percentile, seed=config.seed, label_history=confirmed["path"] if confirmed else None)
+                confirmed = gather_label_history(
+                    workspace_root=str(ws.root),
+                    source=source,
+                    labels=labels,
+                    end_date=dt.datetime.now(dt.UTC).date(),
+                    days=label_history_days,
+                    id_columns=list(id_columns),
+                    staging=staging,
+                )
+            split = split_training_data(
+                source=source,
+                staging=staging,
+                labels=labels,
+                holdout_fraction=holdout_fraction,
+                percentile=percentile,
+                seed=config.seed,
+                label_history=confirmed["path"] if confirmed else None,
+            )
             # With labelled anomalies held out, the candidate recipe that ranks them best; then train it.
             recipe = choose_recipe(split=split, preset=preset, config=config.model_dump(), staging=staging)
-            history = train_autoencoder(train_path=split["train_path"], feature_names=split["feature_names"], config=recipe["config"], staging=staging)
+            history = train_autoencoder(
+                train_path=split["train_path"],
+                feature_names=split["feature_names"],
+                config=recipe["config"],
+                staging=staging,
+            )
             # The threshold is the percentile of errors on normal rows the model did not see (held out, or out of fold).
-            errors_path = compute_reconstruction_errors(staging=staging, split=split, config=history["config"], normal_errors_path=recipe["normal_errors_path"])
+            errors_path = compute_reconstruction_errors(
+                staging=staging, split=split, config=history["config"], normal_errors_path=recipe["normal_errors_path"]
+            )
             threshold = fix_threshold(errors_path=errors_path, percentile=percentile, scheme=split["scheme"])
             # Bundle, reports and the promotion gate, all inside the staging folder; then publish the version
             # (a rename, or uploads with bundle.json last).
-            save_model_bundle(staging=staging, version=version, split=split, history=history, threshold=threshold, preset=preset, labels=labels, recipe=recipe)
-            training_report = write_training_report(staging=staging, version=version, errors_path=errors_path, history=history, threshold=threshold, split=split, preset=preset, recipe=recipe)
-            write_evaluation_report(summary=training_report["report"]["holdout_evaluation"], directory=str(Path(staging) / "report"), stem="holdout-evaluation", title=f"Held-out evaluation, model {version}", context={"model_version": version, "rows": "held-out normal rows and labelled anomalies"})
-            gate = check_promotion_gate(staging=staging, errors_path=errors_path, threshold=threshold, models_dir=models_dir, feature_names=split["feature_names"])
+            save_model_bundle(
+                staging=staging,
+                version=version,
+                split=split,
+                history=history,
+                threshold=threshold,
+                preset=preset,
+                labels=labels,
+                recipe=recipe,
+            )
+            training_report = write_training_report(
+                staging=staging,
+                version=version,
+                errors_path=errors_path,
+                history=history,
+                threshold=threshold,
+                split=split,
+                preset=preset,
+                recipe=recipe,
+            )
+            write_evaluation_report(
+                summary=training_report["report"]["holdout_evaluation"],
+                directory=str(Path(staging) / "report"),
+                stem="holdout-evaluation",
+                title=f"Held-out evaluation, model {version}",
+                context={"model_version": version, "rows": "held-out normal rows and labelled anomalies"},
+            )
+            gate = check_promotion_gate(
+                staging=staging,
+                errors_path=errors_path,
+                threshold=threshold,
+                models_dir=models_dir,
+                feature_names=split["feature_names"],
+            )
             version_dir = publish_model_version(staging=staging, models_dir=models_dir)
         except BaseException:
             discard_staging(staging)
             raise
         promoted = _promote_if_allowed(models_dir=models_dir, version=version, gate=gate, promote=promote)
 
-    run = RetrainingRun(version, preset, percentile, split, recipe, history, threshold, gate, confirmed, training_report, version_dir)
-    publish_report_artifacts(key=f"training-report-{version}", markdown=training_report["markdown"], table=run.artifact_rows(), description=f"Training report of model {version}")
+    run = RetrainingRun(
+        version, preset, percentile, split, recipe, history, threshold, gate, confirmed, training_report, version_dir
+    )
+    publish_report_artifacts(
+        key=f"training-report-{version}",
+        markdown=training_report["markdown"],
+        table=run.artifact_rows(),
+        description=f"Training report of model {version}",
+    )
     current = version if promoted else current_version(storage.as_path(models_dir), required=False)
     outcome = run.outcome(promoted=promoted, current_model=current)
     emit_model_event(str(ws.root), outcome)
@@ -134,5 +209,7 @@ def _promote_if_allowed(models_dir: str, version: str, gate: dict[str, Any], pro
             promote_command(version),
         )
     elif promote:
-        logger.warning("Model %s is saved but NOT promoted; the current model keeps scoring. Reasons: %s", version, reasons)
+        logger.warning(
+            "Model %s is saved but NOT promoted; the current model keeps scoring. Reasons: %s", version, reasons
+        )
     return False

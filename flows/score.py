@@ -59,39 +59,64 @@ def _run_name() -> str:
 @flow(name="score-batches", flow_run_name=_run_name, timeout_seconds=4 * 3600)
 def score_flow(
     workspace: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Workspace"})] = default_workspace(),
-    run_date: Annotated[dt.date | None, BeforeValidator(empty_means_today), RUN_DATE_SCHEMA, Field(json_schema_extra={"title": "Run date", "default": ""})] = None,
+    run_date: Annotated[
+        dt.date | None,
+        BeforeValidator(empty_means_today),
+        RUN_DATE_SCHEMA,
+        Field(json_schema_extra={"title": "Run date", "default": ""}),
+    ] = None,
     batch_paths: Annotated[list[str] | None, Field(json_schema_extra={"title": "Batch paths"})] = None,
     force: Annotated[bool, Field(json_schema_extra={"title": "Force re-scoring"})] = False,
     write_scores: Annotated[bool, Field(json_schema_extra={"title": "Write every row's score"})] = True,
-    model_version: Annotated[Annotated[str, Field(min_length=1)] | None, Field(json_schema_extra={"title": "Model version"})] = None,
+    model_version: Annotated[
+        Annotated[str, Field(min_length=1)] | None, Field(json_schema_extra={"title": "Model version"})
+    ] = None,
     timezone: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Time zone"})] = DEFAULT_TIMEZONE,
-    catch_up_days: Annotated[int, Field(ge=0, le=31, json_schema_extra={"title": "Days of late files to catch up"})] = 3,
-    reason_count: Annotated[int, Field(ge=0, le=MAX_REASONS, json_schema_extra={"title": "Reasons per flagged row"})] = 3,
-    chunk_rows: Annotated[int, Field(ge=1024, le=10_000_000, json_schema_extra={"title": "Rows per chunk"})] = DEFAULT_CHUNK_ROWS,
-    max_bad_row_share: Annotated[float, Field(ge=0, le=1, json_schema_extra={"title": "Maximum share of bad rows"})] = DEFAULT_MAX_BAD_ROW_SHARE,
+    catch_up_days: Annotated[
+        int, Field(ge=0, le=31, json_schema_extra={"title": "Days of late files to catch up"})
+    ] = 3,
+    reason_count: Annotated[
+        int, Field(ge=0, le=MAX_REASONS, json_schema_extra={"title": "Reasons per flagged row"})
+    ] = 3,
+    chunk_rows: Annotated[
+        int, Field(ge=1024, le=10_000_000, json_schema_extra={"title": "Rows per chunk"})
+    ] = DEFAULT_CHUNK_ROWS,
+    max_bad_row_share: Annotated[
+        float, Field(ge=0, le=1, json_schema_extra={"title": "Maximum share of bad rows"})
+    ] = DEFAULT_MAX_BAD_ROW_SHARE,
     dask_address: Annotated[str | None, Field(json_schema_extra={"title": "Dask scheduler address"})] = None,
     dask_workers: Annotated[int, Field(ge=0, le=1024, json_schema_extra={"title": "Local Dask workers"})] = 0,
-    dask_threads_per_worker: Annotated[int, Field(ge=1, le=256, json_schema_extra={"title": "Threads per Dask worker"})] = 1,
+    dask_threads_per_worker: Annotated[
+        int, Field(ge=1, le=256, json_schema_extra={"title": "Threads per Dask worker"})
+    ] = 1,
     rows_per_unit: Annotated[int, Field(ge=10_000, json_schema_extra={"title": "Rows per Dask work unit"})] = 1_000_000,
 ) -> dict[str, Any]:
     """Score the Parquet batches of one date with the current model; write flagged rows, scores and reports.
 
     Args:
         workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/).
-        run_date: Date whose batches (incoming/YYYY-MM-DD/) are scored and under which outputs are partitioned. Empty means today in the time zone below.
+        run_date: Date whose batches (incoming/YYYY-MM-DD/) are scored and under which outputs are partitioned.
+            Empty means today in the time zone below.
         batch_paths: Explicit Parquet files, folders or globs to score instead of incoming/YYYY-MM-DD/.
         force: Score batches again even if the current model already scored them.
         write_scores: Also write every row's score (outputs/scores/) for joining back.
         model_version: Model version to score with. Empty means the current one (models/current.json).
         timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris.
-        catch_up_days: Also score files of this many earlier dates that have no record yet (late arrivals, files replaced after a rejection), under their own dates; 0 turns it off.
-        reason_count: How many features each flagged row names as its reasons (reason_1..k, with share and direction); 0 writes none.
+        catch_up_days: Also score files of this many earlier dates that have no record yet (late arrivals, files
+            replaced after a rejection), under their own dates; 0 turns it off.
+        reason_count: How many features each flagged row names as its reasons (reason_1..k, with share and
+            direction); 0 writes none.
         chunk_rows: Rows read and scored at a time; bounds memory whatever the file size.
-        max_bad_row_share: Share of rows with missing or infinite features above which a batch fails instead of being scored.
-        dask_address: Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) to score on. Empty means ANOMALY_DASK_ADDRESS, or no Dask.
-        dask_workers: Start a local Dask cluster with this many worker processes for the run; 0 scores in this process.
-        dask_threads_per_worker: Threads of each local Dask worker (TensorFlow in each worker is limited to them).
-        rows_per_unit: On Dask, files are split into units of whole row groups of about this many rows, so no worker holds a whole large file.
+        max_bad_row_share: Share of rows with missing or infinite features above which a batch fails instead of
+            being scored.
+        dask_address: Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) to score on.
+            Empty means ANOMALY_DASK_ADDRESS, or no Dask.
+        dask_workers: Start a local Dask cluster with this many worker processes for the run;
+            0 scores in this process.
+        dask_threads_per_worker: Threads of each local Dask worker
+            (TensorFlow in each worker is limited to them).
+        rows_per_unit: On Dask, files are split into units of whole row groups of about this many rows,
+            so no worker holds a whole large file.
     """
     logger = get_run_logger()
     date = resolve_run_date(run_date, timezone)
@@ -102,7 +127,9 @@ def score_flow(
     root = str(ws.root)
     model = resolve_model_version(root, model_version)
     found = find_batches(root, date, list(batch_paths or []))
-    logger.info("Scoring %d batch(es) of %s with model %s (threshold %.6g)", len(found), date, model.version, model.threshold)
+    logger.info(
+        "Scoring %d batch(es) of %s with model %s (threshold %.6g)", len(found), date, model.version, model.threshold
+    )
 
     with contextlib.ExitStack() as locks:
         # Under the date's lock a second run of the date waits, then skips what this one scored; earlier
@@ -111,10 +138,18 @@ def score_flow(
         late_dates = [] if batch_paths else _lock_earlier_dates(ws, date, catch_up_days, locks)
         for day in [date, *late_dates]:
             remove_stale_temporaries(root, day)
-        work, skipped, late = _choose_work(root=root, date=date, found=found, late_dates=late_dates, version=model.version, force=force)
+        work, skipped, late = _choose_work(
+            root=root, date=date, found=found, late_dates=late_dates, version=model.version, force=force
+        )
         # Withdrawn before any output is replaced: a run killed from here on leaves these batches to the next run.
         withdraw_records(root, work)
-        options = ScoringOptions(scored_at=scored_at, write_scores=write_scores, chunk_rows=chunk_rows, reason_count=reason_count, max_bad_row_share=max_bad_row_share)
+        options = ScoringOptions(
+            scored_at=scored_at,
+            write_scores=write_scores,
+            chunk_rows=chunk_rows,
+            reason_count=reason_count,
+            max_bad_row_share=max_bad_row_share,
+        )
         states = score_work(
             root=root,
             work=work,
@@ -129,17 +164,26 @@ def score_flow(
         summary, report_paths = _write_run_reports(ws=ws, run=run)
 
     markdown = storage.read_text(report_paths["markdown"])
-    publish_report_artifacts(f"scoring-report-{date.isoformat()}", markdown, run.artifact_rows(), f"Scoring run of {date} with model {model.version}")
+    publish_report_artifacts(
+        f"scoring-report-{date.isoformat()}",
+        markdown,
+        run.artifact_rows(),
+        f"Scoring run of {date} with model {model.version}",
+    )
     outcome = run.outcome(summary=summary, report_paths=report_paths, workspace=ws, write_scores=write_scores)
     emit_night_events(root, outcome)
     if run.failed:
         names = "; ".join(f["error"] for f in run.failed)
-        raise BatchesFailedError(f"{len(run.failed)} of {len(work)} batch(es) failed and were not published: {names}", outcome)
+        raise BatchesFailedError(
+            f"{len(run.failed)} of {len(work)} batch(es) failed and were not published: {names}", outcome
+        )
     return outcome
 
 
-def _choose_work(root: str, date: dt.date, found: list[Batch], late_dates: list[dt.date], version: str, force: bool) -> tuple[Work, list[str], Work]:
-    """Return the (date, batch) pairs to score, the batches skipped as already scored, and the late files among the work."""
+def _choose_work(
+    root: str, date: dt.date, found: list[Batch], late_dates: list[dt.date], version: str, force: bool
+) -> tuple[Work, list[str], Work]:
+    """Return the (date, batch) pairs to score, the batches already scored (skipped), and the late files among them."""
     logger = get_run_logger()
     work: Work = []
     skipped = []
@@ -155,7 +199,9 @@ def _choose_work(root: str, date: dt.date, found: list[Batch], late_dates: list[
     return work + late, skipped, late
 
 
-def _publish_batches(root: str, date: dt.date, model: ModelFacts, work: Work, states: list[State], skipped: list[str], late: Work) -> ScoringRun:
+def _publish_batches(
+    root: str, date: dt.date, model: ModelFacts, work: Work, states: list[State], skipped: list[str], late: Work
+) -> ScoringRun:
     """Publish each scored batch (its report, then its manifest record, last); withdraw and record each failure."""
     logger = get_run_logger()
     scored: list[BatchResult] = []
@@ -176,9 +222,10 @@ def _publish_batches(root: str, date: dt.date, model: ModelFacts, work: Work, st
 
 
 def _write_run_reports(ws: Workspace, run: ScoringRun) -> tuple[dict[str, Any], dict[str, str]]:
-    """Write the run report of the run's date and of each earlier date that got late files; return the run date's summary and report paths.
+    """Write the run report of the run's date and of each earlier date that got late files.
 
-    A run report covers every batch of its date this model published, and this run's failures.
+    Return the run date's summary and report paths. A run report covers every batch of its date this model
+    published, and this run's failures.
     """
     reports = {}
     for day in run.dates_reported():
@@ -188,7 +235,12 @@ def _write_run_reports(ws: Workspace, run: ScoringRun) -> tuple[dict[str, Any], 
         if day == run.date:
             summary["catch_up_batches"] = run.caught_up
         title = f"Scoring run {day}, model {run.model_version}"
-        reports[day] = summary, write_evaluation_report(summary, str(ws.output_partition("reports", day)), "run-report", title, run.report_context(day))
+        reports[day] = (
+            summary,
+            write_evaluation_report(
+                summary, str(ws.output_partition("reports", day)), "run-report", title, run.report_context(day)
+            ),
+        )
     return reports[run.date]
 
 

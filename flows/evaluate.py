@@ -33,12 +33,14 @@ def evaluate_flow(
     """Join the labels in labels/ to the last dates' scores outputs and write their realised quality and its trend.
 
     Args:
-        workspace: Root folder of every runtime file (training/, incoming/, labels/, models/, outputs/, state/).
-        end_date: Last scored date evaluated. Empty means today in the time zone below.
+        workspace: Root folder of every runtime file (training/, incoming/, labels/, models/, outputs/, state/);
+            the default comes from $ANOMALY_WORKSPACE, else ./workspace.
+        end_date: Last scored date evaluated. Empty or not given means today in the time zone below.
         window_days: How many scored dates, ending at the last one, are evaluated again
             (their evaluations are replaced).
         id_columns: Columns that identify a row in both the label files and the scores outputs.
-        timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris.
+        timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris; the default comes from
+            $ANOMALY_TIMEZONE, else UTC.
     """
     logger = get_run_logger()
     last = resolve_run_date(end_date, timezone)

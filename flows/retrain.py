@@ -67,8 +67,10 @@ def retrain_flow(
     """Retrain the autoencoder on normal-labelled rows and fix the anomaly threshold on held-out normal rows.
 
     Args:
-        workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/).
-        training_data: Training Parquet: a file, a folder or a glob. Empty means the workspace's training/ folder.
+        workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/);
+            the default comes from $ANOMALY_WORKSPACE, else ./workspace.
+        training_data: Training Parquet: a file, a folder or a glob. Empty or not given means the workspace's
+            training/ folder.
         preset: Named model recipe: 'default' (works on standardised data) or 'seed'
             (the tutorial's recipe, for reproducing it).
         percentile: Percentile of held-out normal rows' reconstruction error that becomes the threshold
@@ -81,7 +83,8 @@ def retrain_flow(
         batch_size: Override the preset's training batch size.
         learning_rate: Override the preset's learning rate.
         seed: Override the preset's random seed (weights, shuffling, hold-out split).
-        promote: Make the new model the one nightly scoring uses.
+        promote: Make the new model current (the one nightly scoring uses) if its promotion gate passes;
+            off, the version is only saved.
         use_label_history: Also train on rows of past nights (incoming/) that labels in labels/ confirm normal,
             and test on those they confirm anomalous.
         label_history_days: How many nights, ending today (UTC), the label history reaches back.

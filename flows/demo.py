@@ -25,9 +25,11 @@ def demo_flow(
     """Run the whole product on the tutorial's dataset: write it, retrain, score one night with the model just trained.
 
     Args:
-        workspace: Root folder the demo writes its training data, batches, model and outputs into.
+        workspace: Root folder the demo writes its training data, batches, model and outputs into;
+            the default comes from $ANOMALY_WORKSPACE, else ./workspace.
         preset: Model recipe to retrain with: 'default' or 'seed' (the tutorial's recipe).
-        run_date: Date the test split is filed and scored under. Empty means today (UTC).
+        run_date: Date the test split is filed and scored under. Empty or not given means today in
+            $ANOMALY_TIMEZONE, else UTC.
         n_batches: Number of files the test split is cut into.
     """
     root = str(Workspace.at(workspace).root)

@@ -30,15 +30,18 @@ def evaluate_flow(
     ] = ["row_id"],  # noqa: B006 - Prefect copies parameters
     timezone: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Time zone"})] = DEFAULT_TIMEZONE,
 ) -> dict[str, Any]:
-    """Join the labels in labels/ to the scores outputs of the last dates and write their realised quality and its trend.
+    """Join the labels in labels/ to the last dates' scores outputs and write their realised quality and its trend.
 
     Args:
-        workspace: Root folder of every runtime file (training/, incoming/, labels/, models/, outputs/, state/).
-        end_date: Last scored date evaluated. Empty means today in the time zone below.
-        window_days: How many scored dates, ending at the last one, are evaluated again (their evaluations are replaced).
+        workspace: Root folder of every runtime file (training/, incoming/, labels/, models/, outputs/, state/);
+            the default comes from $ANOMALY_WORKSPACE, else ./workspace.
+        end_date: Last scored date evaluated. Empty or not given means today in the time zone below.
+        window_days: How many scored dates, ending at the last one, are evaluated again
+            (their evaluations are replaced).
         id_columns: Columns that identify a row in both the label files and the scores outputs.
-        timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris.
-    """  # noqa: E501 - Prefect reads each Args line as the parameter's description in its forms
+        timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris; the default comes from
+            $ANOMALY_TIMEZONE, else UTC.
+    """
     logger = get_run_logger()
     last = resolve_run_date(end_date, timezone)
     dates = dates_ending(last, window_days)

@@ -67,10 +67,14 @@ def retrain_flow(
     """Retrain the autoencoder on normal-labelled rows and fix the anomaly threshold on held-out normal rows.
 
     Args:
-        workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/).
-        training_data: Training Parquet: a file, a folder or a glob. Empty means the workspace's training/ folder.
-        preset: Named model recipe: 'default' (works on standardised data) or 'seed' (the tutorial's recipe, for reproducing it).
-        percentile: Percentile of held-out normal rows' reconstruction error that becomes the threshold (98 flags about 2% of normal rows).
+        workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/);
+            the default comes from $ANOMALY_WORKSPACE, else ./workspace.
+        training_data: Training Parquet: a file, a folder or a glob. Empty or not given means the workspace's
+            training/ folder.
+        preset: Named model recipe: 'default' (works on standardised data) or 'seed'
+            (the tutorial's recipe, for reproducing it).
+        percentile: Percentile of held-out normal rows' reconstruction error that becomes the threshold
+            (98 flags about 2% of normal rows).
         label_column: Column holding the class label in the training data.
         normal_label: Value of the label column that marks a normal row (compared as text, e.g. '0').
         all_rows_normal: Set when the training data has no label column and every row is normal.
@@ -79,11 +83,13 @@ def retrain_flow(
         batch_size: Override the preset's training batch size.
         learning_rate: Override the preset's learning rate.
         seed: Override the preset's random seed (weights, shuffling, hold-out split).
-        promote: Make the new model the one nightly scoring uses.
-        use_label_history: Also train on rows of past nights (incoming/) that labels in labels/ confirm normal, and test on those they confirm anomalous.
+        promote: Make the new model current (the one nightly scoring uses) if its promotion gate passes;
+            off, the version is only saved.
+        use_label_history: Also train on rows of past nights (incoming/) that labels in labels/ confirm normal,
+            and test on those they confirm anomalous.
         label_history_days: How many nights, ending today (UTC), the label history reaches back.
         id_columns: Columns that identify a row in both the label files and the nights' files.
-    """  # noqa: E501 - Prefect reads each Args line as the parameter's description in its forms
+    """
     logger = get_run_logger()
     ws = Workspace.at(workspace)
     config = resolve_preset(preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
@@ -98,8 +104,8 @@ def retrain_flow(
         staging = str(staging_dir(ws.models_dir, version))
         logger.info("Retraining model %s with preset %r from %s", version, preset, source)
         try:
-            # Normal rows only (with those of past nights that labels confirm), a seeded share held out
-            # for the threshold.
+            # Normal rows only (with those of past nights that labels confirm), a seeded share held out for the
+            # threshold.
             confirmed = None
             if use_label_history:
                 confirmed = gather_label_history(

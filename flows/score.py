@@ -94,22 +94,33 @@ def score_flow(
     """Score the Parquet batches of one date with the current model; write flagged rows, scores and reports.
 
     Args:
-        workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/).
-        run_date: Date whose batches (incoming/YYYY-MM-DD/) are scored and under which outputs are partitioned. Empty means today in the time zone below.
+        workspace: Root folder of every runtime file (training/, incoming/, models/, outputs/, state/);
+            the default comes from $ANOMALY_WORKSPACE, else ./workspace.
+        run_date: Date whose batches (incoming/YYYY-MM-DD/) are scored and under which outputs are partitioned.
+            Empty or not given means today in the time zone below.
         batch_paths: Explicit Parquet files, folders or globs to score instead of incoming/YYYY-MM-DD/.
         force: Score batches again even if the current model already scored them.
         write_scores: Also write every row's score (outputs/scores/) for joining back.
-        model_version: Model version to score with. Empty means the current one (models/current.json).
-        timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris.
-        catch_up_days: Also score files of this many earlier dates that have no record yet (late arrivals, files replaced after a rejection), under their own dates; 0 turns it off.
-        reason_count: How many features each flagged row names as its reasons (reason_1..k, with share and direction); 0 writes none.
+        model_version: Model version to score with. Empty or not given means the current one
+            (models/current.json).
+        timezone: IANA time zone that decides what 'today' is, e.g. UTC or Europe/Paris; the default comes from
+            $ANOMALY_TIMEZONE, else UTC.
+        catch_up_days: Also score files of this many earlier dates that have no record yet (late arrivals, files
+            replaced after a rejection), under their own dates; 0 turns it off.
+        reason_count: How many features each flagged row names as its reasons (reason_1..k, with share and
+            direction); 0 writes none.
         chunk_rows: Rows read and scored at a time; bounds memory whatever the file size.
-        max_bad_row_share: Share of rows with missing or infinite features above which a batch fails instead of being scored.
-        dask_address: Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) to score on. Empty means ANOMALY_DASK_ADDRESS, or no Dask.
-        dask_workers: Start a local Dask cluster with this many worker processes for the run; 0 scores in this process.
-        dask_threads_per_worker: Threads of each local Dask worker (TensorFlow in each worker is limited to them).
-        rows_per_unit: On Dask, files are split into units of whole row groups of about this many rows, so no worker holds a whole large file.
-    """  # noqa: E501 - Prefect reads each Args line as the parameter's description in its forms
+        max_bad_row_share: Share of rows with missing or infinite features above which a batch fails instead of
+            being scored.
+        dask_address: Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) to score on.
+            Empty or not given means $ANOMALY_DASK_ADDRESS, or no Dask.
+        dask_workers: Start a local Dask cluster with this many worker processes for the run;
+            0 scores in this process.
+        dask_threads_per_worker: Threads of each local Dask worker
+            (TensorFlow in each worker is limited to them).
+        rows_per_unit: On Dask, files are split into units of whole row groups of about this many rows,
+            so no worker holds a whole large file.
+    """
     logger = get_run_logger()
     date = resolve_run_date(run_date, timezone)
     scored_at = dt.datetime.now(dt.UTC)
@@ -219,9 +230,8 @@ def _publish_batches(
 def _write_run_reports(ws: Workspace, run: ScoringRun) -> tuple[dict[str, Any], dict[str, str]]:
     """Write the run report of the run's date and of each earlier date that got late files.
 
-    Return the run date's summary and the report paths.
-
-    A run report covers every batch of its date this model published, and this run's failures.
+    Return the run date's summary and report paths. A run report covers every batch of its date this model
+    published, and this run's failures.
     """
     reports = {}
     for day in run.dates_reported():

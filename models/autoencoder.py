@@ -15,6 +15,8 @@ SCALING_LAYER = "scaling"
 OUTPUT_LAYER = "reconstruction"
 DEFAULT_INFERENCE_ROWS = 65_536
 STEPS_PER_EXECUTION = 16
+# A Keras epoch of fewer rows than this costs more in Keras' own per-epoch work than in training steps.
+MIN_EPOCH_ROWS = 4096
 # Standardised values are clipped to this many standard deviations: far beyond anything a normal row
 # shows, so every ranking is kept, while a value such as 1e30 cannot overflow the error to infinity,
 # nor one absurd training row outweigh the rest in the loss.
@@ -165,12 +167,15 @@ def train_autoencoder(
     x = np.asarray(features, dtype=np.float32)
     y = scaled_targets(model, x)
     validation = None
-    if config.validation_fraction > 0:
+    if config.validation_fraction > 0 and config.early_stopping_patience:
         order = np.random.default_rng(config.seed).permutation(len(x))
         n_val = max(1, int(round(len(x) * config.validation_fraction)))
         val_idx, fit_idx = order[:n_val], order[n_val:]
         validation = (x[val_idx], y[val_idx])
         x, y = x[fit_idx], y[fit_idx]
+    passes = passes_per_epoch(len(x), config.epochs) if validation is None else 1
+    if passes > 1:
+        x, y = np.tile(x, (passes, 1)), np.tile(y, (passes, 1))
     callbacks: list[keras.callbacks.Callback] = []
     early_stopping = None
     if config.early_stopping_patience and validation is not None:
@@ -179,11 +184,15 @@ def train_autoencoder(
         )
         callbacks.append(early_stopping)
     if on_epoch_end is not None:
-        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch_end(epoch, dict(logs or {}))))
+        callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: on_epoch_end((epoch + 1) * passes - 1, dict(logs or {}))
+            )
+        )
     fitted = model.fit(
         x,
         y,
-        epochs=config.epochs,
+        epochs=config.epochs // passes,
         batch_size=config.batch_size,
         validation_data=validation,
         shuffle=True,
@@ -196,10 +205,19 @@ def train_autoencoder(
     return TrainingHistory(
         loss=loss,
         val_loss=val_loss,
-        epochs_run=len(loss),
-        best_epoch=best,
+        epochs_run=len(loss) * passes,
+        best_epoch=best * passes,
         stopped_early=bool(early_stopping is not None and early_stopping.stopped_epoch > 0),
     )
+
+
+def passes_per_epoch(rows: int, epochs: int) -> int:
+    """Return how many passes over ``rows`` rows one Keras epoch makes: enough to fill MIN_EPOCH_ROWS.
+
+    A divisor of ``epochs``, so the fit makes exactly ``epochs`` passes over the rows.
+    """
+    wanted = max(1, -(-MIN_EPOCH_ROWS // max(rows, 1)))
+    return max(k for k in range(1, min(wanted, epochs) + 1) if epochs % k == 0)
 
 
 # A fit whose loss ends this many times above the best it reached has blown up, even if it stayed finite.

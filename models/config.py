@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,9 +14,13 @@ Widths = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
 
 MAX_AUTO_WIDTH = 512
 MIN_AUTO_BATCH, MAX_AUTO_BATCH, ROWS_PER_AUTO_BATCH = 32, 1024, 50
-# Early stopping waits at least this many epochs, and longer when an epoch is only a few steps.
-MIN_AUTO_PATIENCE, MAX_AUTO_PATIENCE, AUTO_PATIENCE_STEPS = 4, 20, 160
-AUTO_ENSEMBLE_SIZE, AUTO_ENSEMBLE_ROWS = 3, 20_000
+AUTO_ENSEMBLE_SIZE = 3
+# Below this many training rows a set is small: an ensemble averages away the random start, and training runs
+# its full epochs. There the validation loss stops improving long before the ranking of anomalies does (on the
+# ADBench sets 200 epochs ranked 0.015 ROC-AUC higher on average than early stopping), and holding out
+# validation rows only costs rows.
+SMALL_SET_ROWS = 20_000
+SMALL_SET_EPOCHS, LARGE_SET_EPOCHS, LARGE_SET_PATIENCE = 200, 60, 4
 # Decorrelate when at least this share of the features are exact linear combinations of the others: derived
 # columns (totals, differences) then count several times over, and a row that breaks the relation is seen only
 # through decorrelated inputs. On real tables without such columns standardised inputs ranked anomalies better.
@@ -65,12 +68,23 @@ class AutoencoderConfig(BaseModel):
     gradient_clip_norm: Annotated[float, Field(gt=0)] | None = Field(
         None, description="Clip each step's gradient to this norm (None: no clipping); a fit that diverges is retried with clipping and a smaller learning rate."
     )
-    epochs: int = Field(60, ge=1, le=10_000, description="Most training epochs.")
+    epochs: Annotated[int, Field(ge=1, le=10_000)] | Auto = Field(
+        "auto",
+        description="Most training epochs (passes over the training rows). 'auto': 200 below 20,000 training rows, "
+        "each trained, else 60 with early stopping.",
+    )
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | Auto = Field("auto", description="Rows per training step. 'auto': a fiftieth of the training rows, between 32 and 1024.")
     early_stopping_patience: Annotated[int, Field(ge=1)] | Auto | None = Field(
-        "auto", description="Stop after this many epochs without validation improvement; None trains every epoch. 'auto': 4, or more when an epoch is only a few steps (at most 20)."
+        "auto",
+        description="Stop after this many epochs without validation improvement; None trains every epoch. 'auto': "
+        "None below 20,000 training rows, else 4.",
     )
-    validation_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of training rows used only to decide early stopping.")
+    validation_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=0.5,
+        description="Share of training rows used only to decide early stopping; without early stopping none is held out.",
+    )
     seed: int = Field(42, description="Seed for weights, shuffling and splits.")
 
     def sized_for(self, rows: int, features: int, linear_dependencies: int = 0) -> AutoencoderConfig:
@@ -82,18 +96,22 @@ class AutoencoderConfig(BaseModel):
         batch = self.batch_size
         if batch == "auto":
             batch = min(MAX_AUTO_BATCH, max(MIN_AUTO_BATCH, rows // ROWS_PER_AUTO_BATCH))
+        small = rows < SMALL_SET_ROWS
+        epochs = self.epochs
+        if epochs == "auto":
+            epochs = SMALL_SET_EPOCHS if small else LARGE_SET_EPOCHS
         patience = self.early_stopping_patience
         if patience == "auto":
-            steps_per_epoch = max(1, math.ceil(rows * (1.0 - self.validation_fraction) / batch))
-            patience = min(MAX_AUTO_PATIENCE, max(MIN_AUTO_PATIENCE, math.ceil(AUTO_PATIENCE_STEPS / steps_per_epoch)))
+            patience = None if small else LARGE_SET_PATIENCE
         members = self.ensemble_size
         if members == "auto":
-            members = AUTO_ENSEMBLE_SIZE if rows < AUTO_ENSEMBLE_ROWS else 1
+            members = AUTO_ENSEMBLE_SIZE if small else 1
         decorrelate = self.decorrelate_inputs
         if decorrelate == "auto":
             decorrelate = linear_dependencies >= max(1.0, AUTO_DECORRELATE_SHARE * features)
         return self.model_copy(
             update={
+                "epochs": epochs,
                 "encoder_units": encoder,
                 "decoder_units": decoder,
                 "batch_size": batch,

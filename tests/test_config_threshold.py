@@ -65,14 +65,17 @@ def test_the_default_recipe_sizes_itself_from_the_features_and_rows():
         1024,
         4,
     )
+    assert (large.epochs, large.ensemble_size) == (60, 1)
     small = default.sized_for(rows=240, features=64)
     assert (small.encoder_units, small.decoder_units, small.batch_size, small.early_stopping_patience) == (
         [128, 64, 48],
         [64, 128],
         32,
-        20,
+        None,
     )
-    assert default.sized_for(rows=1_000, features=64).early_stopping_patience == 6
+    assert (small.epochs, small.ensemble_size) == (200, 3)
+    assert default.sized_for(rows=19_999, features=64).early_stopping_patience is None
+    assert resolve_preset("default", epochs=7).sized_for(rows=240, features=64).epochs == 7
     explicit = resolve_preset("default", batch_size=256, encoder_units=[8, 2], early_stopping_patience=7).sized_for(
         rows=240, features=64
     )

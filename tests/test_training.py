@@ -174,3 +174,17 @@ def test_the_same_data_and_seed_give_the_same_threshold_in_two_processes(tmp_pat
         assert done.returncode == 0, done.stderr[-2000:]
         values.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert values[0] == values[1]
+
+
+def test_a_small_set_trains_every_epoch_on_all_its_rows_in_few_keras_epochs():
+    from models.autoencoder import build_autoencoder, passes_per_epoch, train_autoencoder
+
+    assert passes_per_epoch(rows=123, epochs=200) == 25 and passes_per_epoch(rows=5_000, epochs=200) == 1
+    assert passes_per_epoch(rows=123, epochs=7) == 7 and passes_per_epoch(rows=1_000, epochs=6) == 3
+    rows = np.random.default_rng(0).normal(size=(300, 5))
+    config = resolve_preset("default", epochs=40).sized_for(rows=len(rows), features=5)
+    seen = []
+    history = train_autoencoder(build_autoencoder(config, rows), rows, config, lambda epoch, logs: seen.append(epoch))
+    # 300 rows fill a 4,096-row Keras epoch 14 times; 10 divides the 40 epochs. No row is held out for validation.
+    assert history.epochs_run == 40 and len(history.loss) == 4 and history.val_loss == [] and not history.stopped_early
+    assert seen == [9, 19, 29, 39]

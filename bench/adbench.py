@@ -83,7 +83,9 @@ def ranking(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     return {"roc_auc": float(roc_auc_score(labels, scores)), "pr_auc": float(average_precision_score(labels, scores))}
 
 
-def product_run(workspace: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], labelled: bool) -> dict[str, Any]:
+def product_run(
+    workspace: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], labelled: bool
+) -> dict[str, Any]:
     """Retrain and score one split through the flows; return the product's figures, or why it failed."""
     from data.errors import AnomalyJobError
     from flows.retrain import retrain_flow
@@ -128,7 +130,9 @@ def evaluate_dataset(path: Path, work: Path, seed: int, log) -> dict[str, Any]:
     from sklearn.model_selection import train_test_split
 
     features, labels = load(path)
-    x_train, x_test, y_train, y_test = train_test_split(features, labels, test_size=TEST_SHARE, stratify=labels, random_state=seed)
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=TEST_SHARE, stratify=labels, random_state=seed
+    )
     name = path.stem
     row: dict[str, Any] = {
         "dataset": name,
@@ -151,13 +155,17 @@ def evaluate_dataset(path: Path, work: Path, seed: int, log) -> dict[str, Any]:
     log(
         f"{name} (seed {seed}): product ROC-AUC {product.get('roc_auc', float('nan')):.3f} ({product['status']}), "
         f"with labels {labelled_run.get('roc_auc', float('nan')):.3f} ({labelled_run.get('recipe')}); "
-        f"IsolationForest {row['isolation_forest']['roc_auc']:.3f}, k-NN {row['knn']['roc_auc']:.3f}; rank {row['product_rank']}"
+        f"IsolationForest {row['isolation_forest']['roc_auc']:.3f}, k-NN {row['knn']['roc_auc']:.3f}; "
+        f"rank {row['product_rank']}"
     )
     return row
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The floors of the table: every dataset scored, mean ROC-AUC against k-NN's, the worst gap to IsolationForest, the median flag rate."""
+    """The floors of the table.
+
+    Every dataset scored, mean ROC-AUC against k-NN's, the worst gap to IsolationForest, the median flag rate.
+    """
     summary: dict[str, Any] = {}
     for mode in ("product", "product_labelled"):
         scored = [r for r in rows if r[mode]["status"] == "scored"]
@@ -169,7 +177,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_roc_auc": float(np.mean([r[mode]["roc_auc"] for r in scored])) if len(scored) == len(rows) else None,
             "mean_pr_auc": float(np.mean([r[mode]["pr_auc"] for r in scored])) if len(scored) == len(rows) else None,
             "peer_mean_roc_auc": means,
-            "worst_gap_to_isolation_forest": min(r[mode]["roc_auc"] - r["isolation_forest"]["roc_auc"] for r in scored) if scored else None,
+            "worst_gap_to_isolation_forest": (
+                min(r[mode]["roc_auc"] - r["isolation_forest"]["roc_auc"] for r in scored) if scored else None
+            ),
             "median_flag_rate_normal": float(np.median(flag_rates)) if flag_rates else None,
             "best_on": sum(r[mode]["roc_auc"] >= max(r[s]["roc_auc"] for s in PEERS) for r in scored),
         }
@@ -190,10 +200,16 @@ def adbench(work: Path, log, seeds: tuple[int, ...] = (0,), only: tuple[str, ...
 
 
 def render(results: dict[str, Any]) -> str:
-    """The table of the README: per dataset, the product's ROC-AUC and PR-AUC beside the peers', its flag rate and rank."""
+    """The table of the README.
+
+    Per dataset, the product's ROC-AUC and PR-AUC beside the peers', its flag rate and rank.
+    """
     if "rows" not in results:
         return ""
-    head = "| dataset | product ROC-AUC / PR-AUC | with labels (recipe) | IsolationForest | k-NN | LOF | Ledoit-Wolf | PCA | flag rate, test normal rows | rank |"
+    head = (
+        "| dataset | product ROC-AUC / PR-AUC | with labels (recipe) | IsolationForest | k-NN | LOF | Ledoit-Wolf | "
+        "PCA | flag rate, test normal rows | rank |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
 
     def pair(m: dict[str, Any]) -> str:
@@ -203,14 +219,20 @@ def render(results: dict[str, Any]) -> str:
         p, lab = row["product"], row["product_labelled"]
         peers = " | ".join(pair(row[s]) for s in PEERS)
         flag = f"{p['flag_rate_normal']:.2%}" if "flag_rate_normal" in p else "-"
-        lines.append(f"| {row['dataset']} | {pair(p)} | {pair(lab)} ({lab.get('recipe', '-')}) | {peers} | {flag} | {row['product_rank']} |")
+        lines.append(
+            f"| {row['dataset']} | {pair(p)} | {pair(lab)} ({lab.get('recipe', '-')}) | {peers} | {flag} | "
+            f"{row['product_rank']} |"
+        )
     s = results["summary"]
     mean = " | ".join(f"{s['product']['peer_mean_roc_auc'][p]:.3f}" for p in PEERS)
 
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    lines.append(f"| mean ROC-AUC | {fmt(s['product']['mean_roc_auc'])} | {fmt(s['product_labelled']['mean_roc_auc'])} | {mean} | - | - |")
+    lines.append(
+        f"| mean ROC-AUC | {fmt(s['product']['mean_roc_auc'])} | {fmt(s['product_labelled']['mean_roc_auc'])} | {mean} "
+        "| - | - |"
+    )
     return "\n".join(lines) + "\n"
 
 

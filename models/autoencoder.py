@@ -38,7 +38,13 @@ class Standardize(keras.layers.Layer):
     def build(self, input_shape: object) -> None:
         self.mean = self.add_weight(shape=(self.features,), initializer="zeros", trainable=False, name="mean")
         self.scale = self.add_weight(shape=(self.features,), initializer="ones", trainable=False, name="scale")
-        self.whitening = self.add_weight(shape=(self.features, self.features), initializer="identity", trainable=False, name="whitening") if self.whiten else None
+        self.whitening = (
+            self.add_weight(
+                shape=(self.features, self.features), initializer="identity", trainable=False, name="whitening"
+            )
+            if self.whiten
+            else None
+        )
 
     def call(self, inputs: object) -> object:
         standard = keras.ops.clip((inputs - self.mean) / self.scale, -self.limit, self.limit)
@@ -52,7 +58,9 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
     """Build an uncompiled autoencoder whose first layer standardises with statistics of ``training_features``."""
     unsized = [name for name, value in config.model_dump().items() if value == "auto"]
     if unsized:
-        raise ValueError(f"size the config for its data first (AutoencoderConfig.sized_for): {', '.join(unsized)} still 'auto'")
+        raise ValueError(
+            f"size the config for its data first (AutoencoderConfig.sized_for): {', '.join(unsized)} still 'auto'"
+        )
     keras.utils.set_random_seed(config.seed)
     n_features = training_features.shape[1]
     inputs = keras.Input(shape=(n_features,), name="features")
@@ -73,15 +81,20 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
 
 
 def _member(scaled: object, config: AutoencoderConfig, n_features: int, k: int, members: int) -> object:
-    # Members differ by their initial weights and their dropout masks; they train side by side, each on its own loss term.
+    # Members differ by their initial weights and their dropout masks; they train side by side,
+    # each on its own loss term.
     suffix = f"_{k}" if members > 1 else ""
     hidden = scaled
     if config.input_dropout:
         hidden = keras.layers.Dropout(config.input_dropout, seed=config.seed + k, name=f"input_dropout{suffix}")(hidden)
     for i, units in enumerate(config.encoder_units):
-        hidden = keras.layers.Dense(units, activation=config.activation, name=f"encoder{suffix}_{i}" if suffix else f"encoder_{i}")(hidden)
+        hidden = keras.layers.Dense(
+            units, activation=config.activation, name=f"encoder{suffix}_{i}" if suffix else f"encoder_{i}"
+        )(hidden)
     for i, units in enumerate(config.decoder_units):
-        hidden = keras.layers.Dense(units, activation=config.activation, name=f"decoder{suffix}_{i}" if suffix else f"decoder_{i}")(hidden)
+        hidden = keras.layers.Dense(
+            units, activation=config.activation, name=f"decoder{suffix}_{i}" if suffix else f"decoder_{i}"
+        )(hidden)
     return keras.layers.Dense(n_features, activation=config.output_activation, name=f"{OUTPUT_LAYER}{suffix}")(hidden)
 
 
@@ -91,7 +104,10 @@ def ensemble_members(model: keras.Model) -> int:
 
 
 def standardisation(training_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return each feature's mean and standard deviation; a constant feature gets 1, so it is centred instead of divided by zero."""
+    """Return each feature's mean and standard deviation.
+
+    A constant feature gets 1, so it is centred instead of divided by zero.
+    """
     features = np.asarray(training_features, dtype=np.float64)
     std = features.std(axis=0)
     return features.mean(axis=0), np.where(std > 0, std, 1.0)
@@ -103,7 +119,10 @@ DEPENDENCY_SAMPLE_ROWS = 100_000
 
 
 def linear_dependencies(training_features: np.ndarray) -> int:
-    """Return how many of the (non-constant) features are exact linear combinations of the others: the correlation matrix's rank deficit."""
+    """Return how many of the (non-constant) features are exact linear combinations of the others.
+
+    That is the correlation matrix's rank deficit.
+    """
     features = np.asarray(training_features, dtype=np.float64)
     # Any sample of rows keeps an exact dependency; an evenly spaced one bounds the cost on large sets.
     features = features[:: max(1, len(features) // DEPENDENCY_SAMPLE_ROWS)]
@@ -115,7 +134,9 @@ def linear_dependencies(training_features: np.ndarray) -> int:
 
 
 def whitening_matrix(training_features: np.ndarray, floor: float) -> np.ndarray:
-    """Return the matrix that whitens standardised features (ZCA): ``standardised @ matrix`` has about unit variance in every direction the rows vary in.
+    """Return the matrix that whitens standardised features (ZCA).
+
+    ``standardised @ matrix`` has about unit variance in every direction the rows vary in.
 
     ZCA, the symmetric inverse square root of the correlation matrix, keeps each output closest to its
     own input feature, so residuals still name features. Directions of (near) zero variance, such as
@@ -129,7 +150,10 @@ def whitening_matrix(training_features: np.ndarray, floor: float) -> np.ndarray:
 
 
 def scaled_targets(model: keras.Model, features: np.ndarray) -> np.ndarray:
-    """Return what the model learns to reproduce: the features after its scaling layer (or as they are), once per member."""
+    """Return what the model learns to reproduce.
+
+    That is the features after its scaling layer (or as they are), once per member.
+    """
     features = np.asarray(features, dtype=np.float32)
     if SCALING_LAYER in {layer.name for layer in model.layers}:
         features = np.asarray(model.get_layer(SCALING_LAYER)(features), dtype=np.float32)
@@ -291,7 +315,10 @@ class ErrorScorer:
         return out
 
     def with_flagged_residuals(self, features: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Return each row's error (float64) and, for the rows above ``threshold`` in order, input minus reconstruction on the error's scale (members folded in).
+        """Return each row's error (float64) and the residuals of the rows above ``threshold``.
+
+        The residuals are, for the rows above ``threshold`` in order, input minus reconstruction on the
+        error's scale (members folded in).
 
         The residuals come from the same forward pass as the errors: explaining flagged rows costs no second pass.
         """
@@ -312,7 +339,10 @@ _SCORERS: weakref.WeakKeyDictionary[keras.Model, dict[str, ErrorScorer]] = weakr
 
 
 def reconstruction_errors(model: keras.Model, features: np.ndarray, loss: str, compiled: bool = True) -> np.ndarray:
-    """Return the per-row reconstruction error of ``features`` (mean squared or absolute, as ``loss``); ``compiled=False`` for a model scored once."""
+    """Return the per-row reconstruction error of ``features`` (mean squared or absolute, as ``loss``).
+
+    Use ``compiled=False`` for a model scored once.
+    """
     if not compiled:
         return ErrorScorer(model, loss, compiled=False)(features)
     # One compiled function per model: tracing again on every call would cost more than small inputs do.

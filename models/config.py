@@ -32,48 +32,78 @@ class AutoencoderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scale_inputs: bool = Field(True, description="Standardise features with statistics learnt from training rows (saved in the model).")
+    scale_inputs: bool = Field(
+        True, description="Standardise features with statistics learnt from training rows (saved in the model)."
+    )
     decorrelate_inputs: bool | Auto = Field(
         "auto",
         description=(
-            "After standardising (needs scale_inputs), also whiten the features (ZCA, in the model), so that features that move together weigh once "
-            "and a broken correlation shows in the error. 'auto': only when at least a tenth of the features are exact linear combinations of others."
+            "After standardising (needs scale_inputs), also whiten the features (ZCA, in the model), so that features "
+            "that move together weigh once and a broken correlation shows in the error. 'auto': only when at least a "
+            "tenth of the features are exact linear combinations of others."
         ),
     )
     whitening_floor: float = Field(
         0.1,
         gt=0,
         description=(
-            "Added to each eigenvalue of the correlation matrix before whitening (their mean is 1): 0.1 whitens fully, amplifying directions of "
-            "little variance up to 3x and damping exact combinations; 1 shrinks directions many features share and never amplifies any."
+            "Added to each eigenvalue of the correlation matrix before whitening (their mean is 1): 0.1 whitens fully, "
+            "amplifying directions of little variance up to 3x and damping exact combinations; 1 shrinks directions "
+            "many features share and never amplifies any."
         ),
     )
     input_dropout: float = Field(
         0.1,
         ge=0.0,
         lt=1.0,
-        description="Share of inputs zeroed at random while training, so the network learns each feature from the others instead of copying it; an offset on one feature then stays in that feature's residual.",
+        description=(
+            "Share of inputs zeroed at random while training, so the network learns each feature from the others "
+            "instead of copying it; an offset on one feature then stays in that feature's residual."
+        ),
     )
-    encoder_units: Widths | Auto = Field("auto", description="Units of each encoder layer; the last is the bottleneck. 'auto': 2d, d and 3d/4 for d features (at most 512).")
-    decoder_units: list[Annotated[int, Field(ge=1)]] | Auto = Field("auto", description="Units of each hidden decoder layer; the output layer always has one unit per feature. 'auto': the encoder's in reverse, bottleneck left out.")
+    encoder_units: Widths | Auto = Field(
+        "auto",
+        description=(
+            "Units of each encoder layer; the last is the bottleneck. 'auto': 2d, d and 3d/4 for d features "
+            "(at most 512)."
+        ),
+    )
+    decoder_units: list[Annotated[int, Field(ge=1)]] | Auto = Field(
+        "auto",
+        description=(
+            "Units of each hidden decoder layer; the output layer always has one unit per feature. 'auto': the "
+            "encoder's in reverse, bottleneck left out."
+        ),
+    )
     ensemble_size: Annotated[int, Field(ge=1, le=16)] | Auto = Field(
         "auto",
-        description="Autoencoders trained side by side whose errors are averaged: the score varies less with their random start. 'auto': 3 below 20,000 training rows, where that variance is largest, else 1.",
+        description=(
+            "Autoencoders trained side by side whose errors are averaged: the score varies less with their random "
+            "start. 'auto': 3 below 20,000 training rows, where that variance is largest, else 1."
+        ),
     )
     activation: Activation = Field("relu", description="Activation of the hidden layers.")
     output_activation: Activation = Field("linear", description="Activation of the output layer.")
-    loss: Literal["mse", "mae"] = Field("mse", description="Training loss; the per-row reconstruction error uses the same measure.")
+    loss: Literal["mse", "mae"] = Field(
+        "mse", description="Training loss; the per-row reconstruction error uses the same measure."
+    )
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = Field("adam", description="Optimizer.")
     learning_rate: float = Field(5e-3, gt=0, le=1, description="Optimizer learning rate.")
     gradient_clip_norm: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="Clip each step's gradient to this norm (None: no clipping); a fit that diverges is retried with clipping and a smaller learning rate."
+        None,
+        description=(
+            "Clip each step's gradient to this norm (None: no clipping); a fit that diverges is retried with clipping "
+            "and a smaller learning rate."
+        ),
     )
     epochs: Annotated[int, Field(ge=1, le=10_000)] | Auto = Field(
         "auto",
         description="Most training epochs (passes over the training rows). 'auto': 200 below 20,000 training rows, "
         "each trained, else 60 with early stopping.",
     )
-    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | Auto = Field("auto", description="Rows per training step. 'auto': a fiftieth of the training rows, between 32 and 1024.")
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | Auto = Field(
+        "auto", description="Rows per training step. 'auto': a fiftieth of the training rows, between 32 and 1024."
+    )
     early_stopping_patience: Annotated[int, Field(ge=1)] | Auto | None = Field(
         "auto",
         description="Stop after this many epochs without validation improvement; None trains every epoch. 'auto': "
@@ -83,12 +113,17 @@ class AutoencoderConfig(BaseModel):
         0.1,
         ge=0.0,
         lt=0.5,
-        description="Share of training rows used only to decide early stopping; without early stopping none is held out.",
+        description=(
+            "Share of training rows used only to decide early stopping; without early stopping none is held out."
+        ),
     )
     seed: int = Field(42, description="Seed for weights, shuffling and splits.")
 
     def sized_for(self, rows: int, features: int, linear_dependencies: int = 0) -> AutoencoderConfig:
-        """Return this config with every 'auto' setting sized for ``rows`` training rows of ``features`` features, ``linear_dependencies`` of them exact combinations."""
+        """Return this config with every 'auto' setting sized for ``rows`` training rows of ``features`` features.
+
+        ``linear_dependencies`` of the features are exact combinations.
+        """
         encoder = self.encoder_units
         if encoder == "auto":
             encoder = [min(MAX_AUTO_WIDTH, max(2, round(features * share))) for share in (2.0, 1.0, 0.75)]

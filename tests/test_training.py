@@ -1,4 +1,7 @@
-"""Retraining's plain functions on data that real tables bring: awkward features, divergence, small sets, recipe choice."""
+"""Retraining's plain functions on data that real tables bring.
+
+Awkward features, divergence, small sets, recipe choice.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ AWKWARD = ["a", "b", "c", "d", "combined", "rare_flag", "count"]
 
 
 def _awkward_rows(n: int, seed: int) -> np.ndarray:
-    """Four Gaussian features, an exact linear combination of two, a flag set on 0.2% of rows and a small integer count."""
+    """Four Gaussian features, an exact linear combination of two, a rare flag and a small integer count.
+
+    The flag is set on 0.2% of rows.
+    """
     rng = np.random.default_rng(seed)
     base = rng.normal(size=(n, 4))
     combined = base[:, 0] + 2.0 * base[:, 1]
@@ -40,10 +46,16 @@ def _table(rows: np.ndarray, labels: np.ndarray | None = None) -> pa.Table:
 
 
 def _retrain(source: Path, staging: Path, config, all_rows_normal: bool = True, preset: str = "default"):
-    split = retraining.split_training_data(str(source), staging, LabelRule("label", "0", all_rows_normal), 0.2, 98.0, config.seed)
+    split = retraining.split_training_data(
+        str(source), staging, LabelRule("label", "0", all_rows_normal), 0.2, 98.0, config.seed
+    )
     recipe = retraining.choose_recipe(split, preset, config, staging)
-    history = retraining.train_model(split["train_path"], split["feature_names"], config.model_validate(recipe["config"]), staging)
-    errors = retraining.compute_holdout_errors(staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"])
+    history = retraining.train_model(
+        split["train_path"], split["feature_names"], config.model_validate(recipe["config"]), staging
+    )
+    errors = retraining.compute_holdout_errors(
+        staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"]
+    )
     threshold = retraining.fix_threshold_from_errors(errors, 98.0, split["scheme"])
     return split, recipe, history, threshold
 
@@ -92,7 +104,9 @@ def test_a_diverged_fit_is_trained_again_with_a_smaller_learning_rate_and_clippe
     rng = np.random.default_rng(0)
     # Unscaled values in the hundreds and plain SGD at 0.5: the first fit's loss becomes NaN at once.
     features = rng.normal(size=(2000, 6)) * 100.0
-    config = resolve_preset("default", scale_inputs=False, optimizer="sgd", learning_rate=0.5, epochs=10, ensemble_size=1, input_dropout=0.0)
+    config = resolve_preset(
+        "default", scale_inputs=False, optimizer="sgd", learning_rate=0.5, epochs=10, ensemble_size=1, input_dropout=0.0
+    )
     model, history, trained, diverged = retraining.fit_autoencoder(features, config.sized_for(rows=2000, features=6))
     assert [d["learning_rate"] for d in diverged] == [0.5] and "nan" in diverged[0]["problem"]
     assert (trained.learning_rate, trained.gradient_clip_norm) == (pytest.approx(0.05), 1.0)
@@ -107,7 +121,10 @@ def test_a_set_of_120_normal_rows_fixes_its_threshold_on_every_row_out_of_fold(t
     assert threshold["rows"] == 120 and history["config"]["ensemble_size"] == 3
     low, high = threshold["uncertainty"]["confidence_interval"]
     assert low <= threshold["value"] <= high
-    assert threshold["warning"].startswith("the threshold rests on 120 normal rows scored out of fold: normal rows will exceed it at a rate anywhere between")
+    assert threshold["warning"].startswith(
+        "the threshold rests on 120 normal rows scored out of fold: "
+        "normal rows will exceed it at a rate anywhere between"
+    )
     errors = pq.read_table(tmp_path / "staging" / "_work" / "holdout-errors.parquet")
     assert errors.num_rows == 120 and not errors.column("labelled_anomaly").to_numpy(zero_copy_only=False).any()
 
@@ -117,7 +134,10 @@ def test_fewer_normal_rows_than_the_percentile_needs_are_refused_with_the_number
 
     rows = np.random.default_rng(5).normal(size=(49, 3))
     source = write_rows(pa.table({f"x{j}": pa.array(rows[:, j]) for j in range(3)}), tmp_path / "tiny.parquet")
-    with pytest.raises(TrainingDataError, match="49 normal rows; the 98th percentile cannot be estimated from fewer than 50 normal rows"):
+    with pytest.raises(
+        TrainingDataError,
+        match="49 normal rows; the 98th percentile cannot be estimated from fewer than 50 normal rows",
+    ):
         retraining.split_training_data(str(source), tmp_path / "staging", LabelRule("label", "0", True), 0.2, 98.0, 0)
 
 
@@ -129,7 +149,9 @@ def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
     rows = np.vstack([normal, anomalies])
     labels = np.r_[np.zeros(len(normal), dtype=np.int64), np.ones(len(anomalies), dtype=np.int64)]
     source = write_rows(_table(rows, labels), tmp_path / "labelled.parquet")
-    split, recipe, history, _ = _retrain(source, tmp_path / "staging", resolve_preset("default", epochs=15), all_rows_normal=False)
+    split, recipe, history, _ = _retrain(
+        source, tmp_path / "staging", resolve_preset("default", epochs=15), all_rows_normal=False
+    )
     names = [row["recipe"] for row in recipe["candidates"]]
     assert names == list(RECIPE_CANDIDATES["default"]) and sum(row["chosen"] for row in recipe["candidates"]) == 1
     best = max(recipe["candidates"], key=lambda row: row["roc_auc"])
@@ -138,16 +160,27 @@ def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
     # The chosen recipe's settings are what was trained, and its out-of-fold errors fixed the threshold.
     changes = RECIPE_CANDIDATES["default"][recipe["name"]]
     assert all(history["config"][key] == value for key, value in changes.items())
-    report = retraining.write_training_report(tmp_path / "staging", "20300101T000000Z", str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"), history,
-                                            retraining.fix_threshold_from_errors(str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"), 98.0, split["scheme"]),
-                                            split, "default", recipe)
+    report = retraining.write_training_report(
+        tmp_path / "staging",
+        "20300101T000000Z",
+        str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"),
+        history,
+        retraining.fix_threshold_from_errors(
+            str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"), 98.0, split["scheme"]
+        ),
+        split,
+        "default",
+        recipe,
+    )
     assert f"Recipe chosen on the {recipe['chosen_on']}" in report["markdown"]
     assert report["report"]["recipe"]["name"] == recipe["name"]
 
 
 def test_without_labelled_anomalies_the_preset_recipe_is_kept_and_says_why(tmp_path):
     source = write_rows(_table(_awkward_rows(300, seed=9)), tmp_path / "normal.parquet")
-    split = retraining.split_training_data(str(source), tmp_path / "staging", LabelRule("label", "0", True), 0.2, 98.0, 0)
+    split = retraining.split_training_data(
+        str(source), tmp_path / "staging", LabelRule("label", "0", True), 0.2, 98.0, 0
+    )
     recipe = retraining.choose_recipe(split, "default", resolve_preset("default"), tmp_path / "staging")
     assert recipe["name"] == "default" and recipe["candidates"] == [] and recipe["normal_errors_path"] is None
     assert recipe["note"] == "0 labelled anomalies held out; at least 5 choose among candidate recipes"
@@ -163,14 +196,21 @@ def test_the_same_data_and_seed_give_the_same_threshold_in_two_processes(tmp_pat
         "from models.config import resolve_preset\n"
         "source, staging = sys.argv[1], Path(sys.argv[2])\n"
         "config = resolve_preset('default', epochs=10)\n"
-        "split = retraining.split_training_data(source, staging, LabelRule('label', '0', True), 0.2, 98.0, config.seed)\n"
+        "split = retraining.split_training_data(source, staging, LabelRule('label', '0', True), "
+        "0.2, 98.0, config.seed)\n"
         "history = retraining.train_model(split['train_path'], split['feature_names'], config, staging)\n"
         "errors = retraining.compute_holdout_errors(staging, split, history['config'])\n"
         "print(json.dumps(retraining.fix_threshold_from_errors(errors, 98.0, split['scheme'])['value']))\n"
     )
     values = []
     for run in range(2):
-        done = subprocess.run([sys.executable, "-c", code, str(source), str(tmp_path / f"staging-{run}")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(source), str(tmp_path / f"staging-{run}")],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         values.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert values[0] == values[1]

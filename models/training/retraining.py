@@ -15,8 +15,24 @@ import pyarrow.parquet as pq
 
 from data import storage
 from data.errors import TrainingDataError
-from data.parquet import ANOMALY, NORMAL, UNLABELLED, LabelRule, TrainingRows, feature_matrix, read_holdout_errors, read_training_rows
-from models.autoencoder import TrainingHistory, build_autoencoder, divergence, linear_dependencies, reconstruction_errors, train_autoencoder
+from data.parquet import (
+    ANOMALY,
+    NORMAL,
+    UNLABELLED,
+    LabelRule,
+    TrainingRows,
+    feature_matrix,
+    read_holdout_errors,
+    read_training_rows,
+)
+from models.autoencoder import (
+    TrainingHistory,
+    build_autoencoder,
+    divergence,
+    linear_dependencies,
+    reconstruction_errors,
+    train_autoencoder,
+)
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
 from models.config import RECIPE_CANDIDATES, AutoencoderConfig
 from models.evaluation.reports import (
@@ -64,7 +80,10 @@ CROSS_FIT_FOLDS = 5
 
 
 def threshold_scheme(normal_rows: int, holdout_fraction: float, percentile: float) -> str:
-    """Return how the threshold's normal rows are kept from the model: a held-out share on large sets, cross-fitting on small ones."""
+    """Return how the threshold's normal rows are kept from the model.
+
+    A held-out share on large sets, cross-fitting on small ones.
+    """
     return HOLDOUT if round(normal_rows * holdout_fraction) >= comfortable_holdout_rows(percentile) else CROSS_FIT
 
 
@@ -97,20 +116,32 @@ def split_training_data(
         history_normal = int(np.count_nonzero(history.classes == NORMAL))
         history_anomalies = int(np.count_nonzero(history.classes == ANOMALY))
         files = rows.files + history.files
-        rows = TrainingRows(np.concatenate([rows.features, history.features]), np.concatenate([rows.classes, history.classes]), rows.feature_names, files, storage.files_digest(files))
+        rows = TrainingRows(
+            np.concatenate([rows.features, history.features]),
+            np.concatenate([rows.classes, history.classes]),
+            rows.feature_names,
+            files,
+            storage.files_digest(files),
+        )
     # Rows whose label is null or NaN are neither normal nor anomalous: they are counted and left out.
     normal = rows.features[rows.classes == NORMAL]
     anomalies = rows.features[rows.classes == ANOMALY]
     rows_unlabelled = int(np.count_nonzero(rows.classes == UNLABELLED))
     if len(normal) == 0:
-        raise TrainingDataError(f"training_data={source!r}: no rows have {label_column}={normal_label!r}; check label_column and normal_label")
+        raise TrainingDataError(
+            f"training_data={source!r}: no rows have {label_column}={normal_label!r}; "
+            "check label_column and normal_label"
+        )
     scheme = threshold_scheme(len(normal), holdout_fraction, percentile)
     # Every normal row is a held-out row once when cross-fitting; each fold's model trains on the others.
-    needed = max(min_holdout_rows(percentile), int(np.ceil(MIN_TRAINING_ROWS * CROSS_FIT_FOLDS / (CROSS_FIT_FOLDS - 1))))
+    needed = max(
+        min_holdout_rows(percentile), int(np.ceil(MIN_TRAINING_ROWS * CROSS_FIT_FOLDS / (CROSS_FIT_FOLDS - 1)))
+    )
     if len(normal) < needed:
         raise TrainingDataError(
-            f"training_data={source!r}: {len(normal)} normal rows; the {percentile:g}th percentile cannot be estimated from fewer than "
-            f"{min_holdout_rows(percentile)} normal rows, and training needs {MIN_TRAINING_ROWS}: at least {needed} normal rows are needed"
+            f"training_data={source!r}: {len(normal)} normal rows; the {percentile:g}th percentile cannot be estimated "
+            f"from fewer than {min_holdout_rows(percentile)} normal rows, and training needs {MIN_TRAINING_ROWS}: "
+            f"at least {needed} normal rows are needed"
         )
     order = np.random.default_rng(seed).permutation(len(normal))
     n_holdout = int(round(len(normal) * holdout_fraction)) if scheme == HOLDOUT else 0
@@ -122,7 +153,9 @@ def split_training_data(
     _write_table(_matrix_table(normal[train_idx], names), train_path)
     holdout = np.concatenate([normal[holdout_idx], anomalies])
     is_anomaly = np.concatenate([np.zeros(n_holdout, dtype=bool), np.ones(len(anomalies), dtype=bool)])
-    _write_table(_matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly, type=pa.bool_())}), holdout_path)
+    _write_table(
+        _matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly, type=pa.bool_())}), holdout_path
+    )
     return {
         "train_path": str(train_path),
         "holdout_path": str(holdout_path),
@@ -160,12 +193,20 @@ def read_matrix(source: str | Path | pa.Table, names: Sequence[str]) -> np.ndarr
 
 
 def safer_configs(config: AutoencoderConfig) -> list[AutoencoderConfig]:
-    """Return the settings a diverged fit is tried again with: a tenth, then a hundredth of the learning rate, gradients clipped."""
+    """Return the settings a diverged fit is tried again with.
+
+    A tenth, then a hundredth of the learning rate, gradients clipped.
+    """
     clip = min(config.gradient_clip_norm or SAFE_CLIP_NORM, SAFE_CLIP_NORM)
-    return [config.model_copy(update={"learning_rate": config.learning_rate / factor, "gradient_clip_norm": clip}) for factor in (10.0, 100.0)]
+    return [
+        config.model_copy(update={"learning_rate": config.learning_rate / factor, "gradient_clip_norm": clip})
+        for factor in (10.0, 100.0)
+    ]
 
 
-def fit_autoencoder(features: np.ndarray, config: AutoencoderConfig, progress: Any = None) -> tuple[keras.Model, TrainingHistory, AutoencoderConfig, list[dict[str, Any]]]:
+def fit_autoencoder(
+    features: np.ndarray, config: AutoencoderConfig, progress: Any = None
+) -> tuple[keras.Model, TrainingHistory, AutoencoderConfig, list[dict[str, Any]]]:
     """Build and train the autoencoder; when the fit diverges, train it again with safer settings before giving up.
 
     Returns the model, its history, the settings it converged with and the diverged attempts before it.
@@ -182,15 +223,29 @@ def fit_autoencoder(features: np.ndarray, config: AutoencoderConfig, progress: A
                 problem = "reconstruction errors of training rows are not finite"
         if problem is None:
             return model, history, attempt, diverged
-        log.warning("Training diverged with learning_rate=%g, gradient_clip_norm=%s (%s); trying safer settings", attempt.learning_rate, attempt.gradient_clip_norm, problem)
-        diverged.append({"learning_rate": attempt.learning_rate, "gradient_clip_norm": attempt.gradient_clip_norm, "problem": problem})
+        log.warning(
+            "Training diverged with learning_rate=%g, gradient_clip_norm=%s (%s); trying safer settings",
+            attempt.learning_rate,
+            attempt.gradient_clip_norm,
+            problem,
+        )
+        diverged.append(
+            {
+                "learning_rate": attempt.learning_rate,
+                "gradient_clip_norm": attempt.gradient_clip_norm,
+                "problem": problem,
+            }
+        )
     raise TrainingDataError(
-        f"training diverged {len(diverged)} times, the last with learning_rate={diverged[-1]['learning_rate']:g} and clipped gradients "
-        f"({diverged[-1]['problem']}); check the features for extreme values, or set a smaller learning_rate"
+        f"training diverged {len(diverged)} times, the last with learning_rate={diverged[-1]['learning_rate']:g} "
+        f"and clipped gradients ({diverged[-1]['problem']}); "
+        "check the features for extreme values, or set a smaller learning_rate"
     )
 
 
-def train_model(train_path: str, feature_names: Sequence[str], config: AutoencoderConfig, staging: Path, progress: Any = None) -> dict[str, Any]:
+def train_model(
+    train_path: str, feature_names: Sequence[str], config: AutoencoderConfig, staging: Path, progress: Any = None
+) -> dict[str, Any]:
     """Size ``config`` for the training split, build the autoencoder, train it and save it as ``staging/model.keras``.
 
     The returned history carries the config it was trained with, sized, under ``config``: that is
@@ -217,13 +272,17 @@ def train_model(train_path: str, feature_names: Sequence[str], config: Autoencod
 
 def sized_for_data(config: AutoencoderConfig, features: np.ndarray) -> AutoencoderConfig:
     """Return ``config`` with every 'auto' setting decided for these training rows."""
-    return config.sized_for(rows=len(features), features=features.shape[1], linear_dependencies=linear_dependencies(features))
+    return config.sized_for(
+        rows=len(features), features=features.shape[1], linear_dependencies=linear_dependencies(features)
+    )
 
 
 def out_of_fold_errors(
     features: np.ndarray, config: AutoencoderConfig, folds: int, progress: Any = None, unseen: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return each row's reconstruction error from a model trained on the other folds, and the fold models' mean error on ``unseen`` rows.
+    """Return each row's out-of-fold reconstruction error, and the fold models' mean error on ``unseen`` rows.
+
+    Each row's error comes from a model trained on the other folds.
 
     Fold k holds every row i with i % folds == k. The rows come in a seeded random order, so the
     folds are random; interleaved, any half of the errors holds rows of every fold model alike.
@@ -253,9 +312,17 @@ def heldout_ranking(normal_errors: np.ndarray, anomaly_errors: np.ndarray) -> di
 
 
 def candidate_errors(
-    train: np.ndarray, held: np.ndarray, labelled: np.ndarray, scheme: str, folds: int, config: AutoencoderConfig, seed: int
+    train: np.ndarray,
+    held: np.ndarray,
+    labelled: np.ndarray,
+    scheme: str,
+    folds: int,
+    config: AutoencoderConfig,
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray, AutoencoderConfig]:
-    """Return the errors of unseen normal rows and of the labelled anomalies under one candidate recipe, and its sized settings.
+    """Return the errors of unseen normal rows and of the labelled anomalies under one candidate recipe.
+
+    The recipe's sized settings are returned with them.
 
     Held out: a model trained on at most ``SELECTION_ROWS`` training rows scores the held-out rows.
     Cross-fitted: the out-of-fold errors of the normal rows, and the fold models' mean error on each anomaly.
@@ -271,7 +338,9 @@ def candidate_errors(
     return normal, anomalies, sized
 
 
-def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig, staging: Path, progress: Any = None) -> dict[str, Any]:
+def choose_recipe(
+    split: dict[str, Any], preset: str, config: AutoencoderConfig, staging: Path, progress: Any = None
+) -> dict[str, Any]:
     """Pick, among the preset's candidate recipes, the one that ranks the held-out labelled anomalies best.
 
     Without enough labelled anomalies (or for a preset without candidates) the preset's own recipe is
@@ -281,9 +350,21 @@ def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig,
     candidates = RECIPE_CANDIDATES.get(preset, {})
     anomalies = split["rows_holdout_anomalies"]
     if not candidates or anomalies < MIN_ANOMALIES_FOR_SELECTION:
-        why = f"{anomalies} labelled anomalies held out; at least {MIN_ANOMALIES_FOR_SELECTION} choose among candidate recipes" if candidates else f"preset {preset!r} has no candidate recipes"
+        why = (
+            f"{anomalies} labelled anomalies held out; "
+            f"at least {MIN_ANOMALIES_FOR_SELECTION} choose among candidate recipes"
+            if candidates
+            else f"preset {preset!r} has no candidate recipes"
+        )
         name = next(iter(candidates), preset)
-        return {"name": name, "config": config.model_dump(), "chosen_on": None, "candidates": [], "note": why, "normal_errors_path": None}
+        return {
+            "name": name,
+            "config": config.model_dump(),
+            "chosen_on": None,
+            "candidates": [],
+            "note": why,
+            "normal_errors_path": None,
+        }
     names = split["feature_names"]
     train = read_matrix(split["train_path"], names)
     holdout = pq.read_table(split["holdout_path"])
@@ -294,9 +375,18 @@ def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig,
     for name, changes in candidates.items():
         candidate = config.model_copy(update=changes)
         started = time.perf_counter()
-        normal, anomaly, sized = candidate_errors(train, held, labelled, split["scheme"], split["folds"], candidate, config.seed)
+        normal, anomaly, sized = candidate_errors(
+            train, held, labelled, split["scheme"], split["folds"], candidate, config.seed
+        )
         errors[name] = (normal, sized)
-        table.append({"recipe": name, **heldout_ranking(normal, anomaly), "seconds": round(time.perf_counter() - started, 3), "changes": changes})
+        table.append(
+            {
+                "recipe": name,
+                **heldout_ranking(normal, anomaly),
+                "seconds": round(time.perf_counter() - started, 3),
+                "changes": changes,
+            }
+        )
         if progress is not None:
             progress(table[-1])
     best = max(table, key=lambda row: row["roc_auc"])  # the first of equals: the preset's own recipe comes first
@@ -305,9 +395,12 @@ def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig,
     normal_errors_path = None
     if split["scheme"] == CROSS_FIT:
         normal_errors_path = staging / WORK_DIR / "chosen-normal-errors.parquet"
-        # Stamped with the settings they were computed with: the threshold reuses them only for a model trained with the same.
+        # Stamped with the settings they were computed with: the threshold reuses them only for a model
+        # trained with the same.
         normal, chosen = errors[best["recipe"]]
-        table_ = pa.table({"reconstruction_error": pa.array(normal)}).replace_schema_metadata({CONFIG_METADATA: chosen.model_dump_json()})
+        table_ = pa.table({"reconstruction_error": pa.array(normal)}).replace_schema_metadata(
+            {CONFIG_METADATA: chosen.model_dump_json()}
+        )
         _write_table(table_, normal_errors_path)
     rows = "held-out normal rows" if split["scheme"] == HOLDOUT else "normal rows out of fold"
     return {
@@ -320,8 +413,16 @@ def choose_recipe(split: dict[str, Any], preset: str, config: AutoencoderConfig,
     }
 
 
-def compute_holdout_errors(staging: Path, split: dict[str, Any], config: dict[str, Any], progress: Any = None, normal_errors_path: str | None = None) -> str:
-    """Write the errors of the normal rows the model that scores them did not see, and of the labelled anomalies; return that path.
+def compute_holdout_errors(
+    staging: Path,
+    split: dict[str, Any],
+    config: dict[str, Any],
+    progress: Any = None,
+    normal_errors_path: str | None = None,
+) -> str:
+    """Write the errors of unseen normal rows and of the labelled anomalies; return that path.
+
+    Each normal row is scored by a model that did not see it.
 
     Held out (``holdout``): the staged model scores the held-out rows. Cross-fitted (``cross_fit``):
     each normal row is scored by a model of the same settings trained on the other folds, and the
@@ -344,12 +445,18 @@ def compute_holdout_errors(staging: Path, split: dict[str, Any], config: dict[st
         errors = np.concatenate([normal, errors])
         labelled = np.concatenate([np.zeros(len(normal), dtype=bool), labelled])
     out = staging / WORK_DIR / HOLDOUT_ERRORS_FILE
-    _write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": pa.array(labelled, type=pa.bool_())}), out)
+    _write_table(
+        pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": pa.array(labelled, type=pa.bool_())}),
+        out,
+    )
     return str(out)
 
 
 def fix_threshold_from_errors(errors_path: str, percentile: float, scheme: str = HOLDOUT) -> dict[str, Any]:
-    """Fix the threshold at ``percentile`` of the errors of normal rows their model did not see; return it with calibration statistics."""
+    """Fix the threshold at ``percentile`` of the errors of unseen normal rows; return it with calibration statistics.
+
+    The errors are those of normal rows their model did not see.
+    """
     errors, labelled = read_holdout_errors(errors_path)
     holdout_normal = errors[~labelled]
     threshold = fix_threshold(holdout_normal, percentile)
@@ -359,7 +466,9 @@ def fix_threshold_from_errors(errors_path: str, percentile: float, scheme: str =
         "percentile": float(percentile),
         "rows": int(len(holdout_normal)),
         "uncertainty": uncertainty,
-        "warning": threshold_warning(uncertainty, percentile, "held-out normal rows" if scheme == HOLDOUT else "normal rows scored out of fold"),
+        "warning": threshold_warning(
+            uncertainty, percentile, "held-out normal rows" if scheme == HOLDOUT else "normal rows scored out of fold"
+        ),
         "calibration": calibration_stats(holdout_normal),
         "error_reference": score_reference(holdout_normal),
     }
@@ -388,10 +497,18 @@ def write_bundle(
         "label_column": labels.column,
         "normal_label": labels.normal,
         "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty", "warning")}
-        | {"error_measure": config.loss, "rule": "is_anomaly = reconstruction_error > value", "scheme": split["scheme"], "folds": split["folds"]},
+        | {
+            "error_measure": config.loss,
+            "rule": "is_anomaly = reconstruction_error > value",
+            "scheme": split["scheme"],
+            "folds": split["folds"],
+        },
         "calibration": threshold["calibration"],
         # What nightly drift is measured against: the training rows' feature deciles and the held-out errors'.
-        "drift_reference": drift_reference(feature_reference(read_matrix(split["train_path"], split["feature_names"]), split["feature_names"]), threshold["error_reference"]),
+        "drift_reference": drift_reference(
+            feature_reference(read_matrix(split["train_path"], split["feature_names"]), split["feature_names"]),
+            threshold["error_reference"],
+        ),
         "preset": preset,
         "recipe": _recipe_record(recipe, preset),
         "config": config.model_dump(),
@@ -438,11 +555,19 @@ def write_training_report(
     errors, labelled = read_holdout_errors(errors_path)
     has_anomalies = bool(labelled.any())
     classes = np.where(labelled, ANOMALY, NORMAL).astype(np.int8)
-    evaluation = summarize_errors(errors, threshold["value"], threshold["percentile"], classes if has_anomalies else None)
+    evaluation = summarize_errors(
+        errors, threshold["value"], threshold["percentile"], classes if has_anomalies else None
+    )
     normal_summary = summarize_errors(errors[~labelled], threshold["value"], threshold["percentile"], None)
-    loss_png = plot_loss_curves(history["loss"], history["val_loss"], report_dir / "loss-curves.png", f"Training loss, model {version}")
-    unseen = "Held-out normal rows" if split["scheme"] == HOLDOUT else f"Normal rows out of fold ({split['folds']} folds)"
-    hist_png = plot_error_histogram(normal_summary, report_dir / "holdout-error-histogram.png", f"{unseen}, model {version}")
+    loss_png = plot_loss_curves(
+        history["loss"], history["val_loss"], report_dir / "loss-curves.png", f"Training loss, model {version}"
+    )
+    unseen = (
+        "Held-out normal rows" if split["scheme"] == HOLDOUT else f"Normal rows out of fold ({split['folds']} folds)"
+    )
+    hist_png = plot_error_histogram(
+        normal_summary, report_dir / "holdout-error-histogram.png", f"{unseen}, model {version}"
+    )
     report = {
         "kind": "training",
         "model_version": version,
@@ -451,7 +576,9 @@ def write_training_report(
         "training": {k: split.get(k, 0) for k in TRAINING_REPORT_KEYS},
         "history": history,
         "threshold": threshold,
-        "holdout_normal": {k: normal_summary[k] for k in ("rows_scored", "rows_flagged", "flag_rate", "expected_flag_rate")},
+        "holdout_normal": {
+            k: normal_summary[k] for k in ("rows_scored", "rows_flagged", "flag_rate", "expected_flag_rate")
+        },
         "holdout_evaluation": evaluation,
         "anomaly_class": anomaly_class_metrics(evaluation),
         "images": {"loss_curves": loss_png.name, "holdout_error_histogram": hist_png.name},
@@ -464,10 +591,16 @@ def write_training_report(
             "threshold fixed on": _threshold_rows_text(split),
             "held-out labelled anomalies": split["rows_holdout_anomalies"],
             "rows without a label (left out)": split.get("rows_unlabelled", 0),
-            "normal rows of past nights confirmed by labels (in the splits above)": split.get("rows_label_history_normal", 0),
+            "normal rows of past nights confirmed by labels (in the splits above)": split.get(
+                "rows_label_history_normal", 0
+            ),
             "anomalies of past nights confirmed by labels (held out)": split.get("rows_label_history_anomalies", 0),
-            "network (encoder / decoder units)": f"{history['config']['encoder_units']} / {history['config']['decoder_units']}",
-            "batch size, early-stopping patience": f"{history['config']['batch_size']}, {history['config']['early_stopping_patience']}",
+            "network (encoder / decoder units)": (
+                f"{history['config']['encoder_units']} / {history['config']['decoder_units']}"
+            ),
+            "batch size, early-stopping patience": (
+                f"{history['config']['batch_size']}, {history['config']['early_stopping_patience']}"
+            ),
             "epochs run": history["epochs_run"],
             "best epoch": history["best_epoch"],
             "fit seconds": history["fit_seconds"],
@@ -486,7 +619,13 @@ def write_training_report(
     chosen = _recipe_record(recipe, preset)
     if chosen["candidates"]:
         sections[f"Recipe chosen on the {chosen['chosen_on']}"] = [
-            {"recipe": row["recipe"], "ROC-AUC": row["roc_auc"], "PR-AUC": row["pr_auc"], "seconds": row["seconds"], "chosen": "yes" if row["chosen"] else ""}
+            {
+                "recipe": row["recipe"],
+                "ROC-AUC": row["roc_auc"],
+                "PR-AUC": row["pr_auc"],
+                "seconds": row["seconds"],
+                "chosen": "yes" if row["chosen"] else "",
+            }
             for row in chosen["candidates"]
         ]
     else:
@@ -507,7 +646,10 @@ TRAINING_REPORT_KEYS = (
 def _threshold_rows_text(split: dict[str, Any]) -> str:
     if split["scheme"] == HOLDOUT:
         return f"{split['rows_threshold']} held-out normal rows"
-    return f"all {split['rows_threshold']} normal rows, each scored by a model trained on the other {split['folds'] - 1} of {split['folds']} folds"
+    return (
+        f"all {split['rows_threshold']} normal rows, each scored by a model trained on the other {split['folds'] - 1} "
+        f"of {split['folds']} folds"
+    )
 
 
 def _uncertainty_rows(threshold: dict[str, Any]) -> dict[str, Any]:
@@ -517,12 +659,20 @@ def _uncertainty_rows(threshold: dict[str, Any]) -> dict[str, Any]:
     a, b = uncertainty["exceedance_rate_beta"]["a"], uncertainty["exceedance_rate_beta"]["b"]
     low, high = uncertainty["confidence_interval"]
     return {
-        f"{uncertainty['confidence_level']:.0%} interval of the percentile (order statistics)": f"[{low:.6g}, {high:.6g}]",
-        "rate at which normal rows exceed it": f"Beta({a}, {b}): mean {a / (a + b):.4f}, 99% range [{beta.ppf(0.005, a, b):.4f}, {beta.ppf(0.995, a, b):.4f}]",
+        f"{uncertainty['confidence_level']:.0%} interval of the percentile (order statistics)": (
+            f"[{low:.6g}, {high:.6g}]"
+        ),
+        "rate at which normal rows exceed it": (
+            f"Beta({a}, {b}): mean {a / (a + b):.4f}, 99% range [{beta.ppf(0.005, a, b):.4f}, "
+            f"{beta.ppf(0.995, a, b):.4f}]"
+        ),
     }
 
 
 def publish_version(staging: Path, models_dir: Path | None = None) -> Path:
-    """Drop the staging folder's working files and publish it as its version folder in ``models_dir`` (default: beside it)."""
+    """Drop the staging folder's working files and publish it as its version folder in ``models_dir``.
+
+    Without ``models_dir``, the version folder goes beside the staging folder.
+    """
     storage.remove_tree(staging / WORK_DIR)
     return publish_bundle(staging, models_dir)

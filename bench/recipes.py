@@ -24,8 +24,9 @@ def variant_roc_aucs(overrides: dict[str, object], only: tuple[str, ...] = (), s
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import train_test_split
 
-    from models.autoencoder import build_autoencoder, linear_dependencies, reconstruction_errors, train_autoencoder
+    from models.autoencoder import build_autoencoder, reconstruction_errors, train_autoencoder
     from models.config import resolve_preset
+    from models.training.retraining import sized_for_data
 
     results = {}
     for path in sorted(dataset_dir().glob("*.npz")):
@@ -36,9 +37,7 @@ def variant_roc_aucs(overrides: dict[str, object], only: tuple[str, ...] = (), s
             features, labels, test_size=TEST_SHARE, stratify=labels, random_state=seed
         )
         normal = x_train[y_train == 0]
-        config = resolve_preset("default", **overrides).sized_for(
-            rows=len(normal), features=normal.shape[1], linear_dependencies=linear_dependencies(normal)
-        )
+        config = sized_for_data(resolve_preset("default", **overrides), normal)
         model = build_autoencoder(config, normal)
         train_autoencoder(model, normal, config)
         errors = reconstruction_errors(model, x_test, config.loss, compiled=False)

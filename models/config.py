@@ -40,7 +40,7 @@ class AutoencoderConfig(BaseModel):
         description=(
             "After standardising (needs scale_inputs), also whiten the features (ZCA, in the model), so that features "
             "that move together weigh once and a broken correlation shows in the error. 'auto': only when at least a "
-            "tenth of the features are exact linear combinations of others."
+            "tenth of the features are exact linear combinations of others, or every feature is close to Gaussian."
         ),
     )
     whitening_floor: float = Field(
@@ -119,10 +119,13 @@ class AutoencoderConfig(BaseModel):
     )
     seed: int = Field(42, description="Seed for weights, shuffling and splits.")
 
-    def sized_for(self, rows: int, features: int, linear_dependencies: int = 0) -> AutoencoderConfig:
+    def sized_for(
+        self, rows: int, features: int, linear_dependencies: int = 0, gaussian_like: bool = False
+    ) -> AutoencoderConfig:
         """Return this config with every 'auto' setting sized for ``rows`` training rows of ``features`` features.
 
-        ``linear_dependencies`` of the features are exact combinations.
+        ``linear_dependencies`` of the features are exact combinations; ``gaussian_like``: every feature's
+        distribution is close to a Gaussian's.
         """
         encoder = self.encoder_units
         if encoder == "auto":
@@ -143,7 +146,9 @@ class AutoencoderConfig(BaseModel):
             members = AUTO_ENSEMBLE_SIZE if small else 1
         decorrelate = self.decorrelate_inputs
         if decorrelate == "auto":
-            decorrelate = linear_dependencies >= max(1.0, AUTO_DECORRELATE_SHARE * features)
+            # For a Gaussian normal class whitening is the optimal transform: the error then measures the
+            # Mahalanobis distance the limit ranks by.
+            decorrelate = gaussian_like or linear_dependencies >= max(1.0, AUTO_DECORRELATE_SHARE * features)
         return self.model_copy(
             update={
                 "epochs": epochs,

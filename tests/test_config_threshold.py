@@ -195,3 +195,16 @@ def test_exact_linear_dependencies_are_counted_and_decide_auto_decorrelation():
 
 def test_every_preset_name_the_flows_offer_has_a_recipe():
     assert set(PRESET_NAMES) == set(PRESETS)
+
+
+def test_gaussian_like_features_are_whitened_and_real_looking_ones_are_not():
+    from models.autoencoder import gaussian_like
+
+    rng = np.random.default_rng(0)
+    gaussian = rng.normal(size=(5_000, 6)) @ rng.normal(size=(6, 6))
+    assert gaussian_like(gaussian)
+    for awkward in (np.c_[gaussian, rng.exponential(size=5_000)], np.c_[gaussian, rng.integers(0, 2, 5_000)]):
+        assert not gaussian_like(awkward)
+    config = resolve_preset("default")
+    assert config.sized_for(rows=5_000, features=6, gaussian_like=True).decorrelate_inputs is True
+    assert config.sized_for(rows=5_000, features=6, gaussian_like=False).decorrelate_inputs is False

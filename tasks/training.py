@@ -108,7 +108,8 @@ def train_autoencoder(
 
     def log_epoch(epoch: int, logs: dict[str, float]) -> None:
         val = f", val_loss {logs['val_loss']:.5f}" if "val_loss" in logs else ""
-        logger.info("Epoch %d/%d: loss %.5f%s", epoch + 1, settings.epochs, logs.get("loss", float("nan")), val)
+        # Before sizing, the preset's epochs may still be 'auto'.
+        logger.info("Epoch %d/%s: loss %.5f%s", epoch + 1, settings.epochs, logs.get("loss", float("nan")), val)
 
     history = retraining.train_model(train_path, feature_names, settings, Path(staging), progress=log_epoch)
     sized = history["config"]

@@ -118,15 +118,20 @@ DEPENDENCY_EIGENVALUE = 1e-6
 DEPENDENCY_SAMPLE_ROWS = 100_000
 
 
+def _varying_sample(training_features: np.ndarray) -> np.ndarray:
+    # An evenly spaced sample of rows keeps an exact dependency and the moments' values, and bounds the cost on
+    # large sets; constant features carry neither.
+    features = np.asarray(training_features, dtype=np.float64)
+    features = features[:: max(1, len(features) // DEPENDENCY_SAMPLE_ROWS)]
+    return features[:, features.std(axis=0) > 0]
+
+
 def linear_dependencies(training_features: np.ndarray) -> int:
     """Return how many of the (non-constant) features are exact linear combinations of the others.
 
     That is the correlation matrix's rank deficit.
     """
-    features = np.asarray(training_features, dtype=np.float64)
-    # Any sample of rows keeps an exact dependency; an evenly spaced one bounds the cost on large sets.
-    features = features[:: max(1, len(features) // DEPENDENCY_SAMPLE_ROWS)]
-    varying = features[:, features.std(axis=0) > 0]
+    varying = _varying_sample(training_features)
     if varying.shape[1] < 2 or len(varying) < 3:
         return 0
     eigenvalues = np.linalg.eigvalsh(np.atleast_2d(np.corrcoef(varying, rowvar=False)))
@@ -142,9 +147,7 @@ GAUSSIAN_SKEWNESS, GAUSSIAN_EXCESS_KURTOSIS = 0.25, 0.5
 
 def gaussian_like(training_features: np.ndarray) -> bool:
     """Return whether every varying feature's skewness and excess kurtosis are close to a Gaussian's."""
-    features = np.asarray(training_features, dtype=np.float64)
-    features = features[:: max(1, len(features) // DEPENDENCY_SAMPLE_ROWS)]
-    varying = features[:, features.std(axis=0) > 0]
+    varying = _varying_sample(training_features)
     if varying.shape[1] == 0 or len(varying) < 3:
         return False
     standard = (varying - varying.mean(axis=0)) / varying.std(axis=0)

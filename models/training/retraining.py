@@ -323,29 +323,18 @@ def selection_rows(train: np.ndarray, scheme: str, seed: int) -> np.ndarray:
 
 
 def candidate_errors(
-    train: np.ndarray,
-    held: np.ndarray,
-    labelled: np.ndarray,
-    scheme: str,
-    folds: int,
-    config: AutoencoderConfig,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray, AutoencoderConfig]:
-    """Return the errors of unseen normal rows and of the labelled anomalies under one candidate recipe.
+    train: np.ndarray, held: np.ndarray, labelled: np.ndarray, scheme: str, folds: int, sized: AutoencoderConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the errors of unseen normal rows and of the labelled anomalies under one sized candidate recipe.
 
-    The recipe's sized settings are returned with them.
-
-    Held out: a model trained on at most ``SELECTION_ROWS`` training rows scores the held-out rows.
+    Held out: a model trained on ``train`` (the selection rows) scores the held-out rows.
     Cross-fitted: the out-of-fold errors of the normal rows, and the fold models' mean error on each anomaly.
     """
-    train = selection_rows(train, scheme, seed)
-    sized = sized_for_data(config, train)
     if scheme == HOLDOUT:
         model, _, trained, _ = fit_autoencoder(train, sized)
         errors = reconstruction_errors(model, held, trained.loss, compiled=False)
-        return errors[~labelled], errors[labelled], sized
-    normal, anomalies = out_of_fold_errors(train, sized, folds, unseen=held[labelled])
-    return normal, anomalies, sized
+        return errors[~labelled], errors[labelled]
+    return out_of_fold_errors(train, sized, folds, unseen=held[labelled])
 
 
 def choose_recipe(
@@ -394,9 +383,7 @@ def choose_recipe(
             table.append({**row, "recipe": name, "seconds": 0.0, "changes": changes, "same_as": same})
             continue
         started = time.perf_counter()
-        normal, anomaly, sized = candidate_errors(
-            sample, held, labelled, split["scheme"], split["folds"], candidate, config.seed
-        )
+        normal, anomaly = candidate_errors(sample, held, labelled, split["scheme"], split["folds"], sized)
         errors[name] = (normal, sized)
         table.append(
             {

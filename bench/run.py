@@ -38,11 +38,12 @@ from data.parquet import LabelRule, feature_matrix
 from data.workspace import Workspace
 from models.autoencoder import reconstruction_errors
 from models.bundle import load_bundle, promote, staging_dir
-from models.config import AutoencoderConfig, resolve_preset
+from models.config import resolve_preset
 from models.runtime import cpu_threads, keras, tf
 from models.scoring.batch import score_file
 from models.scoring.streaming import ScoringOptions
 from models.training import retraining
+from models.training.results import TrainedModel, TrainingSplit
 
 RESULTS = Path(__file__).parent / "results"
 PERCENTILE = 98.0
@@ -64,8 +65,8 @@ def detection_metrics(errors: np.ndarray, threshold: float, labels: np.ndarray) 
 
 def retrain(
     preset: str, training_file: Path, staging: Path, choose: bool = True, **overrides: Any
-) -> tuple[dict[str, Any], float, keras.Model, dict[str, Any]]:
-    """Run the product's retraining steps; return the split, fit+threshold seconds, the model and the threshold.
+) -> tuple[TrainedModel, float, keras.Model]:
+    """Run the product's retraining steps; return what they made, the fit+threshold seconds and the model.
 
     With ``choose=False`` no recipe is chosen.
     """
@@ -76,20 +77,15 @@ def retrain(
     started = time.perf_counter()
     # Overrides name one recipe: candidates are chosen among only for the preset as it is.
     recipe = retraining.choose_recipe(split, preset if choose and not overrides else "", config, staging)
-    history = retraining.train_model(
-        split["train_path"], split["feature_names"], AutoencoderConfig.model_validate(recipe["config"]), staging
-    )
+    fit = retraining.train_model(split.train_path, split.feature_names, recipe.config, staging)
     errors_path = retraining.compute_holdout_errors(
-        staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"]
+        staging, split, fit.config, normal_errors_path=recipe.normal_errors_path
     )
     threshold = retraining.fix_threshold_from_errors(errors_path, PERCENTILE)
     seconds = time.perf_counter() - started
     model = keras.saving.load_model(staging / "model.keras", compile=False, safe_mode=True)
-    split["history"] = history
-    split["recipe"] = recipe
-    split["errors_path"] = errors_path
-    split["config"] = AutoencoderConfig.model_validate(history["config"])
-    return split, seconds, model, threshold
+    trained = TrainedModel("", preset, LabelRule("label", "0"), split, recipe, fit, threshold, errors_path)
+    return trained, seconds, model
 
 
 def tutorial_recipe_seconds(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> float:
@@ -125,24 +121,24 @@ def tutorial_recipe_seconds(x_train: np.ndarray, y_train: np.ndarray, x_test: np
     return time.perf_counter() - started
 
 
-def split_rows(split: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(split: TrainingSplit) -> tuple[np.ndarray, np.ndarray]:
     """Return the training rows and the held-out normal rows of a product split, for the reference detectors."""
-    names = split["feature_names"]
-    train = feature_matrix(pq.read_table(split["train_path"]), names, np.float64)
-    holdout_table = pq.read_table(split["holdout_path"])
+    names = split.feature_names
+    train = feature_matrix(pq.read_table(split.train_path), names, np.float64)
+    holdout_table = pq.read_table(split.holdout_path)
     holdout = feature_matrix(holdout_table, names, np.float64)[
         ~holdout_table.column("labelled_anomaly").to_numpy(zero_copy_only=False)
     ]
     return train, holdout
 
 
-def reference_metrics(score, split: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
+def reference_metrics(score, split: TrainingSplit, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
     """Metrics of a reference detector ``score`` (rows -> anomaly score), its threshold fixed as the product's is."""
     _, holdout = split_rows(split)
     return detection_metrics(score(x_test), float(np.percentile(score(holdout), PERCENTILE)), y_test)
 
 
-def gaussian_limit(split: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
+def gaussian_limit(split: TrainingSplit, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
     """The optimal detector for this data: Mahalanobis distance to the normal class, threshold fixed the same way.
 
     The pseudo-inverse leaves out directions without variance, where redundant features make the covariance singular.
@@ -158,7 +154,7 @@ def gaussian_limit(split: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray
     return reference_metrics(distance, split, x_test, y_test)
 
 
-def ledoit_wolf_gaussian(split: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
+def ledoit_wolf_gaussian(split: TrainingSplit, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
     """A Gaussian of the normal class with a shrunk covariance (Ledoit-Wolf), for data too small for the plain one."""
     from sklearn.covariance import LedoitWolf
 
@@ -166,7 +162,7 @@ def ledoit_wolf_gaussian(split: dict[str, Any], x_test: np.ndarray, y_test: np.n
     return reference_metrics(model.mahalanobis, split, x_test, y_test)
 
 
-def isolation_forest(split: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
+def isolation_forest(split: TrainingSplit, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
     """scikit-learn's IsolationForest fitted on the normal training rows, with its default settings."""
     from sklearn.ensemble import IsolationForest
 
@@ -190,13 +186,14 @@ def small_real_data(work: Path, log) -> list[dict[str, Any]]:
         }
         for digit, x_train, y_train, x_test, y_test in digits_as_anomaly_sets(cut):
             training_file = write_training_file(x_train, y_train, work / "digits" / f"{cut}-{digit}" / "train.parquet")
-            split, seconds, model, threshold = retrain(
+            trained, seconds, model = retrain(
                 "default", training_file, staging_dir(work / "digits" / f"{cut}-{digit}" / "models", "default")
             )
+            split, threshold = trained.split, trained.threshold
             per_digit["default"].append(
                 {
                     **detection_metrics(
-                        reconstruction_errors(model, x_test, split["config"].loss), threshold["value"], y_test
+                        reconstruction_errors(model, x_test, trained.fit.config.loss), threshold.value, y_test
                     ),
                     "fit_and_threshold_seconds": seconds,
                 }
@@ -205,9 +202,9 @@ def small_real_data(work: Path, log) -> list[dict[str, Any]]:
             per_digit["isolation_forest"].append(isolation_forest(split, x_test, y_test))
         row: dict[str, Any] = {
             "dataset": label,
-            "training_rows": split["rows_train"],
-            "holdout_rows": split["rows_threshold"],
-            "threshold_warning": threshold.get("warning"),
+            "training_rows": split.rows_train,
+            "holdout_rows": split.rows_threshold,
+            "threshold_warning": threshold.warning,
         }
         for system, runs in per_digit.items():
             row[system] = {metric: float(np.mean([r[metric] for r in runs])) for metric in runs[0]} | {
@@ -236,35 +233,33 @@ def quality_and_training(spec: DatasetSpec, work: Path, scale: float, with_seed:
         "test_anomalies": int(y_test.sum()),
     }
 
-    split, seconds, model, threshold = retrain(
-        "default", training_file, staging_dir(work / spec.name / "models", "default")
-    )
+    trained, seconds, model = retrain("default", training_file, staging_dir(work / spec.name / "models", "default"))
     result["default"] = {
-        **detection_metrics(reconstruction_errors(model, x_test, "mse"), threshold["value"], y_test),
+        **detection_metrics(reconstruction_errors(model, x_test, "mse"), trained.threshold.value, y_test),
         "fit_and_threshold_seconds": seconds,
-        "epochs_run": split["history"]["epochs_run"],
+        "epochs_run": trained.fit.epochs_run,
     }
     log(
         f"{spec.name}: default recall {result['default']['recall']:.3f} roc_auc {result['default']['roc_auc']:.3f} in "
         f"{seconds:.1f} s"
     )
-    result["limit"] = gaussian_limit(split, x_test, y_test)
+    result["limit"] = gaussian_limit(trained.split, x_test, y_test)
     log(f"{spec.name}: limit recall {result['limit']['recall']:.3f} roc_auc {result['limit']['roc_auc']:.3f}")
     result["default_recall_share_of_limit"] = result["default"]["recall"] / result["limit"]["recall"]
     result["default_roc_auc_gap_to_limit"] = result["limit"]["roc_auc"] - result["default"]["roc_auc"]
-    result["_default_run"] = (split, model, threshold)
-    result["default"]["recipe"] = split["recipe"]["name"]
+    result["_default_run"] = trained
+    result["default"]["recipe"] = trained.recipe.name
     # The default recipe as training without labelled anomalies runs it (no recipe chosen), and where features
     # are combinations of others, standardised only: what choosing a recipe, and whitening, buy.
     variants = [("default_unlabelled", {})] + (
         [("standardised_only", {"decorrelate_inputs": False})] if spec.n_redundant else []
     )
     for key, overrides in variants:
-        plain_split, plain_seconds, plain_model, plain_threshold = retrain(
+        plain, plain_seconds, plain_model = retrain(
             "default", training_file, staging_dir(work / spec.name / "models", key), choose=False, **overrides
         )
         result[key] = {
-            **detection_metrics(reconstruction_errors(plain_model, x_test, "mse"), plain_threshold["value"], y_test),
+            **detection_metrics(reconstruction_errors(plain_model, x_test, "mse"), plain.threshold.value, y_test),
             "fit_and_threshold_seconds": plain_seconds,
         }
         log(
@@ -272,13 +267,13 @@ def quality_and_training(spec: DatasetSpec, work: Path, scale: float, with_seed:
             f"{result[key]['roc_auc']:.3f}"
         )
     if with_seed:
-        seed_split, seed_seconds, seed_model, seed_threshold = retrain(
+        seeded, seed_seconds, seed_model = retrain(
             "seed", training_file, staging_dir(work / spec.name / "models", "seed")
         )
         result["seed"] = {
-            **detection_metrics(reconstruction_errors(seed_model, x_test, "mae"), seed_threshold["value"], y_test),
+            **detection_metrics(reconstruction_errors(seed_model, x_test, "mae"), seeded.threshold.value, y_test),
             "fit_and_threshold_seconds": seed_seconds,
-            "epochs_run": seed_split["history"]["epochs_run"],
+            "epochs_run": seeded.fit.epochs_run,
         }
         log(f"{spec.name}: seed preset recall {result['seed']['recall']:.3f} in {seed_seconds:.1f} s")
         result["tutorial_recipe_seconds"] = tutorial_recipe_seconds(x_train, y_train, x_test)
@@ -293,13 +288,10 @@ def quality_and_training(spec: DatasetSpec, work: Path, scale: float, with_seed:
     return result
 
 
-def publish_for_scoring(
-    run: tuple[dict[str, Any], keras.Model, dict[str, Any]], staging: Path, workspace: Workspace
-) -> None:
+def publish_for_scoring(trained: TrainedModel, staging: Path, workspace: Workspace) -> None:
     """Turn the tutorial's default-preset staging folder into the workspace's current bundle."""
-    split, _, threshold = run
     version = "20000101T000000Z"
-    retraining.write_bundle(staging, version, split, split["history"], threshold, "default", LabelRule("label", "0"))
+    retraining.write_bundle(staging, dataclasses.replace(trained, version=version))
     target = workspace.models_dir / f"{version}.partial"
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, target)
@@ -928,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
             if spec is TUTORIAL:
                 # Nights scored below are drawn like the model's normal training rows, so about 2% are flagged,
                 # as on a real night.
-                rows_like = normal_class(split_rows(default_run[0])[0])
+                rows_like = normal_class(split_rows(default_run.split)[0])
                 publish_for_scoring(default_run, work / spec.name / "models" / "default.partial", workspace)
             results["quality"].append(row)
         if "small" not in args.skip:

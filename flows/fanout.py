@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 from collections.abc import Iterator
 
 from distributed import KilledWorker
@@ -22,6 +23,8 @@ from prefect_dask.task_runners import PrefectDaskFuture
 from data.batches import Batch
 from models.scoring.streaming import ScoringOptions
 from tasks.scoring import discard_units, merge_units, plan_units, remove_stale_temporaries, score_batch, score_unit
+
+DASK_ADDRESS_ENV = "ANOMALY_DASK_ADDRESS"
 
 
 def task_runner(dask_address: str | None, dask_workers: int, threads_per_worker: int) -> TaskRunner:
@@ -238,6 +241,8 @@ def score_work(
 
     A failed batch does not stop the others.
     """
+    # Read when the run starts, not when the flow is deployed, so that the worker's environment decides.
+    dask_address = dask_address or os.environ.get(DASK_ADDRESS_ENV) or None
     distributed = bool(dask_address or dask_workers)
     with api_shared_with_workers(distributed), task_runner(dask_address, dask_workers, threads_per_worker) as runner:
         if not distributed:

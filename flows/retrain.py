@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -13,11 +11,12 @@ from data import storage
 from data.locks import retraining_lock
 from data.parquet import LabelRule
 from data.workspace import Workspace, default_workspace
-from models.bundle import current_version, discard_staging, new_version, promote_command, staging_dir
+from models.bundle import current_version, discarded_on_failure, new_version, promote_command, staging_dir
 from models.config import PresetName, resolve_preset
 from models.training.outcome import RetrainingRun
+from models.training.results import PromotionDecision, TrainedModel
 from tasks.events import emit_model_event
-from tasks.reporting import publish_report_artifacts, write_evaluation_report
+from tasks.reporting import publish_report_artifacts
 from tasks.training import (
     check_promotion_gate,
     choose_recipe,
@@ -99,24 +98,23 @@ def retrain_flow(
 
     # One retraining at a time per workspace: versions, staging folders and current.json are shared.
     with retraining_lock(ws):
-        remove_stale_staging(models_dir)
+        remove_stale_staging(models_dir=models_dir)
         version = new_version()
         staging = str(staging_dir(ws.models_dir, version))
         logger.info("Retraining model %s with preset %r from %s", version, preset, source)
-        try:
-            # Normal rows only (with those of past nights that labels confirm), a seeded share held out for the
-            # threshold.
+        # Everything is built in the staging folder, which a failed step takes with it.
+        with discarded_on_failure(staging):
             confirmed = None
             if use_label_history:
                 confirmed = gather_label_history(
                     workspace_root=str(ws.root),
                     source=source,
                     labels=labels,
-                    end_date=dt.datetime.now(dt.UTC).date(),
                     days=label_history_days,
                     id_columns=list(id_columns),
                     staging=staging,
                 )
+            # Normal rows only, a seeded share held out for the threshold (or all of them cross-fitted).
             split = split_training_data(
                 source=source,
                 staging=staging,
@@ -124,86 +122,45 @@ def retrain_flow(
                 holdout_fraction=holdout_fraction,
                 percentile=percentile,
                 seed=config.seed,
-                label_history=confirmed["path"] if confirmed else None,
+                label_history=confirmed.path if confirmed else None,
             )
             # With labelled anomalies held out, the candidate recipe that ranks them best; then train it.
-            recipe = choose_recipe(split=split, preset=preset, config=config.model_dump(), staging=staging)
-            history = train_autoencoder(
-                train_path=split["train_path"],
-                feature_names=split["feature_names"],
-                config=recipe["config"],
-                staging=staging,
-            )
+            recipe = choose_recipe(split=split, preset=preset, config=config, staging=staging)
+            fit = train_autoencoder(split=split, config=recipe.config, staging=staging)
             # The threshold is the percentile of errors on normal rows the model did not see (held out, or out of fold).
-            errors_path = compute_reconstruction_errors(
-                staging=staging, split=split, config=history["config"], normal_errors_path=recipe["normal_errors_path"]
-            )
-            threshold = fix_threshold(errors_path=errors_path, percentile=percentile, scheme=split["scheme"])
-            # Bundle, reports and the promotion gate, all inside the staging folder; then publish the version
-            # (a rename, or uploads with bundle.json last).
-            save_model_bundle(
-                staging=staging,
-                version=version,
-                split=split,
-                history=history,
-                threshold=threshold,
-                preset=preset,
-                labels=labels,
-                recipe=recipe,
-            )
-            training_report = write_training_report(
-                staging=staging,
-                version=version,
-                errors_path=errors_path,
-                history=history,
-                threshold=threshold,
-                split=split,
-                preset=preset,
-                recipe=recipe,
-            )
-            write_evaluation_report(
-                summary=training_report["report"]["holdout_evaluation"],
-                directory=str(Path(staging) / "report"),
-                stem="holdout-evaluation",
-                title=f"Held-out evaluation, model {version}",
-                context={"model_version": version, "rows": "held-out normal rows and labelled anomalies"},
-            )
-            gate = check_promotion_gate(
-                staging=staging,
-                errors_path=errors_path,
-                threshold=threshold,
-                models_dir=models_dir,
-                feature_names=split["feature_names"],
-            )
+            errors_path = compute_reconstruction_errors(staging=staging, split=split, fit=fit, recipe=recipe)
+            threshold = fix_threshold(errors_path=errors_path, percentile=percentile, scheme=split.scheme)
+            trained = TrainedModel(version, preset, labels, split, recipe, fit, threshold, errors_path)
+            save_model_bundle(staging=staging, trained=trained)
+            report = write_training_report(staging=staging, trained=trained)
+            gate = check_promotion_gate(staging=staging, trained=trained, models_dir=models_dir)
+            # A rename, or uploads with bundle.json last.
             version_dir = publish_model_version(staging=staging, models_dir=models_dir)
-        except BaseException:
-            discard_staging(staging)
-            raise
-        promoted = _promote_if_allowed(models_dir=models_dir, version=version, gate=gate, promote=promote)
+        current = _promote_if_allowed(models_dir=models_dir, version=version, gate=gate, promote=promote)
 
-    run = RetrainingRun(
-        version, preset, percentile, split, recipe, history, threshold, gate, confirmed, training_report, version_dir
-    )
+    run = RetrainingRun(trained=trained, gate=gate, label_history=confirmed, report=report, version_dir=version_dir)
     publish_report_artifacts(
         key=f"training-report-{version}",
-        markdown=training_report["markdown"],
+        markdown=report.markdown,
         table=run.artifact_rows(),
         description=f"Training report of model {version}",
     )
-    current = version if promoted else current_version(storage.as_path(models_dir), required=False)
-    outcome = run.outcome(promoted=promoted, current_model=current)
-    emit_model_event(str(ws.root), outcome)
+    outcome = run.outcome(promoted=current == version, current_model=current)
+    emit_model_event(workspace_root=str(ws.root), outcome=outcome)
     return outcome
 
 
-def _promote_if_allowed(models_dir: str, version: str, gate: dict[str, Any], promote: bool) -> bool:
-    """Promote ``version`` if asked and the gate allows; otherwise say why not, and how to promote it anyway."""
+def _promote_if_allowed(models_dir: str, version: str, gate: PromotionDecision, promote: bool) -> str | None:
+    """Promote ``version`` if asked and the gate allows; otherwise say why not, and how to promote it anyway.
+
+    Return the version now current, if any.
+    """
     logger = get_run_logger()
-    if promote and gate["passed"]:
-        promote_model(models_dir, version)
-        return True
-    reasons = "; ".join(gate["reasons"])
-    if promote and gate["first_model"]:
+    if promote and gate.passed:
+        promote_model(models_dir=models_dir, version=version)
+        return version
+    reasons = "; ".join(gate.reasons)
+    if promote and gate.first_model:
         logger.error(
             "Model %s is saved but NOT promoted, and no model is current, so scoring cannot run until one is. "
             "Reasons: %s. Promote it anyway with: %s",
@@ -215,4 +172,4 @@ def _promote_if_allowed(models_dir: str, version: str, gate: dict[str, Any], pro
         logger.warning(
             "Model %s is saved but NOT promoted; the current model keeps scoring. Reasons: %s", version, reasons
         )
-    return False
+    return current_version(storage.as_path(models_dir), required=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -39,8 +38,6 @@ from tasks.scoring import (
     withdraw_records,
     write_batch_report,
 )
-
-DASK_ADDRESS_ENV = "ANOMALY_DASK_ADDRESS"
 
 
 class BatchesFailedError(AnomalyJobError):
@@ -124,8 +121,6 @@ def score_flow(
     logger = get_run_logger()
     date = resolve_run_date(run_date, timezone)
     scored_at = dt.datetime.now(dt.UTC)
-    # Read when the run starts, not when the flow is deployed, so that the worker's environment decides.
-    dask_address = dask_address or os.environ.get(DASK_ADDRESS_ENV) or None
     ws = Workspace.at(workspace)
     root = str(ws.root)
     model = resolve_model_version(root, model_version)
@@ -166,15 +161,14 @@ def score_flow(
         run = _publish_batches(root=root, date=date, model=model, work=work, states=states, skipped=skipped, late=late)
         summary, report_paths = _write_run_reports(ws=ws, run=run)
 
-    markdown = storage.read_text(report_paths["markdown"])
     publish_report_artifacts(
-        f"scoring-report-{date.isoformat()}",
-        markdown,
-        run.artifact_rows(),
-        f"Scoring run of {date} with model {model.version}",
+        key=f"scoring-report-{date.isoformat()}",
+        markdown=storage.read_text(report_paths["markdown"]),
+        table=run.artifact_rows(),
+        description=f"Scoring run of {date} with model {model.version}",
     )
     outcome = run.outcome(summary=summary, report_paths=report_paths, workspace=ws, write_scores=write_scores)
-    emit_night_events(root, outcome)
+    emit_night_events(workspace_root=root, outcome=outcome)
     if run.failed:
         names = "; ".join(f["error"] for f in run.failed)
         raise BatchesFailedError(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
 import json
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -330,3 +332,13 @@ def discard_staging(staging: str | os.PathLike[str]) -> None:
     path = storage.as_path(staging)
     if path.name.endswith(STAGING_SUFFIX):
         storage.remove_tree(path)
+
+
+@contextlib.contextmanager
+def discarded_on_failure(staging: str | os.PathLike[str]) -> Iterator[None]:
+    """Remove the staging folder if the block fails (or is interrupted), then let the error through."""
+    try:
+        yield
+    except BaseException:
+        discard_staging(staging)
+        raise

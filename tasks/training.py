@@ -14,6 +14,16 @@ from data.parquet import LabelRule
 from models import bundle
 from models.config import AutoencoderConfig
 from models.training import label_history, promotion, retraining
+from models.training.results import (
+    ConfirmedRows,
+    ModelFit,
+    PromotionDecision,
+    RecipeChoice,
+    ThresholdFit,
+    TrainedModel,
+    TrainingReport,
+    TrainingSplit,
+)
 from tasks.common import RETRIES
 
 
@@ -22,23 +32,23 @@ def gather_label_history(
     workspace_root: str,
     source: str,
     labels: LabelRule,
-    end_date: dt.date,
     days: int,
     id_columns: list[str],
     staging: str,
-) -> dict[str, Any]:
-    """Gather the rows of past nights that later labels confirmed, as extra training data."""
+) -> ConfirmedRows:
+    """Gather the rows of the ``days`` nights up to today (UTC) that later labels confirmed, as extra training data."""
+    today = dt.datetime.now(dt.UTC).date()
     history = label_history.label_history_for_training(
-        workspace_root, source, labels, end_date, days, id_columns, Path(staging) / retraining.WORK_DIR
+        workspace_root, source, labels, today, days, id_columns, Path(staging) / retraining.WORK_DIR
     )
     get_run_logger().info(
         "Label history %s..%s: %d confirmed normal row(s) added, %d confirmed anomalies held out, from %d night(s) "
         "with files",
-        history["first_date"],
-        history["last_date"],
-        history["rows_confirmed_normal"],
-        history["rows_confirmed_anomalous"],
-        history["nights_with_files"],
+        history.first_date,
+        history.last_date,
+        history.rows_confirmed_normal,
+        history.rows_confirmed_anomalous,
+        history.nights_with_files,
     )
     return history
 
@@ -52,32 +62,32 @@ def split_training_data(
     percentile: float,
     seed: int,
     label_history: str | None = None,
-) -> dict[str, Any]:
+) -> TrainingSplit:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
     split = retraining.split_training_data(
         source, Path(staging), labels, holdout_fraction, percentile, seed, label_history=label_history
     )
-    if split["scheme"] == retraining.CROSS_FIT:
+    if split.scheme == retraining.CROSS_FIT:
         get_run_logger().info(
             "Training rows: %d normal, each also scored out of fold for the threshold (%d folds: "
             "a %d%% hold-out would leave it uncertain), %d labelled anomalies held out",
-            split["rows_train"],
-            split["folds"],
+            split.rows_train,
+            split.folds,
             round(100 * holdout_fraction),
-            split["rows_holdout_anomalies"],
+            split.rows_holdout_anomalies,
         )
     else:
         get_run_logger().info(
             "Training rows: %d normal for training, %d normal held out, %d labelled anomalies held out",
-            split["rows_train"],
-            split["rows_holdout_normal"],
-            split["rows_holdout_anomalies"],
+            split.rows_train,
+            split.rows_holdout_normal,
+            split.rows_holdout_anomalies,
         )
     return split
 
 
 @task(name="choose-recipe", cache_policy=NO_CACHE)
-def choose_recipe(split: dict[str, Any], preset: str, config: dict[str, Any], staging: str) -> dict[str, Any]:
+def choose_recipe(split: TrainingSplit, preset: str, config: AutoencoderConfig, staging: str) -> RecipeChoice:
     """With labelled anomalies held out, pick the candidate recipe that ranks them best; else keep the preset's."""
     logger = get_run_logger()
 
@@ -90,108 +100,79 @@ def choose_recipe(split: dict[str, Any], preset: str, config: dict[str, Any], st
             row["seconds"],
         )
 
-    recipe = retraining.choose_recipe(
-        split, preset, AutoencoderConfig.model_validate(config), Path(staging), progress=log_candidate
-    )
-    if recipe["candidates"]:
-        logger.info("Recipe %r chosen on the %s", recipe["name"], recipe["chosen_on"])
+    recipe = retraining.choose_recipe(split, preset, config, Path(staging), progress=log_candidate)
+    if recipe.candidates:
+        logger.info("Recipe %r chosen on the %s", recipe.name, recipe.chosen_on)
     return recipe
 
 
 @task(name="build-and-train-autoencoder", cache_policy=NO_CACHE)
-def train_autoencoder(
-    train_path: str, feature_names: list[str], config: dict[str, Any], staging: str
-) -> dict[str, Any]:
-    """Build the autoencoder from its config and train it, logging every epoch."""
+def train_autoencoder(split: TrainingSplit, config: AutoencoderConfig, staging: str) -> ModelFit:
+    """Build the autoencoder from its config and train it on the split's training rows, logging every epoch."""
     logger = get_run_logger()
-    settings = AutoencoderConfig.model_validate(config)
 
     def log_epoch(epoch: int, logs: dict[str, float]) -> None:
         val = f", val_loss {logs['val_loss']:.5f}" if "val_loss" in logs else ""
         # Before sizing, the preset's epochs may still be 'auto'.
-        logger.info("Epoch %d/%s: loss %.5f%s", epoch + 1, settings.epochs, logs.get("loss", float("nan")), val)
+        logger.info("Epoch %d/%s: loss %.5f%s", epoch + 1, config.epochs, logs.get("loss", float("nan")), val)
 
-    history = retraining.train_model(train_path, feature_names, settings, Path(staging), progress=log_epoch)
-    sized = history["config"]
+    fit = retraining.train_model(split.train_path, split.feature_names, config, Path(staging), progress=log_epoch)
+    sized = fit.config
     logger.info(
         "Trained %d epochs in %.1f s (best epoch %d); layers %s / %s, batch size %d, patience %s",
-        history["epochs_run"],
-        history["fit_seconds"],
-        history["best_epoch"],
-        sized["encoder_units"],
-        sized["decoder_units"],
-        sized["batch_size"],
-        sized["early_stopping_patience"],
+        fit.epochs_run,
+        fit.fit_seconds,
+        fit.best_epoch,
+        sized.encoder_units,
+        sized.decoder_units,
+        sized.batch_size,
+        sized.early_stopping_patience,
     )
-    for attempt in history["diverged_attempts"]:
+    for attempt in fit.diverged_attempts:
         logger.warning("A fit diverged and was trained again with safer settings: %s", attempt)
-    return history
+    return fit
 
 
 @task(name="compute-reconstruction-errors", cache_policy=NO_CACHE)
-def compute_reconstruction_errors(
-    staging: str, split: dict[str, Any], config: dict[str, Any], normal_errors_path: str | None = None
-) -> str:
+def compute_reconstruction_errors(staging: str, split: TrainingSplit, fit: ModelFit, recipe: RecipeChoice) -> str:
     """Score the normal rows the model did not see (held out, or out of fold) and the labelled anomalies.
 
     Return the path of their errors.
     """
     logger = get_run_logger()
-    if split["scheme"] == retraining.CROSS_FIT:
-        logger.info("Cross-fitting: %d fold models, each scoring the normal rows the others trained on", split["folds"])
+    if split.scheme == retraining.CROSS_FIT:
+        logger.info("Cross-fitting: %d fold models, each scoring the normal rows the others trained on", split.folds)
 
     def log_fold(fold: int, folds: int) -> None:
         logger.info("Fold %d/%d scored", fold + 1, folds)
 
     return retraining.compute_holdout_errors(
-        Path(staging), split, config, progress=log_fold, normal_errors_path=normal_errors_path
+        Path(staging), split, fit.config, progress=log_fold, normal_errors_path=recipe.normal_errors_path
     )
 
 
 @task(name="fix-threshold", cache_policy=NO_CACHE)
-def fix_threshold(errors_path: str, percentile: float, scheme: str) -> dict[str, Any]:
+def fix_threshold(errors_path: str, percentile: float, scheme: str) -> ThresholdFit:
     """Fix the threshold at the percentile of the errors of normal rows the model did not see."""
     threshold = retraining.fix_threshold_from_errors(errors_path, percentile, scheme)
     logger = get_run_logger()
     unseen = "held-out normal rows" if scheme == retraining.HOLDOUT else "normal rows scored out of fold"
-    logger.info(
-        "Threshold %.6g at the %gth percentile of %d %s", threshold["value"], percentile, threshold["rows"], unseen
-    )
-    if threshold["warning"]:
-        logger.warning("Uncertain threshold: %s", threshold["warning"])
+    logger.info("Threshold %.6g at the %gth percentile of %d %s", threshold.value, percentile, threshold.rows, unseen)
+    if threshold.warning:
+        logger.warning("Uncertain threshold: %s", threshold.warning)
     return threshold
 
 
 @task(name="save-model-bundle", cache_policy=NO_CACHE, **RETRIES)
-def save_model_bundle(
-    staging: str,
-    version: str,
-    split: dict[str, Any],
-    history: dict[str, Any],
-    threshold: dict[str, Any],
-    preset: str,
-    labels: LabelRule,
-    recipe: dict[str, Any],
-) -> str:
+def save_model_bundle(staging: str, trained: TrainedModel) -> str:
     """Write bundle.json beside the model, with the config it was trained with."""
-    return str(retraining.write_bundle(Path(staging), version, split, history, threshold, preset, labels, recipe))
+    return str(retraining.write_bundle(Path(staging), trained))
 
 
-@task(name="write-training-report", cache_policy=NO_CACHE)
-def write_training_report(
-    staging: str,
-    version: str,
-    errors_path: str,
-    history: dict[str, Any],
-    threshold: dict[str, Any],
-    split: dict[str, Any],
-    preset: str,
-    recipe: dict[str, Any],
-) -> dict[str, Any]:
-    """Write the training report into the staged version."""
-    return retraining.write_training_report(
-        Path(staging), version, errors_path, history, threshold, split, preset, recipe
-    )
+@task(name="write-training-report", cache_policy=NO_CACHE, **RETRIES)
+def write_training_report(staging: str, trained: TrainedModel) -> TrainingReport:
+    """Write the training report and the held-out evaluation report into the staged version."""
+    return retraining.write_training_report(Path(staging), trained)
 
 
 @task(name="publish-model-version", cache_policy=NO_CACHE)
@@ -209,19 +190,23 @@ def promote_model(models_dir: str, version: str) -> str:
 
 
 @task(name="check-promotion-gate", cache_policy=NO_CACHE)
-def check_promotion_gate(
-    staging: str, errors_path: str, threshold: dict[str, Any], models_dir: str, feature_names: list[str]
-) -> dict[str, Any]:
+def check_promotion_gate(staging: str, trained: TrainedModel, models_dir: str) -> PromotionDecision:
     """Decide whether the new model may replace the current one."""
     decision = promotion.check_promotion(
-        Path(staging), errors_path, threshold, storage.as_path(models_dir), feature_names
+        Path(staging),
+        trained.errors_path,
+        trained.split.holdout_path,
+        trained.threshold.value,
+        trained.threshold.percentile,
+        storage.as_path(models_dir),
+        trained.split.feature_names,
     )
     logger = get_run_logger()
-    if decision["passed"]:
-        logger.info("Promotion gate passed: %s", decision["checks"])
+    if decision.passed:
+        logger.info("Promotion gate passed: %s", decision.checks)
     else:
-        logger.warning("Promotion gate refused the new model: %s", "; ".join(decision["reasons"]))
-    for warning in decision["warnings"]:
+        logger.warning("Promotion gate refused the new model: %s", "; ".join(decision.reasons))
+    for warning in decision.warnings:
         logger.warning("Promotion gate: %s", warning)
     return decision
 

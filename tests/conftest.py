@@ -63,6 +63,7 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models import bundle
     from models.config import resolve_preset
     from models.training import retraining
+    from models.training.results import RecipeChoice, TrainedModel
 
     root = tmp_path_factory.mktemp("trained-ws")
     # About 3,900 held-out normal rows: the realized normal flag rate then lies within 0.005 of 2% (two
@@ -74,10 +75,12 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     split = retraining.split_training_data(
         str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed
     )
-    history = retraining.train_model(split["train_path"], split["feature_names"], config, staging)
-    errors = retraining.compute_holdout_errors(staging, split, history["config"])
+    history = retraining.train_model(split.train_path, split.feature_names, config, staging)
+    errors = retraining.compute_holdout_errors(staging, split, history.config)
     threshold = retraining.fix_threshold_from_errors(errors, 98.0)
-    retraining.write_bundle(staging, version, split, history, threshold, "default", LabelRule("label", "0"))
+    recipe = RecipeChoice.preset("default", config)
+    trained = TrainedModel(version, "default", LabelRule("label", "0"), split, recipe, history, threshold, errors)
+    retraining.write_bundle(staging, trained)
     retraining.publish_version(staging)
     bundle.promote(root / "models", version)
     return root

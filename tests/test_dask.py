@@ -160,7 +160,8 @@ def _every_row_once(root, rows: int) -> None:
 def test_a_lost_worker_or_a_failing_unit_or_merge_is_retried_on_dask(
     harness, workspace_copy, faulty_cluster, fault, monkeypatch
 ):
-    from flows.score import DASK_ADDRESS_ENV, score_flow
+    from flows.fanout import DASK_ADDRESS_ENV
+    from flows.score import score_flow
 
     address, faults = faulty_cluster
     rows = _night(workspace_copy)

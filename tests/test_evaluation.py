@@ -169,9 +169,9 @@ def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_thos
         str(ws.root), str(ws.training_dir), LabelRule("label", "0"), today, 30, ["row_id"], tmp_path / "work"
     )
     expected = pd.concat([labels[0], labels[1].iloc[:100]])
-    assert history["rows_confirmed_normal"] == int((expected["label"] == 0).sum())
-    assert history["rows_confirmed_anomalous"] == int((expected["label"] == 1).sum())
-    assert [n["date"] for n in history["by_night"]] == sorted(n.isoformat() for n in list(nights)[:2])
+    assert history.rows_confirmed_normal == int((expected["label"] == 0).sum())
+    assert history.rows_confirmed_anomalous == int((expected["label"] == 1).sum())
+    assert [n["date"] for n in history.by_night] == sorted(n.isoformat() for n in list(nights)[:2])
 
     plain = split_training_data(str(ws.training_dir), tmp_path / "plain", LabelRule("label", "0", False), 0.2, 98.0, 1)
     split = split_training_data(
@@ -181,20 +181,20 @@ def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_thos
         0.2,
         98.0,
         1,
-        label_history=history["path"],
+        label_history=history.path,
     )
     assert (
-        split["rows_train"] + split["rows_holdout_normal"]
-        == plain["rows_train"] + plain["rows_holdout_normal"] + history["rows_confirmed_normal"]
+        split.rows_train + split.rows_holdout_normal
+        == plain.rows_train + plain.rows_holdout_normal + history.rows_confirmed_normal
     )
-    assert split["rows_holdout_anomalies"] == plain["rows_holdout_anomalies"] + history["rows_confirmed_anomalous"]
-    assert (split["rows_label_history_normal"], split["rows_label_history_anomalies"]) == (
-        history["rows_confirmed_normal"],
-        history["rows_confirmed_anomalous"],
+    assert split.rows_holdout_anomalies == plain.rows_holdout_anomalies + history.rows_confirmed_anomalous
+    assert (split.rows_label_history_normal, split.rows_label_history_anomalies) == (
+        history.rows_confirmed_normal,
+        history.rows_confirmed_anomalous,
     )
     # No row a label calls anomalous is trained on.
-    confirmed_anomalous = pq.read_table(history["path"]).to_pandas().query("label != '0'")["f0"]
-    assert not set(pq.read_table(split["train_path"]).column("f0").to_pylist()) & set(confirmed_anomalous)
+    confirmed_anomalous = pq.read_table(history.path).to_pandas().query("label != '0'")["f0"]
+    assert not set(pq.read_table(split.train_path).column("f0").to_pylist()) & set(confirmed_anomalous)
 
 
 def test_labels_match_rows_whose_ids_were_written_with_another_type(tmp_path: Path) -> None:

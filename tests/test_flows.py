@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -287,8 +288,8 @@ def test_a_refused_first_model_says_so_with_the_command_and_scoring_names_it(har
     def refusing_gate(staging, *args, **kwargs):
         # The real gate's decision, refused, saved where the gate saves it.
         decision = refuse(staging, *args, **kwargs)
-        decision.update(passed=False, reasons=["a refusal this test asks for"])
-        (staging / "promotion.json").write_text(json.dumps(decision))
+        decision = dataclasses.replace(decision, passed=False, reasons=["a refusal this test asks for"])
+        (staging / "promotion.json").write_text(json.dumps(dataclasses.asdict(decision)))
         return decision
 
     monkeypatch.setattr(promotion, "check_promotion", refusing_gate)

@@ -22,15 +22,20 @@ def _staging_with_errors(root, errors: np.ndarray, labelled: np.ndarray, holdout
     return staging, str(path)
 
 
-def _threshold(errors: np.ndarray) -> dict:
-    return {"value": float(np.percentile(errors, 98)), "percentile": 98.0, "rows": len(errors)}
+def _threshold(errors: np.ndarray) -> tuple[float, float]:
+    """The threshold at the 98th percentile of ``errors``, and that percentile."""
+    return float(np.percentile(errors, 98)), 98.0
+
+
+def _holdout(staging) -> str:
+    return str(staging / "_work" / "holdout.parquet")
 
 
 def test_a_sound_model_passes_and_the_decision_is_saved(tmp_path):
     errors = np.random.default_rng(0).exponential(size=4000)
     staging, path = _staging_with_errors(tmp_path, errors, np.zeros(4000, dtype=bool))
-    decision = check_promotion(staging, path, _threshold(errors), tmp_path / "models", FEATURES)
-    assert decision["passed"] and decision["reasons"] == []
+    decision = check_promotion(staging, path, _holdout(staging), *_threshold(errors), tmp_path / "models", FEATURES)
+    assert decision.passed and decision.reasons == []
     assert json.loads((staging / "promotion.json").read_text())["passed"] is True
 
 
@@ -38,10 +43,8 @@ def test_non_finite_errors_are_refused(tmp_path):
     errors = np.random.default_rng(0).exponential(size=4000)
     errors[7] = np.nan
     staging, path = _staging_with_errors(tmp_path, errors, np.zeros(4000, dtype=bool))
-    decision = check_promotion(
-        staging, path, {"value": 1.0, "percentile": 98.0, "rows": 4000}, tmp_path / "models", FEATURES
-    )
-    assert not decision["passed"] and "not finite" in decision["reasons"][0]
+    decision = check_promotion(staging, path, _holdout(staging), 1.0, 98.0, tmp_path / "models", FEATURES)
+    assert not decision.passed and "not finite" in decision.reasons[0]
 
 
 def test_a_threshold_that_does_not_generalise_is_refused_while_another_model_is_current(workspace_copy):
@@ -51,19 +54,19 @@ def test_a_threshold_that_does_not_generalise_is_refused_while_another_model_is_
     assert max(cross_checked_flag_rates(errors, 98.0)) > 0.3
     ws = Workspace.at(workspace_copy)
     staging, path = _staging_with_errors(workspace_copy, errors, np.zeros(4000, dtype=bool))
-    decision = check_promotion(staging, path, _threshold(errors), ws.models_dir, FEATURES)
-    assert not decision["passed"] and "does not generalise" in decision["reasons"][0]
-    assert decision["first_model"] is False and decision["warnings"] == []
+    decision = check_promotion(staging, path, _holdout(staging), *_threshold(errors), ws.models_dir, FEATURES)
+    assert not decision.passed and "does not generalise" in decision.reasons[0]
+    assert decision.first_model is False and decision.warnings == []
 
 
 def test_a_first_model_failing_only_the_flag_rate_cross_check_is_promoted_with_a_warning(tmp_path):
     rng = np.random.default_rng(0)
     errors = np.concatenate([rng.exponential(size=2000), 3 + rng.exponential(size=2000)])
     staging, path = _staging_with_errors(tmp_path, errors, np.zeros(4000, dtype=bool))
-    decision = check_promotion(staging, path, _threshold(errors), tmp_path / "models", FEATURES)
+    decision = check_promotion(staging, path, _holdout(staging), *_threshold(errors), tmp_path / "models", FEATURES)
     # With no model current nothing could be scored: an unsure threshold is better than none.
-    assert decision["passed"] and decision["first_model"] and decision["reasons"] == []
-    [warning] = decision["warnings"]
+    assert decision.passed and decision.first_model and decision.reasons == []
+    [warning] = decision.warnings
     assert (
         warning.startswith("promoted although flag rate on unseen held-out normal rows was")
         and "no model was current" in warning
@@ -75,10 +78,8 @@ def test_a_first_model_with_non_finite_errors_is_still_refused(tmp_path):
     errors = np.random.default_rng(0).exponential(size=4000)
     errors[7] = np.inf
     staging, path = _staging_with_errors(tmp_path, errors, np.zeros(4000, dtype=bool))
-    decision = check_promotion(
-        staging, path, {"value": 1.0, "percentile": 98.0, "rows": 4000}, tmp_path / "models", FEATURES
-    )
-    assert not decision["passed"] and decision["first_model"] and decision["warnings"] == []
+    decision = check_promotion(staging, path, _holdout(staging), 1.0, 98.0, tmp_path / "models", FEATURES)
+    assert not decision.passed and decision.first_model and decision.warnings == []
 
 
 def test_a_model_clearly_worse_than_the_current_one_on_labelled_anomalies_is_refused(workspace_copy):
@@ -93,11 +94,14 @@ def test_a_model_clearly_worse_than_the_current_one_on_labelled_anomalies_is_ref
     staging, path = _staging_with_errors(
         workspace_copy, errors, labelled, holdout.append_column("labelled_anomaly", pa.array(labelled))
     )
-    decision = check_promotion(staging, path, _threshold(errors[~labelled]), ws.models_dir, FEATURES)
-    assert decision["checks"]["current_version"] == current.version
-    assert decision["checks"]["current_recall"] > 0.8
-    assert not decision["passed"] and "clearly below the current model's" in decision["reasons"][0]
+    decision = check_promotion(
+        staging, path, _holdout(staging), *_threshold(errors[~labelled]), ws.models_dir, FEATURES
+    )
+    assert decision.checks["current_version"] == current.version
+    assert decision.checks["current_recall"] > 0.8
+    assert not decision.passed and "clearly below the current model's" in decision.reasons[0]
     # The same errors with the anomalies well above the threshold pass.
     errors[labelled] = 100.0
     pq.write_table(pa.table({"reconstruction_error": pa.array(errors), "labelled_anomaly": pa.array(labelled)}), path)
-    assert check_promotion(staging, path, _threshold(errors[~labelled]), ws.models_dir, FEATURES)["passed"]
+    holdout, (threshold, percentile) = _holdout(staging), _threshold(errors[~labelled])
+    assert check_promotion(staging, path, holdout, threshold, percentile, ws.models_dir, FEATURES).passed

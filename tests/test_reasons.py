@@ -57,6 +57,7 @@ def sensor_workspace(tmp_path_factory):
     """A workspace with a model of the sensors, trained with the plain functions on normal rows only."""
     from models.config import resolve_preset
     from models.training import retraining
+    from models.training.results import RecipeChoice, TrainedModel
 
     root = tmp_path_factory.mktemp("sensors")
     rows = _sensor_rows(8000, seed=1)
@@ -75,10 +76,14 @@ def sensor_workspace(tmp_path_factory):
     split = retraining.split_training_data(
         str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed
     )
-    history = retraining.train_model(split["train_path"], split["feature_names"], config, staging)
-    errors = retraining.compute_holdout_errors(staging, split, history["config"])
+    history = retraining.train_model(split.train_path, split.feature_names, config, staging)
+    errors = retraining.compute_holdout_errors(staging, split, history.config)
     threshold = retraining.fix_threshold_from_errors(errors, 98.0)
-    retraining.write_bundle(staging, "20260102T000000Z", split, history, threshold, "default", LabelRule("label", "0"))
+    recipe = RecipeChoice.preset("default", config)
+    trained = TrainedModel(
+        "20260102T000000Z", "default", LabelRule("label", "0"), split, recipe, history, threshold, errors
+    )
+    retraining.write_bundle(staging, trained)
     retraining.publish_version(staging)
     bundle.promote(root / "models", "20260102T000000Z")
     return root

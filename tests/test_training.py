@@ -18,6 +18,7 @@ import pytest
 from data.parquet import LabelRule
 from models.config import RECIPE_CANDIDATES, resolve_preset
 from models.training import retraining
+from models.training.results import TrainedModel
 from tests.conftest import REPO_ROOT, write_rows
 
 pytestmark = pytest.mark.slow
@@ -50,13 +51,11 @@ def _retrain(source: Path, staging: Path, config, all_rows_normal: bool = True, 
         str(source), staging, LabelRule("label", "0", all_rows_normal), 0.2, 98.0, config.seed
     )
     recipe = retraining.choose_recipe(split, preset, config, staging)
-    history = retraining.train_model(
-        split["train_path"], split["feature_names"], config.model_validate(recipe["config"]), staging
-    )
+    history = retraining.train_model(split.train_path, split.feature_names, recipe.config, staging)
     errors = retraining.compute_holdout_errors(
-        staging, split, history["config"], normal_errors_path=recipe["normal_errors_path"]
+        staging, split, history.config, normal_errors_path=recipe.normal_errors_path
     )
-    threshold = retraining.fix_threshold_from_errors(errors, 98.0, split["scheme"])
+    threshold = retraining.fix_threshold_from_errors(errors, 98.0, split.scheme)
     return split, recipe, history, threshold
 
 
@@ -66,13 +65,13 @@ def test_a_near_constant_feature_and_an_exact_linear_dependency_train_and_rank(t
 
     source = write_rows(_table(_awkward_rows(6000, seed=1)), tmp_path / "train.parquet")
     split, _, history, threshold = _retrain(source, tmp_path / "staging", resolve_preset("default", epochs=30))
-    assert history["diverged_attempts"] == [] and np.isfinite(threshold["value"]) and threshold["value"] > 0
+    assert history.diverged_attempts == [] and np.isfinite(threshold.value) and threshold.value > 0
     model = keras.saving.load_model(tmp_path / "staging" / "model.keras", compile=False, safe_mode=True)
 
     fresh = _awkward_rows(20_000, seed=2)
     errors = reconstruction_errors(model, fresh, "mse")
     # About 2% of unseen normal rows are flagged: the rare flag and the dependency do not swamp the threshold.
-    assert 0.01 <= np.mean(errors > threshold["value"]) <= 0.04
+    assert 0.01 <= np.mean(errors > threshold.value) <= 0.04
     # Anomalies that break the dependency, or carry a far outlier, rank above normal rows.
     broken = _awkward_rows(400, seed=3)
     broken[:200, 4] += 3.0
@@ -89,7 +88,7 @@ def test_a_near_constant_feature_and_an_exact_linear_dependency_train_and_rank(t
     assert ranking(broken_errors[200:]) > 0.99
     # One feature in seven is an exact combination of others, so the default whitens its inputs: an offset of
     # 1.3 of `combined`'s standard deviations, ordinary on its own, breaks the relation and stands out.
-    assert history["config"]["decorrelate_inputs"] is True
+    assert history.config.decorrelate_inputs is True
     assert ranking(broken_errors[:200]) > 0.95
 
 
@@ -97,7 +96,7 @@ def test_without_exact_dependencies_the_default_keeps_standardised_inputs(tmp_pa
     rows = _awkward_rows(600, seed=11)
     source = write_rows(_table(rows).drop_columns(["combined"]), tmp_path / "train.parquet")
     _, _, history, _ = _retrain(source, tmp_path / "staging", resolve_preset("default", epochs=3))
-    assert history["config"]["decorrelate_inputs"] is False
+    assert history.config.decorrelate_inputs is False
 
 
 def test_a_diverged_fit_is_trained_again_with_a_smaller_learning_rate_and_clipped_gradients():
@@ -117,11 +116,11 @@ def test_a_set_of_120_normal_rows_fixes_its_threshold_on_every_row_out_of_fold(t
     rows = np.random.default_rng(4).normal(size=(120, 5))
     source = write_rows(pa.table({f"x{j}": pa.array(rows[:, j]) for j in range(5)}), tmp_path / "small.parquet")
     split, _, history, threshold = _retrain(source, tmp_path / "staging", resolve_preset("default", epochs=20))
-    assert (split["scheme"], split["folds"], split["rows_train"], split["rows_threshold"]) == ("cross_fit", 5, 120, 120)
-    assert threshold["rows"] == 120 and history["config"]["ensemble_size"] == 3
-    low, high = threshold["uncertainty"]["confidence_interval"]
-    assert low <= threshold["value"] <= high
-    assert threshold["warning"].startswith(
+    assert (split.scheme, split.folds, split.rows_train, split.rows_threshold) == ("cross_fit", 5, 120, 120)
+    assert threshold.rows == 120 and history.config.ensemble_size == 3
+    low, high = threshold.uncertainty["confidence_interval"]
+    assert low <= threshold.value <= high
+    assert threshold.warning.startswith(
         "the threshold rests on 120 normal rows scored out of fold: "
         "normal rows will exceed it at a rate anywhere between"
     )
@@ -152,28 +151,22 @@ def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
     split, recipe, history, _ = _retrain(
         source, tmp_path / "staging", resolve_preset("default", epochs=15), all_rows_normal=False
     )
-    names = [row["recipe"] for row in recipe["candidates"]]
-    assert names == list(RECIPE_CANDIDATES["default"]) and sum(row["chosen"] for row in recipe["candidates"]) == 1
-    best = max(recipe["candidates"], key=lambda row: row["roc_auc"])
-    assert recipe["name"] == best["recipe"] and best["chosen"]
-    assert recipe["chosen_on"] == "ROC-AUC of 40 labelled anomalies against the normal rows out of fold"
+    names = [row["recipe"] for row in recipe.candidates]
+    assert names == list(RECIPE_CANDIDATES["default"]) and sum(row["chosen"] for row in recipe.candidates) == 1
+    best = max(recipe.candidates, key=lambda row: row["roc_auc"])
+    assert recipe.name == best["recipe"] and best["chosen"]
+    assert recipe.chosen_on == "ROC-AUC of 40 labelled anomalies against the normal rows out of fold"
     # The chosen recipe's settings are what was trained, and its out-of-fold errors fixed the threshold.
-    changes = RECIPE_CANDIDATES["default"][recipe["name"]]
-    assert all(history["config"][key] == value for key, value in changes.items())
-    report = retraining.write_training_report(
-        tmp_path / "staging",
-        "20300101T000000Z",
-        str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"),
-        history,
-        retraining.fix_threshold_from_errors(
-            str(tmp_path / "staging" / "_work" / "holdout-errors.parquet"), 98.0, split["scheme"]
-        ),
-        split,
-        "default",
-        recipe,
+    changes = RECIPE_CANDIDATES["default"][recipe.name]
+    assert all(getattr(history.config, key) == value for key, value in changes.items())
+    errors_path = str(tmp_path / "staging" / "_work" / "holdout-errors.parquet")
+    threshold = retraining.fix_threshold_from_errors(errors_path, 98.0, split.scheme)
+    trained = TrainedModel(
+        "20300101T000000Z", "default", LabelRule("label", "0"), split, recipe, history, threshold, errors_path
     )
-    assert f"Recipe chosen on the {recipe['chosen_on']}" in report["markdown"]
-    assert report["report"]["recipe"]["name"] == recipe["name"]
+    report = retraining.write_training_report(tmp_path / "staging", trained)
+    assert f"Recipe chosen on the {recipe.chosen_on}" in report.markdown
+    assert report.report["recipe"]["name"] == recipe.name
 
 
 def test_without_labelled_anomalies_the_preset_recipe_is_kept_and_says_why(tmp_path):
@@ -182,8 +175,8 @@ def test_without_labelled_anomalies_the_preset_recipe_is_kept_and_says_why(tmp_p
         str(source), tmp_path / "staging", LabelRule("label", "0", True), 0.2, 98.0, 0
     )
     recipe = retraining.choose_recipe(split, "default", resolve_preset("default"), tmp_path / "staging")
-    assert recipe["name"] == "default" and recipe["candidates"] == [] and recipe["normal_errors_path"] is None
-    assert recipe["note"] == "0 labelled anomalies held out; at least 5 choose among candidate recipes"
+    assert recipe.name == "default" and recipe.candidates == [] and recipe.normal_errors_path is None
+    assert recipe.note == "0 labelled anomalies held out; at least 5 choose among candidate recipes"
 
 
 def test_the_same_data_and_seed_give_the_same_threshold_in_two_processes(tmp_path):
@@ -198,9 +191,9 @@ def test_the_same_data_and_seed_give_the_same_threshold_in_two_processes(tmp_pat
         "config = resolve_preset('default', epochs=10)\n"
         "split = retraining.split_training_data(source, staging, LabelRule('label', '0', True), "
         "0.2, 98.0, config.seed)\n"
-        "history = retraining.train_model(split['train_path'], split['feature_names'], config, staging)\n"
-        "errors = retraining.compute_holdout_errors(staging, split, history['config'])\n"
-        "print(json.dumps(retraining.fix_threshold_from_errors(errors, 98.0, split['scheme'])['value']))\n"
+        "history = retraining.train_model(split.train_path, split.feature_names, config, staging)\n"
+        "errors = retraining.compute_holdout_errors(staging, split, history.config)\n"
+        "print(json.dumps(retraining.fix_threshold_from_errors(errors, 98.0, split.scheme).value))\n"
     )
     values = []
     for run in range(2):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from data import storage
 from data.labels import STAGED_LABELS, connect_with_latest_labels, dates_ending, join_on_ids, quoted, stage_labels
 from data.parquet import LabelRule, training_files_and_features
 from data.workspace import Workspace
+from models.training.results import ConfirmedRows
 
 CONFIRMED_ANOMALY = "confirmed anomaly"
 
@@ -28,7 +28,7 @@ def gather_label_history(
     labels: LabelRule,
     staged_labels: str,
     target: Path,
-) -> dict[str, Any]:
+) -> ConfirmedRows:
     """Write the labelled rows of the ``days`` nights up to ``end_date`` to ``target``; return counts by date.
 
     Each row is written with its features and label.
@@ -68,17 +68,17 @@ def gather_label_history(
             con.execute(f"COPY (SELECT * EXCLUDE (night) FROM history) TO '{str(tmp)}' (FORMAT parquet)")
     finally:
         con.close()
-    return {
-        "path": str(target),
-        "first_date": dates[0].isoformat(),
-        "last_date": end_date.isoformat(),
-        "nights_with_files": len(files),
-        "rows_confirmed_normal": int(sum(n for _, n, _ in by_night)),
-        "rows_confirmed_anomalous": int(sum(a for _, _, a in by_night)),
-        "by_night": [
+    return ConfirmedRows(
+        path=str(target),
+        first_date=dates[0].isoformat(),
+        last_date=end_date.isoformat(),
+        nights_with_files=len(files),
+        rows_confirmed_normal=int(sum(n for _, n, _ in by_night)),
+        rows_confirmed_anomalous=int(sum(a for _, _, a in by_night)),
+        by_night=[
             {"date": night, "confirmed_normal": int(n), "confirmed_anomalous": int(a)} for night, n, a in by_night
         ],
-    }
+    )
 
 
 def label_history_for_training(
@@ -89,7 +89,7 @@ def label_history_for_training(
     days: int,
     id_columns: Sequence[str],
     work_dir: Path,
-) -> dict[str, Any]:
+) -> ConfirmedRows:
     """Check the labels, then gather the confirmed rows of the last ``days`` nights into ``work_dir``.
 
     The rows keep the training data's features.

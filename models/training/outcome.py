@@ -7,27 +7,22 @@ from typing import Any
 
 from data import storage
 from models.bundle import promote_command
+from models.training.results import ConfirmedRows, PromotionDecision, TrainedModel, TrainingReport, as_record
 
 
 @dataclass(frozen=True)
 class RetrainingRun:
     """A published model version with the split, recipe, fit, threshold, gate and report that made it."""
 
-    version: str
-    preset: str
-    percentile: float
-    split: dict[str, Any]
-    recipe: dict[str, Any]
-    history: dict[str, Any]
-    threshold: dict[str, Any]
-    gate: dict[str, Any]
-    label_history: dict[str, Any] | None
-    training_report: dict[str, Any]
+    trained: TrainedModel
+    gate: PromotionDecision
+    label_history: ConfirmedRows | None
+    report: TrainingReport
     version_dir: str
 
     def artifact_rows(self) -> list[dict[str, Any]]:
         """Return the training report's headline figures and the gate's decision, one metric a row."""
-        report = self.training_report["report"]
+        report = self.report.report
         figures = {
             "model_version": report["model_version"],
             "preset": report["preset"],
@@ -40,35 +35,36 @@ class RetrainingRun:
             "epochs run": report["history"]["epochs_run"],
             **{f"held-out anomaly {k}": v for k, v in report["anomaly_class"].items()},
         }
-        gate = "passed" if self.gate["passed"] else "; ".join(self.gate["reasons"])
+        gate = "passed" if self.gate.passed else "; ".join(self.gate.reasons)
         return [{"metric": k, "value": v} for k, v in figures.items()] + [{"metric": "promotion gate", "value": gate}]
 
     def outcome(self, promoted: bool, current_model: str | None) -> dict[str, Any]:
         """Return the run's JSON outcome, given whether the version was promoted and which model is current."""
-        anomaly = self.training_report["report"]["anomaly_class"]
+        trained, split = self.trained, self.trained.split
+        anomaly = self.report.report["anomaly_class"]
         report_dir = storage.as_path(self.version_dir) / "report"
         return {
-            "model_version": self.version,
+            "model_version": trained.version,
             "promoted": promoted,
-            "promotion_refused": self.gate["reasons"],
-            "promotion_warnings": self.gate["warnings"],
-            "promote_command": promote_command(self.version) if self.gate["reasons"] else None,
+            "promotion_refused": self.gate.reasons,
+            "promotion_warnings": self.gate.warnings,
+            "promote_command": promote_command(trained.version) if self.gate.reasons else None,
             "current_model": current_model,
-            "preset": self.preset,
-            "recipe": self.recipe["name"],
-            "recipe_candidates": self.recipe["candidates"],
-            "threshold": self.threshold["value"],
-            "percentile": self.percentile,
-            "threshold_warning": self.threshold["warning"],
-            "training_rows": self.split["rows_train"],
-            "validation_rows": self.split["rows_threshold"],
-            "threshold_scheme": self.split["scheme"],
-            "holdout_anomalies": self.split["rows_holdout_anomalies"],
-            "label_history": {k: v for k, v in self.label_history.items() if k != "path"}
+            "preset": trained.preset,
+            "recipe": trained.recipe.name,
+            "recipe_candidates": trained.recipe.candidates,
+            "threshold": trained.threshold.value,
+            "percentile": trained.threshold.percentile,
+            "threshold_warning": trained.threshold.warning,
+            "training_rows": split.rows_train,
+            "validation_rows": split.rows_threshold,
+            "threshold_scheme": split.scheme,
+            "holdout_anomalies": split.rows_holdout_anomalies,
+            "label_history": {k: v for k, v in as_record(self.label_history).items() if k != "path"}
             if self.label_history
             else None,
-            "epochs_run": self.history["epochs_run"],
-            "fit_seconds": self.history["fit_seconds"],
+            "epochs_run": trained.fit.epochs_run,
+            "fit_seconds": trained.fit.fit_seconds,
             "holdout_recall": anomaly.get("recall"),
             "holdout_roc_auc": anomaly.get("roc_auc"),
             "model_dir": self.version_dir,

@@ -14,7 +14,8 @@ from data.errors import BundleError
 from data.parquet import read_holdout_errors
 from models.autoencoder import reconstruction_errors
 from models.bundle import PROMOTION_FILE, current_version, load_bundle
-from models.training.retraining import HOLDOUT_FILE, read_matrix
+from models.training.results import PromotionDecision, as_record
+from models.training.retraining import read_matrix
 
 MIN_ANOMALIES_FOR_RECALL_CHECK = 20
 RECALL_TOLERANCE = 0.05
@@ -33,17 +34,26 @@ def cross_checked_flag_rates(holdout_normal_errors: np.ndarray, percentile: floa
 
 
 def check_promotion(
-    staging: Path, errors_path: str, threshold: dict[str, Any], models_dir: Path, feature_names: list[str]
-) -> dict[str, Any]:
-    """Decide whether the staged model may become current; the decision and its reasons are returned."""
+    staging: Path,
+    errors_path: str,
+    holdout_path: str,
+    threshold: float,
+    percentile: float,
+    models_dir: Path,
+    feature_names: list[str],
+) -> PromotionDecision:
+    """Decide whether the staged model, with ``threshold`` at ``percentile``, may become current; save the decision.
+
+    ``errors_path`` holds the errors of the normal rows the model did not see and of the held-out labelled
+    anomalies, whose features ``holdout_path`` holds for the current model to score.
+    """
     errors, labelled = read_holdout_errors(errors_path)
     normal_errors = errors[~labelled]
-    percentile = threshold["percentile"]
     expected = 1.0 - percentile / 100.0
     reasons: list[str] = []
     checks: dict[str, Any] = {}
 
-    finite = bool(math.isfinite(threshold["value"]) and np.isfinite(errors).all())
+    finite = bool(math.isfinite(threshold) and np.isfinite(errors).all())
     checks["finite_threshold_and_errors"] = finite
     if not finite:
         reasons.append("the threshold or some held-out reconstruction errors are not finite")
@@ -59,7 +69,7 @@ def check_promotion(
         )
 
     anomalies = int(labelled.sum())
-    new_recall = float(np.mean(errors[labelled] > threshold["value"])) if anomalies else None
+    new_recall = float(np.mean(errors[labelled] > threshold)) if anomalies else None
     checks["holdout_anomalies"] = anomalies
     checks["new_recall"] = new_recall
     current = current_version(models_dir, required=False)
@@ -75,7 +85,7 @@ def check_promotion(
                 checks["current_recall"] = None
                 checks["current_recall_skipped"] = "current model uses other features"
             else:
-                holdout = pq.read_table(Path(errors_path).with_name(HOLDOUT_FILE))
+                holdout = pq.read_table(holdout_path)
                 anomaly_rows = read_matrix(holdout, feature_names)[
                     holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)
                 ]
@@ -99,12 +109,8 @@ def check_promotion(
             f"promoted although {reasons.pop()}, because no model was current; "
             "retrain on more normal rows to replace it"
         )
-    decision = {
-        "passed": not reasons,
-        "reasons": reasons,
-        "warnings": warnings,
-        "first_model": current is None,
-        "checks": checks,
-    }
-    storage.write_json(staging / PROMOTION_FILE, decision)
+    decision = PromotionDecision(
+        passed=not reasons, reasons=reasons, warnings=warnings, first_model=current is None, checks=checks
+    )
+    storage.write_json(staging / PROMOTION_FILE, as_record(decision))
     return decision

@@ -42,6 +42,7 @@ from models.evaluation.reports import (
     plot_error_histogram,
     plot_loss_curves,
     render_markdown,
+    write_evaluation_report,
     write_report_files,
 )
 from models.monitoring.drift import drift_reference, feature_reference, score_reference
@@ -55,6 +56,15 @@ from models.threshold import (
     min_holdout_rows,
     threshold_uncertainty,
     threshold_warning,
+)
+from models.training.results import (
+    ModelFit,
+    RecipeChoice,
+    ThresholdFit,
+    TrainedModel,
+    TrainingReport,
+    TrainingSplit,
+    as_record,
 )
 
 WORK_DIR = "_work"
@@ -97,7 +107,7 @@ def split_training_data(
     seed: int,
     feature_columns: Sequence[str] | None = None,
     label_history: str | None = None,
-) -> dict[str, Any]:
+) -> TrainingSplit:
     """Keep normal rows, decide how the threshold is fixed, and write the splits as Parquet in ``staging``.
 
     On large sets a seeded share of the normal rows is held out (``holdout``). On sets where that share
@@ -157,24 +167,23 @@ def split_training_data(
     _write_table(
         _matrix_table(holdout, names, {"labelled_anomaly": pa.array(is_anomaly, type=pa.bool_())}), holdout_path
     )
-    return {
-        "train_path": str(train_path),
-        "holdout_path": str(holdout_path),
-        "feature_names": names,
-        "scheme": scheme,
-        "folds": CROSS_FIT_FOLDS if scheme == CROSS_FIT else None,
-        "rows_total": int(len(rows.features)),
-        "rows_train": int(len(train_idx)),
-        "rows_holdout_normal": int(n_holdout),
-        # The normal rows whose errors fix the threshold: the held-out ones, or every one out of fold.
-        "rows_threshold": int(n_holdout if scheme == HOLDOUT else len(train_idx)),
-        "rows_holdout_anomalies": int(len(anomalies)),
-        "rows_unlabelled": rows_unlabelled,
-        "rows_label_history_normal": history_normal,
-        "rows_label_history_anomalies": history_anomalies,
-        "source_files": [str(f) for f in rows.files],
-        "fingerprint": rows.fingerprint,
-    }
+    return TrainingSplit(
+        train_path=str(train_path),
+        holdout_path=str(holdout_path),
+        feature_names=names,
+        scheme=scheme,
+        folds=CROSS_FIT_FOLDS if scheme == CROSS_FIT else None,
+        rows_total=int(len(rows.features)),
+        rows_train=int(len(train_idx)),
+        rows_holdout_normal=int(n_holdout),
+        rows_threshold=int(n_holdout if scheme == HOLDOUT else len(train_idx)),
+        rows_holdout_anomalies=int(len(anomalies)),
+        rows_unlabelled=rows_unlabelled,
+        rows_label_history_normal=history_normal,
+        rows_label_history_anomalies=history_anomalies,
+        source_files=[str(f) for f in rows.files],
+        fingerprint=rows.fingerprint,
+    )
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
@@ -246,7 +255,7 @@ def fit_autoencoder(
 
 def train_model(
     train_path: str, feature_names: Sequence[str], config: AutoencoderConfig, staging: Path, progress: Any = None
-) -> dict[str, Any]:
+) -> ModelFit:
     """Size ``config`` for the training split, build the autoencoder, train it and save it as ``staging/model.keras``.
 
     The returned history carries the config it was trained with, sized, under ``config``: that is
@@ -259,16 +268,16 @@ def train_model(
     fit_seconds = time.perf_counter() - started
     with storage.staged_path(staging / MODEL_FILE, suffix=".keras") as tmp:
         model.save(tmp)
-    return {
-        "loss": history.loss,
-        "val_loss": history.val_loss,
-        "epochs_run": history.epochs_run,
-        "best_epoch": history.best_epoch,
-        "stopped_early": history.stopped_early,
-        "fit_seconds": round(fit_seconds, 3),
-        "diverged_attempts": diverged,
-        "config": trained.model_dump(),
-    }
+    return ModelFit(
+        loss=history.loss,
+        val_loss=history.val_loss,
+        epochs_run=history.epochs_run,
+        best_epoch=history.best_epoch,
+        stopped_early=history.stopped_early,
+        fit_seconds=round(fit_seconds, 3),
+        diverged_attempts=diverged,
+        config=trained,
+    )
 
 
 def sized_for_data(config: AutoencoderConfig, features: np.ndarray) -> AutoencoderConfig:
@@ -338,8 +347,8 @@ def candidate_errors(
 
 
 def choose_recipe(
-    split: dict[str, Any], preset: str, config: AutoencoderConfig, staging: Path, progress: Any = None
-) -> dict[str, Any]:
+    split: TrainingSplit, preset: str, config: AutoencoderConfig, staging: Path, progress: Any = None
+) -> RecipeChoice:
     """Pick, among the preset's candidate recipes, the one that ranks the held-out labelled anomalies best.
 
     Without enough labelled anomalies (or for a preset without candidates) the preset's own recipe is
@@ -347,7 +356,7 @@ def choose_recipe(
     fixed on exactly the errors the choice was made on.
     """
     candidates = RECIPE_CANDIDATES.get(preset, {})
-    anomalies = split["rows_holdout_anomalies"]
+    anomalies = split.rows_holdout_anomalies
     if not candidates or anomalies < MIN_ANOMALIES_FOR_SELECTION:
         why = (
             f"{anomalies} labelled anomalies held out; "
@@ -355,23 +364,15 @@ def choose_recipe(
             if candidates
             else f"preset {preset!r} has no candidate recipes"
         )
-        name = next(iter(candidates), preset)
-        return {
-            "name": name,
-            "config": config.model_dump(),
-            "chosen_on": None,
-            "candidates": [],
-            "note": why,
-            "normal_errors_path": None,
-        }
-    names = split["feature_names"]
-    train = read_matrix(split["train_path"], names)
-    holdout = pq.read_table(split["holdout_path"])
+        return RecipeChoice.preset(next(iter(candidates), preset), config, note=why)
+    names = split.feature_names
+    train = read_matrix(split.train_path, names)
+    holdout = pq.read_table(split.holdout_path)
     labelled = holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)
     held = read_matrix(holdout, names)
     table = []
     errors: dict[str, tuple[np.ndarray, AutoencoderConfig]] = {}
-    sample = selection_rows(train, split["scheme"], config.seed)
+    sample = selection_rows(train, split.scheme, config.seed)
     for name, changes in candidates.items():
         candidate = config.model_copy(update=changes)
         sized = sized_for_data(candidate, sample)
@@ -383,7 +384,7 @@ def choose_recipe(
             table.append({**row, "recipe": name, "seconds": 0.0, "changes": changes, "same_as": same})
             continue
         started = time.perf_counter()
-        normal, anomaly = candidate_errors(sample, held, labelled, split["scheme"], split["folds"], sized)
+        normal, anomaly = candidate_errors(sample, held, labelled, split.scheme, split.folds, sized)
         errors[name] = (normal, sized)
         table.append(
             {
@@ -399,7 +400,7 @@ def choose_recipe(
     for row in table:
         row["chosen"] = row is best
     normal_errors_path = None
-    if split["scheme"] == CROSS_FIT:
+    if split.scheme == CROSS_FIT:
         normal_errors_path = staging / WORK_DIR / "chosen-normal-errors.parquet"
         # Stamped with the settings they were computed with: the threshold reuses them only for a model
         # trained with the same.
@@ -408,21 +409,21 @@ def choose_recipe(
             {CONFIG_METADATA: chosen.model_dump_json()}
         )
         _write_table(table_, normal_errors_path)
-    rows = "held-out normal rows" if split["scheme"] == HOLDOUT else "normal rows out of fold"
-    return {
-        "name": best["recipe"],
-        "config": config.model_copy(update=candidates[best["recipe"]]).model_dump(),
-        "chosen_on": f"ROC-AUC of {anomalies} labelled anomalies against the {rows}",
-        "candidates": table,
-        "note": None,
-        "normal_errors_path": str(normal_errors_path) if normal_errors_path else None,
-    }
+    rows = "held-out normal rows" if split.scheme == HOLDOUT else "normal rows out of fold"
+    return RecipeChoice(
+        name=best["recipe"],
+        config=config.model_copy(update=candidates[best["recipe"]]),
+        chosen_on=f"ROC-AUC of {anomalies} labelled anomalies against the {rows}",
+        candidates=table,
+        note=None,
+        normal_errors_path=str(normal_errors_path) if normal_errors_path else None,
+    )
 
 
 def compute_holdout_errors(
     staging: Path,
-    split: dict[str, Any],
-    config: dict[str, Any],
+    split: TrainingSplit,
+    config: AutoencoderConfig,
     progress: Any = None,
     normal_errors_path: str | None = None,
 ) -> str:
@@ -435,19 +436,19 @@ def compute_holdout_errors(
     anomalies, never trained on, by the staged model. ``normal_errors_path`` holds out-of-fold errors
     already computed with these settings (by :func:`choose_recipe`), which are then not computed again.
     """
-    names = split["feature_names"]
-    sized = AutoencoderConfig.model_validate(config)
+    names = split.feature_names
+    sized = config
     model = keras.saving.load_model(staging / MODEL_FILE, compile=False, safe_mode=True)
-    holdout = pq.read_table(split["holdout_path"])
+    holdout = pq.read_table(split.holdout_path)
     labelled = holdout.column("labelled_anomaly").to_numpy(zero_copy_only=False)
     errors = reconstruction_errors(model, read_matrix(holdout, names), sized.loss)
-    if split.get("scheme") == CROSS_FIT:
+    if split.scheme == CROSS_FIT:
         known = pq.read_table(normal_errors_path) if normal_errors_path else None
         # Only errors of exactly these settings will do: a final fit that diverged was trained with safer ones.
         if known is not None and (known.schema.metadata or {}).get(CONFIG_METADATA) == sized.model_dump_json().encode():
             normal = known.column("reconstruction_error").to_numpy()
         else:
-            normal, _ = out_of_fold_errors(read_matrix(split["train_path"], names), sized, split["folds"], progress)
+            normal, _ = out_of_fold_errors(read_matrix(split.train_path, names), sized, split.folds, progress)
         errors = np.concatenate([normal, errors])
         labelled = np.concatenate([np.zeros(len(normal), dtype=bool), labelled])
     out = staging / WORK_DIR / HOLDOUT_ERRORS_FILE
@@ -458,7 +459,7 @@ def compute_holdout_errors(
     return str(out)
 
 
-def fix_threshold_from_errors(errors_path: str, percentile: float, scheme: str = HOLDOUT) -> dict[str, Any]:
+def fix_threshold_from_errors(errors_path: str, percentile: float, scheme: str = HOLDOUT) -> ThresholdFit:
     """Fix the threshold at ``percentile`` of the errors of unseen normal rows; return it with calibration statistics.
 
     The errors are those of normal rows their model did not see.
@@ -467,73 +468,57 @@ def fix_threshold_from_errors(errors_path: str, percentile: float, scheme: str =
     holdout_normal = errors[~labelled]
     threshold = fix_threshold(holdout_normal, percentile)
     uncertainty = threshold_uncertainty(holdout_normal, percentile)
-    return {
-        "value": threshold,
-        "percentile": float(percentile),
-        "rows": int(len(holdout_normal)),
-        "uncertainty": uncertainty,
-        "warning": threshold_warning(
+    return ThresholdFit(
+        value=threshold,
+        percentile=float(percentile),
+        rows=int(len(holdout_normal)),
+        uncertainty=uncertainty,
+        warning=threshold_warning(
             uncertainty, percentile, "held-out normal rows" if scheme == HOLDOUT else "normal rows scored out of fold"
         ),
-        "calibration": calibration_stats(holdout_normal),
-        "error_reference": score_reference(holdout_normal),
-    }
+        calibration=calibration_stats(holdout_normal),
+        error_reference=score_reference(holdout_normal),
+    )
 
 
-def write_bundle(
-    staging: Path,
-    version: str,
-    split: dict[str, Any],
-    history: dict[str, Any],
-    threshold: dict[str, Any],
-    preset: str,
-    labels: LabelRule,
-    recipe: dict[str, Any] | None = None,
-) -> Path:
+def write_bundle(staging: Path, trained: TrainedModel) -> Path:
     """Write bundle.json beside the staged model, with the model's checksum and everything scoring needs."""
+    split, fit, threshold, config = trained.split, trained.fit, trained.threshold, trained.fit.config
     model_path = staging / MODEL_FILE
-    config = AutoencoderConfig.model_validate(history["config"])
     payload = {
         "format_version": BUNDLE_FORMAT,
-        "model_version": version,
+        "model_version": trained.version,
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "model_file": MODEL_FILE,
         "model_sha256": storage.content_hash(model_path),
-        "features": [{"name": n, "dtype": "float64"} for n in split["feature_names"]],
-        "label_column": labels.column,
-        "normal_label": labels.normal,
-        "threshold": {k: threshold[k] for k in ("value", "percentile", "rows", "uncertainty", "warning")}
+        "features": [{"name": n, "dtype": "float64"} for n in split.feature_names],
+        "label_column": trained.labels.column,
+        "normal_label": trained.labels.normal,
+        "threshold": {k: getattr(threshold, k) for k in ("value", "percentile", "rows", "uncertainty", "warning")}
         | {
             "error_measure": config.loss,
             "rule": "is_anomaly = reconstruction_error > value",
-            "scheme": split["scheme"],
-            "folds": split["folds"],
+            "scheme": split.scheme,
+            "folds": split.folds,
         },
-        "calibration": threshold["calibration"],
+        "calibration": threshold.calibration,
         # What nightly drift is measured against: the training rows' feature deciles and the held-out errors'.
         "drift_reference": drift_reference(
-            feature_reference(read_matrix(split["train_path"], split["feature_names"]), split["feature_names"]),
-            threshold["error_reference"],
+            feature_reference(read_matrix(split.train_path, split.feature_names), split.feature_names),
+            threshold.error_reference,
         ),
-        "preset": preset,
-        "recipe": _recipe_record(recipe, preset),
+        "preset": trained.preset,
+        "recipe": trained.recipe.record(),
         "config": config.model_dump(),
         "seed": config.seed,
         "training": {
-            "source_files": split["source_files"],
-            "fingerprint_sha256": split["fingerprint"],
-            "rows_total": split["rows_total"],
-            "rows_train": split["rows_train"],
-            "rows_holdout_normal": split["rows_holdout_normal"],
-            "rows_threshold": split["rows_threshold"],
-            "rows_holdout_anomalies": split["rows_holdout_anomalies"],
-            "rows_unlabelled": split.get("rows_unlabelled", 0),
-            "rows_label_history_normal": split.get("rows_label_history_normal", 0),
-            "rows_label_history_anomalies": split.get("rows_label_history_anomalies", 0),
-            "epochs_run": history["epochs_run"],
-            "best_epoch": history["best_epoch"],
-            "fit_seconds": history["fit_seconds"],
-            "diverged_attempts": history["diverged_attempts"],
+            "source_files": split.source_files,
+            "fingerprint_sha256": split.fingerprint,
+            **{name: getattr(split, name) for name in BUNDLE_ROW_COUNTS},
+            "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch,
+            "fit_seconds": fit.fit_seconds,
+            "diverged_attempts": fit.diverged_attempts,
         },
         "library_versions": library_versions(),
     }
@@ -541,47 +526,45 @@ def write_bundle(
     return storage.write_json(staging / BUNDLE_FILE, payload)
 
 
-def _recipe_record(recipe: dict[str, Any] | None, preset: str) -> dict[str, Any]:
-    recipe = recipe or {"name": preset, "chosen_on": None, "candidates": [], "note": None}
-    return {key: recipe[key] for key in ("name", "chosen_on", "candidates", "note")}
+BUNDLE_ROW_COUNTS = (
+    "rows_total", "rows_train", "rows_holdout_normal", "rows_threshold", "rows_holdout_anomalies", "rows_unlabelled",
+    "rows_label_history_normal", "rows_label_history_anomalies",
+)  # fmt: skip
 
 
-def write_training_report(
-    staging: Path,
-    version: str,
-    errors_path: str,
-    history: dict[str, Any],
-    threshold: dict[str, Any],
-    split: dict[str, Any],
-    preset: str,
-    recipe: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write the training report (loss curves, held-out error histogram, JSON, Markdown) into ``staging/report``."""
+def write_training_report(staging: Path, trained: TrainedModel) -> TrainingReport:
+    """Write the training report (loss curves, held-out error histogram, JSON, Markdown) into ``staging/report``.
+
+    Beside it goes the held-out evaluation report: every held-out row, normal and labelled anomaly, by class.
+    """
+    version, split, fit, threshold, recipe = (
+        trained.version,
+        trained.split,
+        trained.fit,
+        trained.threshold,
+        trained.recipe,
+    )
     report_dir = staging / REPORT_DIR
-    errors, labelled = read_holdout_errors(errors_path)
+    errors, labelled = read_holdout_errors(trained.errors_path)
     has_anomalies = bool(labelled.any())
     classes = np.where(labelled, ANOMALY, NORMAL).astype(np.int8)
-    evaluation = summarize_errors(
-        errors, threshold["value"], threshold["percentile"], classes if has_anomalies else None
-    )
-    normal_summary = summarize_errors(errors[~labelled], threshold["value"], threshold["percentile"], None)
+    evaluation = summarize_errors(errors, threshold.value, threshold.percentile, classes if has_anomalies else None)
+    normal_summary = summarize_errors(errors[~labelled], threshold.value, threshold.percentile, None)
     loss_png = plot_loss_curves(
-        history["loss"], history["val_loss"], report_dir / "loss-curves.png", f"Training loss, model {version}"
+        fit.loss, fit.val_loss, report_dir / "loss-curves.png", f"Training loss, model {version}"
     )
-    unseen = (
-        "Held-out normal rows" if split["scheme"] == HOLDOUT else f"Normal rows out of fold ({split['folds']} folds)"
-    )
+    unseen = "Held-out normal rows" if split.scheme == HOLDOUT else f"Normal rows out of fold ({split.folds} folds)"
     hist_png = plot_error_histogram(
         normal_summary, report_dir / "holdout-error-histogram.png", f"{unseen}, model {version}"
     )
     report = {
         "kind": "training",
         "model_version": version,
-        "preset": preset,
-        "recipe": _recipe_record(recipe, preset),
-        "training": {k: split.get(k, 0) for k in TRAINING_REPORT_KEYS},
-        "history": history,
-        "threshold": threshold,
+        "preset": trained.preset,
+        "recipe": recipe.record(),
+        "training": split.figures(),
+        "history": as_record(fit),
+        "threshold": as_record(threshold),
         "holdout_normal": {
             k: normal_summary[k] for k in ("rows_scored", "rows_flagged", "flag_rate", "expected_flag_rate")
         },
@@ -591,40 +574,33 @@ def write_training_report(
     }
     sections: dict[str, Any] = {
         "Training": {
-            "preset": preset,
-            "training rows (normal)": split["rows_train"],
-            "held-out normal rows": split["rows_holdout_normal"],
+            "preset": trained.preset,
+            "training rows (normal)": split.rows_train,
+            "held-out normal rows": split.rows_holdout_normal,
             "threshold fixed on": _threshold_rows_text(split),
-            "held-out labelled anomalies": split["rows_holdout_anomalies"],
-            "rows without a label (left out)": split.get("rows_unlabelled", 0),
-            "normal rows of past nights confirmed by labels (in the splits above)": split.get(
-                "rows_label_history_normal", 0
-            ),
-            "anomalies of past nights confirmed by labels (held out)": split.get("rows_label_history_anomalies", 0),
-            "network (encoder / decoder units)": (
-                f"{history['config']['encoder_units']} / {history['config']['decoder_units']}"
-            ),
-            "batch size, early-stopping patience": (
-                f"{history['config']['batch_size']}, {history['config']['early_stopping_patience']}"
-            ),
-            "epochs run": history["epochs_run"],
-            "best epoch": history["best_epoch"],
-            "fit seconds": history["fit_seconds"],
-            "fits that diverged and were trained again": len(history["diverged_attempts"]),
+            "held-out labelled anomalies": split.rows_holdout_anomalies,
+            "rows without a label (left out)": split.rows_unlabelled,
+            "normal rows of past nights confirmed by labels (in the splits above)": split.rows_label_history_normal,
+            "anomalies of past nights confirmed by labels (held out)": split.rows_label_history_anomalies,
+            "network (encoder / decoder units)": f"{fit.config.encoder_units} / {fit.config.decoder_units}",
+            "batch size, early-stopping patience": f"{fit.config.batch_size}, {fit.config.early_stopping_patience}",
+            "epochs run": fit.epochs_run,
+            "best epoch": fit.best_epoch,
+            "fit seconds": fit.fit_seconds,
+            "fits that diverged and were trained again": len(fit.diverged_attempts),
         },
         "Threshold": {
-            "value": threshold["value"],
-            "percentile": threshold["percentile"],
+            "value": threshold.value,
+            "percentile": threshold.percentile,
             **_uncertainty_rows(threshold),
-            **({"warning": threshold["warning"]} if threshold.get("warning") else {}),
+            **({"warning": threshold.warning} if threshold.warning else {}),
             "held-out normal rows flagged": normal_summary["rows_flagged"],
             "flag rate": normal_summary["flag_rate"],
             "expected flag rate": normal_summary["expected_flag_rate"],
         },
     }
-    chosen = _recipe_record(recipe, preset)
-    if chosen["candidates"]:
-        sections[f"Recipe chosen on the {chosen['chosen_on']}"] = [
+    if recipe.candidates:
+        sections[f"Recipe chosen on the {recipe.chosen_on}"] = [
             {
                 "recipe": row["recipe"],
                 "ROC-AUC": row["roc_auc"],
@@ -632,36 +608,37 @@ def write_training_report(
                 "seconds": row["seconds"] if "same_as" not in row else f"0 (the same settings as {row['same_as']})",
                 "chosen": "yes" if row["chosen"] else "",
             }
-            for row in chosen["candidates"]
+            for row in recipe.candidates
         ]
     else:
-        sections["Training"]["recipe"] = f"{chosen['name']} ({chosen['note']})" if chosen["note"] else chosen["name"]
+        sections["Training"]["recipe"] = f"{recipe.name} ({recipe.note})" if recipe.note else recipe.name
     if evaluation["labels"]:
         sections["Held-out rows, per class"] = classification_table(evaluation["labels"])
     markdown = render_markdown(f"Training report: model {version}", sections, [str(loss_png), str(hist_png)])
     write_report_files(report, markdown, report_dir, "training-report")
-    return {"report": report, "markdown": markdown}
+    write_evaluation_report(
+        evaluation,
+        report_dir,
+        "holdout-evaluation",
+        f"Held-out evaluation, model {version}",
+        {"model_version": version, "rows": "held-out normal rows and labelled anomalies"},
+    )
+    return TrainingReport(report=report, markdown=markdown)
 
 
-TRAINING_REPORT_KEYS = (
-    "scheme", "folds", "rows_total", "rows_train", "rows_holdout_normal", "rows_threshold", "rows_holdout_anomalies",
-    "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies", "fingerprint",
-)
-
-
-def _threshold_rows_text(split: dict[str, Any]) -> str:
-    if split["scheme"] == HOLDOUT:
-        return f"{split['rows_threshold']} held-out normal rows"
+def _threshold_rows_text(split: TrainingSplit) -> str:
+    if split.scheme == HOLDOUT:
+        return f"{split.rows_threshold} held-out normal rows"
     return (
-        f"all {split['rows_threshold']} normal rows, each scored by a model trained on the other {split['folds'] - 1} "
-        f"of {split['folds']} folds"
+        f"all {split.rows_threshold} normal rows, each scored by a model trained on the other {split.folds - 1} "
+        f"of {split.folds} folds"
     )
 
 
-def _uncertainty_rows(threshold: dict[str, Any]) -> dict[str, Any]:
+def _uncertainty_rows(threshold: ThresholdFit) -> dict[str, Any]:
     from scipy.stats import beta
 
-    uncertainty = threshold["uncertainty"]
+    uncertainty = threshold.uncertainty
     a, b = uncertainty["exceedance_rate_beta"]["a"], uncertainty["exceedance_rate_beta"]["b"]
     low, high = uncertainty["confidence_interval"]
     return {

@@ -239,6 +239,28 @@ class TrainingRows:
     feature_names: list[str]
     files: list[Path]
     fingerprint: str
+    # Every other column of the first file, with why it is not a feature.
+    ignored_columns: dict[str, str]
+
+
+def ignored_columns(
+    schema: pa.Schema, feature_names: Sequence[str], label_column: str, id_columns: Sequence[str]
+) -> dict[str, str]:
+    """Return each column of ``schema`` that is not a feature, with why: label, identifier, type or not chosen."""
+    features = set(feature_names)
+    why = {}
+    for column in schema:
+        if column.name in features:
+            continue
+        if column.name == label_column:
+            why[column.name] = "label"
+        elif column.name in id_columns:
+            why[column.name] = "identifier"
+        elif not is_numeric_type(column.type):
+            why[column.name] = f"unsupported type {column.type}: only numeric and boolean columns are features"
+        else:
+            why[column.name] = "not among feature_columns"
+    return why
 
 
 def training_files_and_features(
@@ -309,6 +331,7 @@ def read_training_rows(
         feature_names=names,
         files=files,
         fingerprint=storage.files_digest(files),
+        ignored_columns=ignored_columns(open_parquet(files[0]).schema_arrow, names, label_column, exclude_columns),
     )
 
 

@@ -67,8 +67,13 @@ def split_training_data(
     split = retraining.split_training_data(
         source, Path(staging), labels, holdout_fraction, percentile, seed, label_history=label_history
     )
+    logger = get_run_logger()
+    unsupported = {name: why for name, why in split.ignored_columns.items() if why.startswith("unsupported")}
+    if unsupported:
+        logger.warning("Columns left out of the features: %s", unsupported)
+    logger.info("Features: %s; other columns: %s", split.feature_names, split.ignored_columns)
     if split.scheme == retraining.CROSS_FIT:
-        get_run_logger().info(
+        logger.info(
             "Training rows: %d normal, each also scored out of fold for the threshold (%d folds: "
             "a %d%% hold-out would leave it uncertain), %d labelled anomalies held out",
             split.rows_train,
@@ -77,7 +82,7 @@ def split_training_data(
             split.rows_holdout_anomalies,
         )
     else:
-        get_run_logger().info(
+        logger.info(
             "Training rows: %d normal for training, %d normal held out, %d labelled anomalies held out",
             split.rows_train,
             split.rows_holdout_normal,

@@ -106,6 +106,21 @@ def test_read_training_rows_splits_normal_and_requires_label(tmp_path):
     )
 
 
+def test_columns_that_are_not_features_are_named_with_why(tmp_path):
+    table = make_rows(50, 0).append_column("session", pa.array([f"s-{i}" for i in range(50)]))
+    table = table.append_column("currency", pa.array(["EUR", "USD"] * 25))
+    rows = read_training_rows(write_rows(table, tmp_path / "t.parquet"), "label", "0")
+    assert rows.feature_names == FEATURES
+    assert rows.ignored_columns == {
+        "row_id": "identifier",
+        "label": "label",
+        "session": "unsupported type string: only numeric and boolean columns are features",
+        "currency": "unsupported type string: only numeric and boolean columns are features",
+    }
+    chosen = read_training_rows(tmp_path / "t.parquet", "label", "0", feature_columns=FEATURES[:2])
+    assert chosen.ignored_columns[FEATURES[2]] == "not among feature_columns"
+
+
 def test_training_rows_without_a_label_are_neither_normal_nor_anomalous(tmp_path):
     table = make_rows(100, 0, anomaly_share=0.2)
     labels = table.column("label").to_pylist()

@@ -167,6 +167,8 @@ def test_labelled_anomalies_choose_the_recipe_that_ranks_them_best(tmp_path):
     report = retraining.write_training_report(tmp_path / "staging", trained)
     assert f"Recipe chosen on the {recipe.chosen_on}" in report.markdown
     assert report.report["recipe"]["name"] == recipe.name
+    assert report.report["training"]["ignored_columns"] == {"label": "label"}
+    assert "| columns that are not features | label (label) |" in report.markdown
 
 
 def test_without_labelled_anomalies_the_preset_recipe_is_kept_and_says_why(tmp_path):

@@ -60,6 +60,7 @@ class RetrainingRun:
             "validation_rows": split.rows_threshold,
             "threshold_scheme": split.scheme,
             "holdout_anomalies": split.rows_holdout_anomalies,
+            "ignored_columns": split.ignored_columns,
             "label_history": {k: v for k, v in as_record(self.label_history).items() if k != "path"}
             if self.label_history
             else None,

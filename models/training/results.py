@@ -12,7 +12,7 @@ from models.config import AutoencoderConfig
 # The split's figures the training report and bundle record, in their order.
 SPLIT_FIGURES = (
     "scheme", "folds", "rows_total", "rows_train", "rows_holdout_normal", "rows_threshold", "rows_holdout_anomalies",
-    "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies", "fingerprint",
+    "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies", "fingerprint", "ignored_columns",
 )  # fmt: skip
 
 
@@ -59,6 +59,8 @@ class TrainingSplit:
     rows_label_history_anomalies: int = 0
     source_files: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    # The training data's other columns, with why each is not a feature (label, identifier, type).
+    ignored_columns: dict[str, str] = field(default_factory=dict)
 
     def figures(self) -> dict[str, Any]:
         """Return the scheme and row counts the training report records."""

@@ -133,6 +133,7 @@ def split_training_data(
             rows.feature_names,
             files,
             storage.files_digest(files),
+            rows.ignored_columns,
         )
     # Rows whose label is null or NaN are neither normal nor anomalous: they are counted and left out.
     normal = rows.features[rows.classes == NORMAL]
@@ -183,6 +184,7 @@ def split_training_data(
         rows_label_history_anomalies=history_anomalies,
         source_files=[str(f) for f in rows.files],
         fingerprint=rows.fingerprint,
+        ignored_columns=rows.ignored_columns,
     )
 
 
@@ -514,6 +516,7 @@ def write_bundle(staging: Path, trained: TrainedModel) -> Path:
         "training": {
             "source_files": split.source_files,
             "fingerprint_sha256": split.fingerprint,
+            "ignored_columns": split.ignored_columns,
             **{name: getattr(split, name) for name in BUNDLE_ROW_COUNTS},
             "epochs_run": fit.epochs_run,
             "best_epoch": fit.best_epoch,
@@ -580,6 +583,7 @@ def write_training_report(staging: Path, trained: TrainedModel) -> TrainingRepor
             "threshold fixed on": _threshold_rows_text(split),
             "held-out labelled anomalies": split.rows_holdout_anomalies,
             "rows without a label (left out)": split.rows_unlabelled,
+            "columns that are not features": _ignored_text(split.ignored_columns),
             "normal rows of past nights confirmed by labels (in the splits above)": split.rows_label_history_normal,
             "anomalies of past nights confirmed by labels (held out)": split.rows_label_history_anomalies,
             "network (encoder / decoder units)": f"{fit.config.encoder_units} / {fit.config.decoder_units}",
@@ -624,6 +628,10 @@ def write_training_report(staging: Path, trained: TrainedModel) -> TrainingRepor
         {"model_version": version, "rows": "held-out normal rows and labelled anomalies"},
     )
     return TrainingReport(report=report, markdown=markdown)
+
+
+def _ignored_text(ignored: dict[str, str]) -> str:
+    return "; ".join(f"{name} ({why})" for name, why in ignored.items()) or "none"
 
 
 def _threshold_rows_text(split: TrainingSplit) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,11 @@ from data.errors import BatchFileError, SchemaError, TrainingDataError
 from data.output_schema import RESERVED_COLUMNS
 
 DEFAULT_CHUNK_ROWS = 131_072
+# How a missing feature value (null or NaN) is handled: filled inside the model, so the row is trained on and
+# scored, or (the older rule) refused in training and quarantined at night. Infinite values are bad input either way.
+MissingValues = Literal["fill", "quarantine"]
+FILL_MISSING: MissingValues = "fill"
+
 # Above this share of rows with missing or infinite features a batch fails instead of being scored.
 DEFAULT_MAX_BAD_ROW_SHARE = 0.1
 
@@ -241,6 +247,8 @@ class TrainingRows:
     fingerprint: str
     # Every other column of the first file, with why it is not a feature.
     ignored_columns: dict[str, str]
+    # How many values of each feature are missing (null or NaN), for the features that have any.
+    missing_values: dict[str, int]
 
 
 def ignored_columns(
@@ -298,8 +306,12 @@ def read_training_rows(
     all_rows_normal: bool = False,
     feature_columns: Sequence[str] | None = None,
     exclude_columns: Sequence[str] = ("row_id",),
+    missing_values: MissingValues = FILL_MISSING,
 ) -> TrainingRows:
-    """Read labelled training Parquet from a file, folder or glob; features default to all numeric non-label columns."""
+    """Read labelled training Parquet from a file, folder or glob; features default to all numeric non-label columns.
+
+    Missing values stay NaN for the model to fill, unless ``missing_values`` is ``quarantine``, which refuses them.
+    """
     files, names = training_files_and_features(source, label_column, feature_columns, exclude_columns)
     blocks: list[np.ndarray] = []
     class_blocks: list[np.ndarray] = []
@@ -314,25 +326,33 @@ def read_training_rows(
         columns = names + ([label_column] if has_label else [])
         table = read_table(path, columns=columns)
         matrix = feature_matrix(table, names, dtype=np.float64)
-        bad = ~np.isfinite(matrix)
+        bad = np.isinf(matrix) if missing_values == FILL_MISSING else ~np.isfinite(matrix)
         if bad.any():
             column = names[int(np.argmax(bad.any(axis=0)))]
-            raise TrainingDataError(
-                f"{path}, column '{column}': {int(bad.any(axis=1).sum())} rows hold NaN, null or infinite values"
-            )
+            what = "infinite values" if missing_values == FILL_MISSING else "NaN, null or infinite values"
+            hint = "" if missing_values == FILL_MISSING else " (missing_values='fill' trains on rows with gaps)"
+            raise TrainingDataError(f"{path}, column '{column}': {int(bad.any(axis=1).sum())} rows hold {what}{hint}")
         blocks.append(matrix)
         if has_label:
             class_blocks.append(label_classes(table.column(label_column), normal_label))
         else:
             class_blocks.append(np.full(len(matrix), NORMAL, dtype=np.int8))
+    features = np.concatenate(blocks)
     return TrainingRows(
-        features=np.concatenate(blocks),
+        features=features,
         classes=np.concatenate(class_blocks),
         feature_names=names,
         files=files,
         fingerprint=storage.files_digest(files),
         ignored_columns=ignored_columns(open_parquet(files[0]).schema_arrow, names, label_column, exclude_columns),
+        missing_values=missing_counts(features, names),
     )
+
+
+def missing_counts(features: np.ndarray, names: Sequence[str]) -> dict[str, int]:
+    """Return how many values of each feature are missing (NaN), for the features that have any."""
+    counts = np.isnan(features).sum(axis=0)
+    return {name: int(count) for name, count in zip(names, counts, strict=True) if count}
 
 
 def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:

@@ -147,7 +147,8 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "retrain": (
         "model_version", "promoted", "promotion_refused", "promotion_warnings", "promote_command", "current_model",
         "preset", "threshold", "percentile", "threshold_warning", "threshold_scheme", "validation_rows",
-        "training_rows", "holdout_anomalies", "ignored_columns", "label_history", "epochs_run", "fit_seconds",
+        "training_rows", "holdout_anomalies", "ignored_columns", "missing_values_filled",
+        "label_history", "epochs_run", "fit_seconds",
         "holdout_recall", "holdout_roc_auc", "model_dir", "report",
     ),
     "models": ("current", "versions"),

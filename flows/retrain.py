@@ -9,7 +9,7 @@ from pydantic import Field
 
 from data import storage
 from data.locks import retraining_lock
-from data.parquet import LabelRule
+from data.parquet import FILL_MISSING, LabelRule, MissingValues
 from data.workspace import Workspace, default_workspace
 from models.bundle import current_version, discarded_on_failure, new_version, promote_command, staging_dir
 from models.config import PresetName, resolve_preset
@@ -42,6 +42,7 @@ def retrain_flow(
     label_column: Annotated[str, Field(min_length=1, json_schema_extra={"title": "Label column"})] = "label",
     normal_label: Annotated[str, Field(json_schema_extra={"title": "Normal label value"})] = "0",
     all_rows_normal: Annotated[bool, Field(json_schema_extra={"title": "All rows are normal"})] = False,
+    missing_values: Annotated[MissingValues, Field(json_schema_extra={"title": "Missing values"})] = FILL_MISSING,
     holdout_fraction: Annotated[float, Field(gt=0, lt=1, json_schema_extra={"title": "Hold-out fraction"})] = 0.2,
     epochs: Annotated[
         Annotated[int, Field(ge=1, le=10_000)] | None, Field(json_schema_extra={"title": "Epochs"})
@@ -77,6 +78,9 @@ def retrain_flow(
         label_column: Column holding the class label in the training data.
         normal_label: Value of the label column that marks a normal row (compared as text, e.g. '0').
         all_rows_normal: Set when the training data has no label column and every row is normal.
+        missing_values: 'fill': a missing (null or NaN) feature value is filled in inside the model, which also
+            sees that it is missing, so the row is trained on and, at night, scored; 'quarantine': training
+            refuses such rows and scoring quarantines them.
         holdout_fraction: Share of normal rows held out from training to fix the threshold.
         epochs: Override the preset's maximum number of epochs.
         batch_size: Override the preset's training batch size.
@@ -122,6 +126,7 @@ def retrain_flow(
                 holdout_fraction=holdout_fraction,
                 percentile=percentile,
                 seed=config.seed,
+                missing_values=missing_values,
                 label_history=confirmed.path if confirmed else None,
             )
             # With labelled anomalies held out, the candidate recipe that ranks them best; then train it.

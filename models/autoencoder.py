@@ -12,6 +12,7 @@ from models.config import AutoencoderConfig
 from models.runtime import keras, tf
 
 SCALING_LAYER = "scaling"
+MISSING_LAYER = "missing_indicator"
 OUTPUT_LAYER = "reconstruction"
 DEFAULT_INFERENCE_ROWS = 65_536
 STEPS_PER_EXECUTION = 16
@@ -25,9 +26,10 @@ STANDARD_LIMIT = 1000.0
 
 @keras.saving.register_keras_serializable(package="anomaly")
 class Standardize(keras.layers.Layer):
-    """Fixed preprocessing learnt from training rows: standardise each feature, clip, and optionally whiten (ZCA).
+    """Fixed preprocessing learnt from training rows: fill, standardise each feature, clip, optionally whiten (ZCA).
 
-    Its statistics are weights saved in the model, so scoring reads the raw columns.
+    A missing value (NaN) is filled with the feature's training mean, so it standardises to 0. The
+    statistics are weights saved in the model, so scoring reads the raw columns.
     """
 
     def __init__(self, features: int, limit: float = STANDARD_LIMIT, whiten: bool = False, **kwargs: object):
@@ -47,15 +49,45 @@ class Standardize(keras.layers.Layer):
         )
 
     def call(self, inputs: object) -> object:
-        standard = keras.ops.clip((inputs - self.mean) / self.scale, -self.limit, self.limit)
+        filled = keras.ops.where(keras.ops.isnan(inputs), self.mean, inputs)
+        standard = keras.ops.clip((filled - self.mean) / self.scale, -self.limit, self.limit)
         return keras.ops.matmul(standard, self.whitening) if self.whiten else standard
 
     def get_config(self) -> dict[str, object]:
         return {**super().get_config(), "features": self.features, "limit": self.limit, "whiten": self.whiten}
 
 
+@keras.saving.register_keras_serializable(package="anomaly")
+class MissingIndicator(keras.layers.Layer):
+    """1 where a feature of ``columns`` is missing (NaN), else 0: what the network sees beside the filled values.
+
+    Only features missing in some training rows get one: an indicator never set in training would feed the
+    network weights that never learnt anything.
+    """
+
+    def __init__(self, columns: list[int], **kwargs: object):
+        kwargs["trainable"] = False
+        super().__init__(**kwargs)
+        self.columns = [int(c) for c in columns]
+
+    def call(self, inputs: object) -> object:
+        return keras.ops.cast(keras.ops.isnan(keras.ops.take(inputs, self.columns, axis=1)), "float32")
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "columns": self.columns}
+
+
+def missing_columns(training_features: np.ndarray) -> list[int]:
+    """Return the features that are missing (NaN) in at least one training row."""
+    return np.flatnonzero(np.isnan(np.asarray(training_features, dtype=np.float64)).any(axis=0)).tolist()
+
+
 def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) -> keras.Model:
-    """Build an uncompiled autoencoder whose first layer standardises with statistics of ``training_features``."""
+    """Build an uncompiled autoencoder whose first layer standardises with statistics of ``training_features``.
+
+    Features missing (NaN) in some training rows are filled with their mean, and the network also sees
+    which of them are missing.
+    """
     unsized = [name for name, value in config.model_dump().items() if value == "auto"]
     if unsized:
         raise ValueError(
@@ -74,6 +106,13 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
         if config.decorrelate_inputs:
             weights.append(whitening_matrix(training_features, config.whitening_floor).astype(np.float32))
         scaling.set_weights(weights)
+    missing = missing_columns(training_features)
+    if missing:
+        if not config.scale_inputs:
+            raise ValueError("features with missing values need scale_inputs, which fills them in")
+        # The network reconstructs the filled values; told which are filled, it learns to leave them unexplained.
+        indicator = MissingIndicator(missing, name=MISSING_LAYER)(inputs)
+        hidden = keras.layers.Concatenate(name="features_and_missing")([hidden, indicator])
     members = int(config.ensemble_size)
     reconstructions = [_member(hidden, config, n_features, k, members) for k in range(members)]
     outputs = reconstructions[0] if members == 1 else keras.layers.Concatenate(name=OUTPUT_LAYER)(reconstructions)
@@ -109,8 +148,27 @@ def standardisation(training_features: np.ndarray) -> tuple[np.ndarray, np.ndarr
     A constant feature gets 1, so it is centred instead of divided by zero.
     """
     features = np.asarray(training_features, dtype=np.float64)
-    std = features.std(axis=0)
-    return features.mean(axis=0), np.where(std > 0, std, 1.0)
+    present = ~np.isnan(features)
+    rows = np.maximum(present.sum(axis=0), 1)
+    # Missing values (NaN) are left out; a feature missing throughout is centred on 0.
+    mean = np.where(present, features, 0.0).sum(axis=0) / rows
+    std = np.sqrt(np.where(present, (features - mean) ** 2, 0.0).sum(axis=0) / rows)
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def complete_rows(training_features: np.ndarray) -> np.ndarray:
+    """Return the rows without a missing value (NaN); where too few are, every row with its gaps mean-filled.
+
+    The statistics that decide the recipe (dependencies, moments, whitening) are those of observed values.
+    """
+    features = np.asarray(training_features, dtype=np.float64)
+    missing = np.isnan(features)
+    if not missing.any():
+        return features
+    complete = features[~missing.any(axis=1)]
+    if len(complete) >= max(3, 2 * features.shape[1]):
+        return complete
+    return np.where(missing, standardisation(features)[0], features)
 
 
 # An eigenvalue of the correlation matrix (their mean is 1) this small is an exact linear dependency, not noise.
@@ -121,7 +179,7 @@ DEPENDENCY_SAMPLE_ROWS = 100_000
 def _varying_sample(training_features: np.ndarray) -> np.ndarray:
     # An evenly spaced sample of rows keeps an exact dependency and the moments' values, and bounds the cost on
     # large sets; constant features carry neither.
-    features = np.asarray(training_features, dtype=np.float64)
+    features = complete_rows(training_features)
     features = features[:: max(1, len(features) // DEPENDENCY_SAMPLE_ROWS)]
     return features[:, features.std(axis=0) > 0]
 
@@ -167,8 +225,9 @@ def whitening_matrix(training_features: np.ndarray, floor: float) -> np.ndarray:
     exact linear combinations, are damped by ``floor``, added to every eigenvalue of the correlation
     matrix (whose mean is 1): a direction is weighted 1/sqrt(eigenvalue + floor), at most 1/sqrt(floor).
     """
-    _, std = standardisation(training_features)
-    correlation = np.atleast_2d(np.cov(training_features, rowvar=False)) / np.outer(std, std)
+    features = complete_rows(training_features)
+    _, std = standardisation(features)
+    correlation = np.atleast_2d(np.cov(features, rowvar=False)) / np.outer(std, std)
     eigenvalues, eigenvectors = np.linalg.eigh(correlation)
     return (eigenvectors / np.sqrt(np.clip(eigenvalues, 0.0, None) + floor)) @ eigenvectors.T
 

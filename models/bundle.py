@@ -207,6 +207,11 @@ class LoadedBundle:
     def normal_label(self) -> str:
         return str(self.metadata.get("normal_label", "0"))
 
+    @property
+    def fills_missing(self) -> bool:
+        """Whether the model fills in missing feature values (bundles written before it could quarantine them)."""
+        return self.metadata.get("missing_values") == "fill"
+
 
 def exceedance_beta(metadata: dict[str, Any]) -> tuple[float, float]:
     """Return (a, b) of the Beta law of the normal flag rate, from bundle.json.

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import storage
-from data.parquet import LabelRule
+from data.parquet import FILL_MISSING, LabelRule, MissingValues
 from models import bundle
 from models.config import AutoencoderConfig
 from models.training import label_history, promotion, retraining
@@ -61,17 +61,20 @@ def split_training_data(
     holdout_fraction: float,
     percentile: float,
     seed: int,
+    missing_values: MissingValues = FILL_MISSING,
     label_history: str | None = None,
 ) -> TrainingSplit:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
     split = retraining.split_training_data(
-        source, Path(staging), labels, holdout_fraction, percentile, seed, label_history=label_history
+        source, Path(staging), labels, holdout_fraction, percentile, seed, missing_values, label_history
     )
     logger = get_run_logger()
     unsupported = {name: why for name, why in split.ignored_columns.items() if why.startswith("unsupported")}
     if unsupported:
         logger.warning("Columns left out of the features: %s", unsupported)
     logger.info("Features: %s; other columns: %s", split.feature_names, split.ignored_columns)
+    if split.missing_counts:
+        logger.info("Missing values, filled in by the model (by feature): %s", split.missing_counts)
     if split.scheme == retraining.CROSS_FIT:
         logger.info(
             "Training rows: %d normal, each also scored out of fold for the threshold (%d folds: "

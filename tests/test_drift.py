@@ -110,6 +110,20 @@ def test_feature_bins_count_what_the_reference_counts_and_merge() -> None:
     ).all()
 
 
+def test_missing_values_count_in_no_bin_of_the_reference_or_of_a_night() -> None:
+    rng = np.random.default_rng(4)
+    train = rng.normal(size=(5_000, 2))
+    complete = feature_reference(train, ["a", "b"])
+    train[::10, 0] = np.nan
+    gappy = feature_reference(train, ["a", "b"])
+    assert [sum(c) for c in gappy["counts"]] == [4_500, 5_000]
+    assert np.allclose(gappy["edges"][0], complete["edges"][0], atol=0.1) and gappy["edges"][1] == complete["edges"][1]
+    night = FeatureBins.for_reference({"features": gappy})
+    night.add(train)
+    assert night.counts.sum(axis=1).tolist() == [4_500, 5_000]
+    assert night.counts.tolist() == gappy["counts"]
+
+
 def _counted(reference: dict, rows: np.ndarray) -> list[list[int]]:
     bins = FeatureBins.for_reference(reference)
     bins.add(rows)

@@ -199,6 +199,7 @@ def test_retraining_on_a_few_hundred_rows_trains_on_all_of_them_and_says_how_uns
     pq.write_table(rows_table(features[normal], labels[normal], ids[normal]), small)
     outcome = retrain_flow(workspace=str(root), training_data=str(small), promote=False)
     assert outcome["ignored_columns"] == {"row_id": "identifier", "label": "label"}
+    assert outcome["missing_values_filled"] == {}
     # A 20% hold-out would fix the threshold on 60 rows and train on 240: cross-fitting uses all 300 for both.
     assert (outcome["training_rows"], outcome["validation_rows"], outcome["threshold_scheme"]) == (
         300,

@@ -46,12 +46,16 @@ def quantile_edges(values: np.ndarray, bins: int = REFERENCE_BINS, dtype: type =
     The edges are float32, the precision features are scored at.
     """
     levels = np.arange(1, bins) / bins
-    return np.quantile(np.asarray(values, dtype=np.float64), levels).astype(dtype)
+    values = np.asarray(values, dtype=np.float64)
+    # Missing values (NaN) have no place among the deciles; a column missing throughout gets edges of 0.
+    present = values[~np.isnan(values)]
+    return (np.quantile(present, levels) if len(present) else np.zeros(len(levels))).astype(dtype)
 
 
 def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Count ``values`` into the bins that ``edges`` bound (a value equal to an edge goes above it)."""
-    index = np.searchsorted(edges, np.asarray(values, dtype=edges.dtype), side="right")
+    """Count ``values`` into the bins that ``edges`` bound (a value equal to an edge goes above it); NaN is left out."""
+    values = np.asarray(values, dtype=edges.dtype)
+    index = np.searchsorted(edges, values[~np.isnan(values)], side="right")
     return np.bincount(index, minlength=len(edges) + 1).astype(np.int64)
 
 
@@ -115,7 +119,10 @@ class FeatureBins:
         for k in range(bins - 1):
             index += sample >= self.edges[:, k]
         index += np.arange(features) * bins
-        self.counts += np.bincount(index.ravel(), minlength=features * bins).reshape(features, bins)
+        # A missing value (NaN, filled in by the model) is counted in no bin: one slot past the last takes it.
+        index[np.isnan(sample)] = features * bins
+        counted = np.bincount(index.ravel(), minlength=features * bins + 1)[: features * bins]
+        self.counts += counted.reshape(features, bins)
 
     def merge(self, other: FeatureBins) -> FeatureBins:
         """Add another count over the same bins into this one and return it."""

@@ -105,6 +105,7 @@ def stream_batch_file(
     tally = ReasonTally(list(features))
     feature_bins = FeatureBins.for_reference(bundle.drift_reference) if bundle.drift_reference else None
     rows_read = rows_scored = rows_flagged = rows_quarantined = 0
+    fills_missing = bundle.fills_missing
 
     with contextlib.ExitStack() as writers:
         flagged_writer = writers.enter_context(parquet_writer(staged.flagged.tmp, flagged_out))
@@ -116,14 +117,17 @@ def stream_batch_file(
         for record_batch in iter_record_batches(source, chunk_rows, row_groups):
             rows_read += record_batch.num_rows
             matrix = feature_matrix(record_batch, features)
-            finite = np.isfinite(matrix)
-            if not finite.all():
-                good = finite.all(axis=1)
+            # A missing value (NaN) is scored where the model fills it in; an infinite one never is.
+            scorable = ~np.isinf(matrix) if fills_missing else np.isfinite(matrix)
+            if not scorable.all():
+                good = scorable.all(axis=1)
                 if quarantine_writer is None:
                     quarantine_writer = writers.enter_context(parquet_writer(staged.stage_quarantine(), quarantine_out))
                 bad_rows = record_batch.filter(pa.array(~good))
                 quarantine_writer.write_batch(
-                    _quarantine_rows(bad_rows, features, batch, bundle.version, scored_at, quarantine_out)
+                    _quarantine_rows(
+                        bad_rows, features, batch, bundle.version, scored_at, quarantine_out, fills_missing
+                    )
                 )
                 rows_quarantined += bad_rows.num_rows
                 record_batch = record_batch.filter(pa.array(good))
@@ -198,14 +202,19 @@ def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
     return pa.repeat(pa.scalar(value, type=type_), n)
 
 
-def bad_value_reasons(rows: pa.RecordBatch, features: Sequence[str]) -> tuple[list[str], list[str]]:
+def bad_value_reasons(
+    rows: pa.RecordBatch, features: Sequence[str], fills_missing: bool = False
+) -> tuple[list[str], list[str]]:
     """Return, for each row holding a bad feature, why and the first such feature.
 
-    The reason is ``missing_value``, ``infinite_value`` or ``out_of_range``.
+    The reason is ``missing_value`` (unless the model fills missing values in), ``infinite_value`` or
+    ``out_of_range``.
     """
     values = feature_matrix(rows, features, dtype=np.float64)
     # Scoring is float32: a finite float64 beyond its range cannot be scored either.
-    bad = ~np.isfinite(values) | (np.abs(values) > FLOAT32_MAX)
+    bad = np.isinf(values) | (np.abs(values) > FLOAT32_MAX)
+    if not fills_missing:
+        bad |= np.isnan(values)
     first = np.argmax(bad, axis=1)
     first_values = values[np.arange(len(values)), first]
     codes = np.where(
@@ -215,9 +224,15 @@ def bad_value_reasons(rows: pa.RecordBatch, features: Sequence[str]) -> tuple[li
 
 
 def _quarantine_rows(
-    rows: pa.RecordBatch, features: Sequence[str], batch: str, version: str, when: dt.datetime, schema: pa.Schema
+    rows: pa.RecordBatch,
+    features: Sequence[str],
+    batch: str,
+    version: str,
+    when: dt.datetime,
+    schema: pa.Schema,
+    fills_missing: bool,
 ) -> pa.RecordBatch:
-    codes, columns = bad_value_reasons(rows, features)
+    codes, columns = bad_value_reasons(rows, features, fills_missing)
     n = rows.num_rows
     return pa.RecordBatch.from_arrays(
         list(rows.columns)

@@ -61,6 +61,7 @@ class RetrainingRun:
             "threshold_scheme": split.scheme,
             "holdout_anomalies": split.rows_holdout_anomalies,
             "ignored_columns": split.ignored_columns,
+            "missing_values_filled": split.missing_counts,
             "label_history": {k: v for k, v in as_record(self.label_history).items() if k != "path"}
             if self.label_history
             else None,

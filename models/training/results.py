@@ -13,6 +13,7 @@ from models.config import AutoencoderConfig
 SPLIT_FIGURES = (
     "scheme", "folds", "rows_total", "rows_train", "rows_holdout_normal", "rows_threshold", "rows_holdout_anomalies",
     "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies", "fingerprint", "ignored_columns",
+    "missing_values", "missing_counts",
 )  # fmt: skip
 
 
@@ -61,6 +62,10 @@ class TrainingSplit:
     fingerprint: str = ""
     # The training data's other columns, with why each is not a feature (label, identifier, type).
     ignored_columns: dict[str, str] = field(default_factory=dict)
+    # Whether missing values are filled in by the model ('fill') or refused ('quarantine'), and how many
+    # of each feature's training values were missing.
+    missing_values: str = "fill"
+    missing_counts: dict[str, int] = field(default_factory=dict)
 
     def figures(self) -> dict[str, Any]:
         """Return the scheme and row counts the training report records."""

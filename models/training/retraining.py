@@ -17,11 +17,14 @@ from data import storage
 from data.errors import TrainingDataError
 from data.parquet import (
     ANOMALY,
+    FILL_MISSING,
     NORMAL,
     UNLABELLED,
     LabelRule,
+    MissingValues,
     TrainingRows,
     feature_matrix,
+    missing_counts,
     read_holdout_errors,
     read_training_rows,
 )
@@ -105,7 +108,7 @@ def split_training_data(
     holdout_fraction: float,
     percentile: float,
     seed: int,
-    feature_columns: Sequence[str] | None = None,
+    missing_values: MissingValues = FILL_MISSING,
     label_history: str | None = None,
 ) -> TrainingSplit:
     """Keep normal rows, decide how the threshold is fixed, and write the splits as Parquet in ``staging``.
@@ -120,20 +123,24 @@ def split_training_data(
     """
     check_percentile(percentile)
     label_column, normal_label = labels.column, labels.normal
-    rows = read_training_rows(source, label_column, normal_label, labels.all_rows_normal, feature_columns)
+    rows = read_training_rows(
+        source, label_column, normal_label, labels.all_rows_normal, missing_values=missing_values
+    )
     history_normal = history_anomalies = 0
     if label_history:
         history = read_training_rows(label_history, label_column, normal_label, False, rows.feature_names)
+        features = np.concatenate([rows.features, history.features])
         history_normal = int(np.count_nonzero(history.classes == NORMAL))
         history_anomalies = int(np.count_nonzero(history.classes == ANOMALY))
         files = rows.files + history.files
         rows = TrainingRows(
-            np.concatenate([rows.features, history.features]),
+            features,
             np.concatenate([rows.classes, history.classes]),
             rows.feature_names,
             files,
             storage.files_digest(files),
             rows.ignored_columns,
+            missing_counts(features, rows.feature_names),
         )
     # Rows whose label is null or NaN are neither normal nor anomalous: they are counted and left out.
     normal = rows.features[rows.classes == NORMAL]
@@ -185,6 +192,8 @@ def split_training_data(
         source_files=[str(f) for f in rows.files],
         fingerprint=rows.fingerprint,
         ignored_columns=rows.ignored_columns,
+        missing_values=missing_values,
+        missing_counts=rows.missing_values,
     )
 
 
@@ -264,6 +273,11 @@ def train_model(
     what the bundle records, and what cross-fitting trains its fold models with.
     """
     features = read_matrix(train_path, feature_names)
+    if not config.scale_inputs and np.isnan(features).any():
+        raise TrainingDataError(
+            f"{train_path}: training rows have missing values, and a recipe that does not scale its inputs "
+            "(scale_inputs=False, as the seed preset) cannot fill them in; use the default preset, or fill the gaps"
+        )
     sized = sized_for_data(config, features)
     started = time.perf_counter()
     model, history, trained, diverged = fit_autoencoder(features, sized, progress)
@@ -494,6 +508,8 @@ def write_bundle(staging: Path, trained: TrainedModel) -> Path:
         "model_file": MODEL_FILE,
         "model_sha256": storage.content_hash(model_path),
         "features": [{"name": n, "dtype": "float64"} for n in split.feature_names],
+        # Scoring fills a missing value inside the model only where the model learnt to, and quarantines it otherwise.
+        "missing_values": split.missing_values,
         "label_column": trained.labels.column,
         "normal_label": trained.labels.normal,
         "threshold": {k: getattr(threshold, k) for k in ("value", "percentile", "rows", "uncertainty", "warning")}
@@ -517,6 +533,7 @@ def write_bundle(staging: Path, trained: TrainedModel) -> Path:
             "source_files": split.source_files,
             "fingerprint_sha256": split.fingerprint,
             "ignored_columns": split.ignored_columns,
+            "missing_values_filled": split.missing_counts,
             **{name: getattr(split, name) for name in BUNDLE_ROW_COUNTS},
             "epochs_run": fit.epochs_run,
             "best_epoch": fit.best_epoch,
@@ -583,7 +600,8 @@ def write_training_report(staging: Path, trained: TrainedModel) -> TrainingRepor
             "threshold fixed on": _threshold_rows_text(split),
             "held-out labelled anomalies": split.rows_holdout_anomalies,
             "rows without a label (left out)": split.rows_unlabelled,
-            "columns that are not features": _ignored_text(split.ignored_columns),
+            "columns that are not features": _by_column_text(split.ignored_columns),
+            "missing values filled in (by feature)": _by_column_text(split.missing_counts),
             "normal rows of past nights confirmed by labels (in the splits above)": split.rows_label_history_normal,
             "anomalies of past nights confirmed by labels (held out)": split.rows_label_history_anomalies,
             "network (encoder / decoder units)": f"{fit.config.encoder_units} / {fit.config.decoder_units}",
@@ -630,8 +648,8 @@ def write_training_report(staging: Path, trained: TrainedModel) -> TrainingRepor
     return TrainingReport(report=report, markdown=markdown)
 
 
-def _ignored_text(ignored: dict[str, str]) -> str:
-    return "; ".join(f"{name} ({why})" for name, why in ignored.items()) or "none"
+def _by_column_text(by_column: dict[str, Any]) -> str:
+    return "; ".join(f"{name} ({value})" for name, value in by_column.items()) or "none"
 
 
 def _threshold_rows_text(split: TrainingSplit) -> str:

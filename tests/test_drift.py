@@ -14,8 +14,10 @@ from models.monitoring.drift import (
     FeatureBins,
     alarm_reasons,
     feature_reference,
+    measure_drift,
     psi,
     psi_cutoff,
+    score_reference,
     with_drift,
 )
 from models.scoring.batch import score_file
@@ -105,9 +107,10 @@ def test_feature_bins_count_what_the_reference_counts_and_merge() -> None:
     parts.merge(FeatureBins.from_counts(reference, _counted(reference, train[2_000:4_000])))
     assert (whole.counts == parts.counts).all()
     assert whole.counts.sum() == 3 * 4_000
-    assert (
-        whole.counts == np.asarray(reference["features"]["counts"]) - np.asarray(_counted(reference, train[4_000:]))
-    ).all()
+    # Its last column counts missing values, of which these rows have none.
+    rest = np.asarray(_counted(reference, train[4_000:]))
+    assert (whole.counts[:, -1] == 0).all() and (rest[:, -1] == 0).all()
+    assert (whole.counts[:, :-1] == np.asarray(reference["features"]["counts"]) - rest[:, :-1]).all()
 
 
 def test_missing_values_count_in_no_bin_of_the_reference_or_of_a_night() -> None:
@@ -118,10 +121,34 @@ def test_missing_values_count_in_no_bin_of_the_reference_or_of_a_night() -> None
     gappy = feature_reference(train, ["a", "b"])
     assert [sum(c) for c in gappy["counts"]] == [4_500, 5_000]
     assert np.allclose(gappy["edges"][0], complete["edges"][0], atol=0.1) and gappy["edges"][1] == complete["edges"][1]
+    assert gappy["missing"] == [500, 0] and complete["missing"] == [0, 0]
     night = FeatureBins.for_reference({"features": gappy})
     night.add(train)
-    assert night.counts.sum(axis=1).tolist() == [4_500, 5_000]
-    assert night.counts.tolist() == gappy["counts"]
+    # Each value in its decile, each missing one in the last column.
+    assert night.counts[:, :-1].tolist() == gappy["counts"] and night.counts[:, -1].tolist() == [500, 0]
+
+
+def test_a_feature_missing_far_more_often_than_in_training_drifts() -> None:
+    from models.monitoring.error_summary import ErrorDistribution
+
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(20_000, 2))
+    train[::50, 0] = np.nan
+    reference = {"features": feature_reference(train, ["a", "b"]), "score": score_reference(np.abs(train[:, 1]))}
+    night_rows = rng.normal(size=(8_000, 2))
+    errors = ErrorDistribution(1.0)
+    errors.add(np.abs(night_rows[:, 1]))
+    for share, drifted in ((0.02, []), (0.3, ["a"])):
+        night = night_rows.copy()
+        night[rng.random(len(night)) < share, 0] = np.nan
+        bins = FeatureBins.for_reference(reference)
+        bins.add(night)
+        drift = measure_drift(reference, bins.to_json(), errors)
+        assert drift["drifted_features"] == drifted, share
+        row = next(r for r in drift["features"] if r["feature"] == "a")
+        assert row["reference_missing_share"] == pytest.approx(0.02) and row["night_missing_share"] == pytest.approx(
+            share, abs=0.02
+        )
 
 
 def _counted(reference: dict, rows: np.ndarray) -> list[list[int]]:

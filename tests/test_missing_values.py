@@ -16,6 +16,8 @@ from data.parquet import LabelRule
 from data.workspace import Workspace
 from models import bundle
 from models.config import resolve_preset
+from models.monitoring.drift import measure_drift
+from models.monitoring.error_summary import ErrorDistribution
 from models.scoring.batch import score_file
 from models.scoring.streaming import ScoringOptions
 from models.training import retraining
@@ -91,6 +93,16 @@ def test_a_night_with_gaps_is_scored_row_for_row_and_ranks_as_the_complete_night
         flagged = pq.read_table(outputs.flagged).to_pandas()
         shares = flagged[[f"reason_{k}_share" for k in (1, 2, 3)]].sum(axis=1)
         assert (shares <= 1 + 1e-6).all() and (shares > 0).all()
+        if name == "gappy":
+            # f3 had no gaps in training: 5% of it missing at night is drift, and named so.
+            drift = measure_drift(
+                loaded.drift_reference,
+                result.summary["feature_bins"],
+                ErrorDistribution.from_json(result.summary["error_distribution"]),
+            )
+            f3 = next(row for row in drift["features"] if row["feature"] == "f3")
+            assert f3["reference_missing_share"] == 0 and f3["night_missing_share"] == pytest.approx(0.05, abs=0.015)
+            assert "f3" in drift["drifted_features"]
     labels = complete.column("label").to_numpy()
     aucs = {name: roc_auc_score(labels, frame["reconstruction_error"]) for name, frame in scored.items()}
     assert aucs["gappy"] >= aucs["complete"] - 0.03

@@ -134,6 +134,8 @@ def plot_drift(drift: dict[str, Any], path: Path, title: str, most: int = 4) -> 
         ax.set_title(f"{name}\nPSI {row['psi']:.3f} (cut-off {row['cutoff']:.3g})", fontsize=9)
         ax.set_xlabel("reference decile")
         ax.set_xticks(bins)
+        if "night_missing_share" in row:
+            ax.set_xticklabels([*map(str, bins[:-1]), "missing"])
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("share of rows")
     axes[0][0].legend(fontsize=7)
@@ -143,12 +145,15 @@ def plot_drift(drift: dict[str, Any], path: Path, title: str, most: int = 4) -> 
 
 def drift_table(drift: dict[str, Any], most: int = 15) -> list[dict[str, Any]]:
     """Return the rows of a report's drift table: the score, then the most drifted features."""
+    # Where the reference counts missing values, each feature's share of them, filled in by the model, is shown.
+    missing = any("night_missing_share" in row for row in drift["features"])
     rows = [
         {
             "measure of": "reconstruction error",
             "PSI": drift["score"]["psi"],
             "cut-off": drift["score"]["cutoff"],
             "drift": "yes" if drift["score"]["drifted"] else "no",
+            **({"missing (training / night)": ""} if missing else {}),
         }
     ]
     rows += [
@@ -157,10 +162,15 @@ def drift_table(drift: dict[str, Any], most: int = 15) -> list[dict[str, Any]]:
             "PSI": row["psi"],
             "cut-off": row["cutoff"],
             "drift": "yes" if row["drifted"] else "no",
+            **({"missing (training / night)": _missing_shares(row)} if missing else {}),
         }
         for row in drift["features"][:most]
     ]
     return rows
+
+
+def _missing_shares(row: dict[str, Any]) -> str:
+    return f"{row['reference_missing_share']:.2%} / {row['night_missing_share']:.2%}"
 
 
 def plot_trend(rows: list[dict[str, Any]], path: Path, title: str) -> Path:

@@ -4,6 +4,11 @@ Reference (kept in bundle.json at retraining): for each feature, the deciles of 
 rows as bin edges and how many training rows fall in each bin; for the score, the same for the
 held-out normal rows' reconstruction errors. Ten numbers a feature, never the rows.
 
+A missing value (NaN, which the model fills in) counts in no decile: the reference keeps how many
+training values of each feature were missing, a night's counts carry one more bin for its missing
+values, and that bin takes part in the feature's index, so a feature that goes missing far more
+often than in training drifts.
+
 Measure: the population stability index, PSI = sum over bins of (q - p) ln(q / p), p the reference
 shares and q the night's. With no drift it is, to first order, (1/n + 1/m) times a chi-square with
 B - 1 degrees of freedom (n reference rows, m night rows, B bins), so the cut-off is the larger of
@@ -62,11 +67,17 @@ def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def feature_reference(
     train_features: np.ndarray, feature_names: Sequence[str], bins: int = REFERENCE_BINS
 ) -> dict[str, Any]:
-    """Return each feature's decile edges among the training rows and how many of them fall in each bin."""
+    """Return each feature's training decile edges, how many rows fall in each bin, and how many are missing."""
     matrix = np.asarray(train_features, dtype=np.float32)
     edges = np.stack([quantile_edges(matrix[:, j], bins) for j in range(matrix.shape[1])])
     counts = np.stack([bin_counts(matrix[:, j], edges[j]) for j in range(matrix.shape[1])])
-    return {"names": list(feature_names), "edges": edges.tolist(), "counts": counts.tolist(), "rows": int(len(matrix))}
+    return {
+        "names": list(feature_names),
+        "edges": edges.tolist(),
+        "counts": counts.tolist(),
+        "rows": int(len(matrix)),
+        "missing": np.isnan(matrix).sum(axis=0).astype(int).tolist(),
+    }
 
 
 def score_reference(holdout_errors: np.ndarray, bins: int = REFERENCE_BINS) -> dict[str, Any]:
@@ -86,22 +97,25 @@ def drift_reference(features: dict[str, Any], score: dict[str, Any]) -> dict[str
 
 @dataclass
 class FeatureBins:
-    """Counts of scored rows in each feature's reference bins; mergeable and JSON-able, like the error distribution."""
+    """Counts of scored rows in each feature's reference bins; mergeable and JSON-able, like the error distribution.
+
+    The last column counts missing values (NaN).
+    """
 
     edges: np.ndarray  # (features, bins - 1) float32
-    counts: np.ndarray  # (features, bins) int64
+    counts: np.ndarray  # (features, bins + 1) int64: the bins, then the missing values
 
     @classmethod
     def for_reference(cls, reference: dict[str, Any]) -> FeatureBins:
         """Return empty counts over a bundle's reference bins."""
         edges = np.asarray(reference["features"]["edges"], dtype=np.float32)
-        return cls(edges, np.zeros((edges.shape[0], edges.shape[1] + 1), dtype=np.int64))
+        return cls(edges, np.zeros((edges.shape[0], edges.shape[1] + 2), dtype=np.int64))
 
     @classmethod
     def from_counts(cls, reference: dict[str, Any], counts: Sequence[Sequence[int]]) -> FeatureBins:
-        """Rebuild counts written by :meth:`to_json` over a bundle's reference bins."""
+        """Rebuild counts written by :meth:`to_json` over a bundle's reference bins (older ones lack the missing)."""
         bins = cls.for_reference(reference)
-        bins.counts += np.asarray(counts, dtype=np.int64)
+        bins.counts += with_missing_column(counts, bins.counts.shape[1])
         return bins
 
     def add(self, matrix: np.ndarray) -> None:
@@ -113,16 +127,14 @@ class FeatureBins:
         """
         stride = max(1, -(-len(matrix) // DRIFT_ROWS_PER_CHUNK))
         sample = np.asarray(matrix[::stride], dtype=np.float32)
-        features, bins = self.counts.shape
+        features, slots = self.counts.shape
         # One comparison per inner edge over the whole sample beats a search per feature.
         index = np.zeros(sample.shape, dtype=np.intp)
-        for k in range(bins - 1):
+        for k in range(self.edges.shape[1]):
             index += sample >= self.edges[:, k]
-        index += np.arange(features) * bins
-        # A missing value (NaN, filled in by the model) is counted in no bin: one slot past the last takes it.
-        index[np.isnan(sample)] = features * bins
-        counted = np.bincount(index.ravel(), minlength=features * bins + 1)[: features * bins]
-        self.counts += counted.reshape(features, bins)
+        index[np.isnan(sample)] = slots - 1
+        index += np.arange(features) * slots
+        self.counts += np.bincount(index.ravel(), minlength=features * slots).reshape(features, slots)
 
     def merge(self, other: FeatureBins) -> FeatureBins:
         """Add another count over the same bins into this one and return it."""
@@ -134,6 +146,12 @@ class FeatureBins:
     def to_json(self) -> list[list[int]]:
         """Return the counts (the edges live in the bundle)."""
         return self.counts.tolist()
+
+
+def with_missing_column(counts: Sequence[Sequence[int]], slots: int) -> np.ndarray:
+    """Return feature bin counts with their missing-value column, 0 for counts written before it was kept."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.pad(counts, ((0, 0), (0, slots - counts.shape[1])))
 
 
 def psi(reference_counts: Sequence[int], observed_counts: Sequence[int]) -> tuple[float, int]:
@@ -182,7 +200,16 @@ def measure_drift(
     sampled = int(np.sum(feature_counts[0])) if feature_counts is not None and len(feature_counts) else 0
     if feature_counts is not None:
         n = int(reference["features"]["rows"])
-        for name, ref, observed in zip(names, reference["features"]["counts"], feature_counts, strict=True):
+        bins = len(reference["features"]["counts"][0])
+        # Missing values are one more bin on both sides, for references that count them.
+        missing = reference["features"].get("missing")
+        observed_counts = with_missing_column(feature_counts, bins + 1)
+        reference_counts = np.asarray(reference["features"]["counts"], dtype=np.int64)
+        if missing is not None:
+            reference_counts = np.column_stack([reference_counts, missing])
+        else:
+            observed_counts = observed_counts[:, :bins]
+        for name, ref, observed in zip(names, reference_counts, observed_counts, strict=True):
             value, used = psi(ref, observed)
             cutoff = psi_cutoff(n, sampled, used, tests)
             features.append(
@@ -193,6 +220,11 @@ def measure_drift(
                     "drifted": value > cutoff,
                     "reference_share": _shares(ref),
                     "night_share": _shares(observed),
+                    **(
+                        {"reference_missing_share": float(ref[-1] / n), "night_missing_share": _shares(observed)[-1]}
+                        if missing is not None
+                        else {}
+                    ),
                 }
             )
         features.sort(key=lambda row: (-row["psi"] / row["cutoff"], row["feature"]))

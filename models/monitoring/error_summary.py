@@ -260,7 +260,10 @@ def merge_counts(payloads: Sequence[list[list[int]] | None]) -> list[list[int]] 
     """Add up the feature bin counts of several summaries; None when any of them has none (older outputs)."""
     if not payloads or any(p is None for p in payloads):
         return None
-    return np.sum([np.asarray(p, dtype=np.int64) for p in payloads], axis=0).tolist()
+    counts = [np.asarray(p, dtype=np.int64) for p in payloads]
+    # Counts written before the missing-value column was kept are one column short: they counted no missing value.
+    slots = max(c.shape[1] for c in counts)
+    return np.sum([np.pad(c, ((0, 0), (0, slots - c.shape[1]))) for c in counts], axis=0).tolist()
 
 
 def combine(summaries: list[dict[str, Any]], threshold: float, percentile: float) -> dict[str, Any]:

@@ -155,6 +155,15 @@ def write_rejection(workspace: Workspace, run_date: dt.date, batch: Batch, rejec
     return storage.write_json(rejection_path(workspace, run_date, check_path_part(batch.name, "batch")), payload)
 
 
+def unscored_batches(workspace: Workspace, run_date: dt.date, model_version: str) -> tuple[int, int]:
+    """Return how many batches a date's incoming/ folder holds, and how many of them ``model_version`` has not scored.
+
+    A batch scored and changed since counts as not scored.
+    """
+    found = incoming_batches(workspace, run_date)
+    return len(found), sum(not already_scored(workspace, run_date, batch, model_version) for batch in found)
+
+
 def awaits_scoring(workspace: Workspace, run_date: dt.date, batch: Batch) -> bool:
     """Return True for a file with no record that was not rejected as it is now.
 

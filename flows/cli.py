@@ -1,4 +1,4 @@
-"""The ``anomaly`` command: run a flow (demo, retrain, score, evaluate) or a model command; end with one JSON line."""
+"""The ``anomaly`` command: run a flow (demo, retrain, score, backfill, evaluate) or a model command; one JSON line."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ FLOW_COMMANDS: dict[str, FlowCommand] = {
         "score_flow",
         {"batch_paths": Spelling(positional="paths"), "write_scores": Spelling(flag="--no-scores")},
     ),
+    "backfill": FlowCommand("flows.backfill", "backfill_flow", {}),
     "evaluate": FlowCommand("flows.evaluate", "evaluate_flow", {"id_columns": Spelling(flag="--id-column")}),
 }
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Each command ends with one JSON line summarising the run.",
     )
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{demo,retrain,score,evaluate,models,promote,alerts}"
+        dest="command", required=True, metavar="{demo,retrain,score,backfill,evaluate,models,promote,alerts}"
     )
 
     demo = commands.add_parser(
@@ -76,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         "rows, scores and reports.",
     )
     FLOW_COMMANDS["score"].add_options(score)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="score a range of past dates in order",
+        description="Score incoming/YYYY-MM-DD/ of each date from --start-date to --end-date in order with one model, "
+        "through the scoring flow; dates that model already scored are skipped (--force scores them again), so a "
+        "rerun after a kill resumes at the first date not done.",
+    )
+    FLOW_COMMANDS["backfill"].add_options(backfill)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -165,6 +175,10 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
         "batches_failed", "catch_up_batches", "flagged_dir", "scores_dir", "report", "failed",
     ),
 }
+SUMMARY_KEYS["backfill"] = (
+    "start_date", "end_date", "model_version", "dates_scored", "dates_failed", "dates_already_scored",
+    "dates_no_batches", "rows_scored", "rows_flagged", "dates",
+)
 SUMMARY_KEYS["demo"] = SUMMARY_KEYS["score"] + (
     "promoted", "promotion_refused", "percentile", "model_dir", "training_report",
 )

@@ -44,6 +44,12 @@ def find_late_batches(workspace_root: str, run_date: dt.date) -> list[Batch]:
     return [b for b in batches.incoming_batches(workspace, run_date) if batches.awaits_scoring(workspace, run_date, b)]
 
 
+@task(name="count-unscored-batches", cache_policy=NO_CACHE, **RETRIES)
+def count_unscored_batches(workspace_root: str, run_date: dt.date, model_version: str) -> tuple[int, int]:
+    """Return how many batches a date holds, and how many of them the model has not scored as they are now."""
+    return batches.unscored_batches(Workspace.at(workspace_root), run_date, model_version)
+
+
 @task(name="check-already-scored", cache_policy=NO_CACHE)
 def already_scored(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str) -> bool:
     """Return True if the batch was scored by this model and has not changed since."""

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 RETRAINING = "retrain-autoencoder/weekly-retraining"
 SCORING = "score-batches/nightly-scoring"
 EVALUATION = "evaluate-labels/nightly-evaluation"
+BACKFILL = "backfill-scores/backfill"
 FIRST_NIGHT = dt.date(2026, 11, 27)
 SECOND_NIGHT = dt.date(2026, 11, 28)
 
@@ -89,8 +90,16 @@ def test_deployments_are_registered_as_prefect_yaml_declares(prefect_stack):
     assert scoring.parameters["timezone"] == scoring.schedules[0].schedule.timezone
 
 
+def test_the_backfill_deployment_has_no_schedule_and_asks_for_its_two_dates(prefect_stack):
+    backfill = _deployment(prefect_stack, BACKFILL)
+    assert backfill.schedules == [] and backfill.parameters == {"workspace": "./workspace"}
+    schema = backfill.parameter_openapi_schema
+    assert set(schema["required"]) == {"start_date", "end_date"}
+    assert [schema["properties"][name]["format"] for name in ("start_date", "end_date")] == ["date", "date"]
+
+
 def test_every_parameter_has_a_title_a_type_and_a_description(prefect_stack):
-    for name in (RETRAINING, SCORING, EVALUATION):
+    for name in (RETRAINING, SCORING, EVALUATION, BACKFILL):
         schema = _deployment(prefect_stack, name).parameter_openapi_schema
         assert schema["properties"], name
         for parameter, spec in schema["properties"].items():

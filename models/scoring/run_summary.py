@@ -114,3 +114,30 @@ class ScoringRun:
             "report_json": report_paths["json"],
             "failed": self.failed,
         }
+
+
+BACKFILL_STATUSES = ("scored", "failed", "already_scored", "no_batches")
+# What a backfill reports of each date, from the scoring run's outcome.
+BACKFILL_DATE_KEYS = (
+    "batches_scored", "batches_skipped", "batches_failed", "rows_scored", "rows_flagged", "rows_quarantined",
+    "flag_rate", "alarm", "report",
+)  # fmt: skip
+
+
+def backfill_date(day: dt.date, status: str, outcome: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return one date of a backfill: its status (scored, failed, already_scored, no_batches) and its figures."""
+    return {"date": day.isoformat(), "status": status, **{k: (outcome or {}).get(k) for k in BACKFILL_DATE_KEYS}}
+
+
+def backfill_outcome(first: dt.date, last: dt.date, model_version: str, dates: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return a backfill's JSON outcome: the range, the model, each date, and the dates by status."""
+    by_status = {status: [d["date"] for d in dates if d["status"] == status] for status in BACKFILL_STATUSES}
+    return {
+        "start_date": first.isoformat(),
+        "end_date": last.isoformat(),
+        "model_version": model_version,
+        **{f"dates_{status}": names for status, names in by_status.items()},
+        "rows_scored": sum(d["rows_scored"] or 0 for d in dates),
+        "rows_flagged": sum(d["rows_flagged"] or 0 for d in dates),
+        "dates": dates,
+    }

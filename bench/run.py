@@ -756,6 +756,12 @@ def render_table(results: dict[str, Any]) -> str:
             f"| {row['dataset']} ({row['training_rows']} training / {row['holdout_rows']} held-out rows): "
             f"default ROC-AUC - IsolationForest ROC-AUC | {row['default_roc_auc_minus_isolation_forest']:.3f} | >= 0 |"
         )
+    if "backfill" in results:
+        b = results["backfill"]
+        lines.append(
+            f"| backfill of {b['dates']} dates of {b['rows_per_date']:,} rows / {b['dates']} `anomaly score` commands "
+            f"({b['backfill_seconds']:.1f} s / {b['single_date_runs_seconds']:.1f} s) | {b['ratio']:.2f} | <= 0.6 |"
+        )
     if "throughput" in results:
         t = results["throughput"]
         lines.append(
@@ -877,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
             "others",
             "small",
             "missing",
+            "backfill",
             "throughput",
             "dask",
             "prefect",
@@ -933,6 +940,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench.missing_values import missing_values
 
             results["missing_values"] = missing_values(work, scale, log)
+        if "backfill" not in args.skip:
+            from bench.backfill import backfill
+
+            results["backfill"] = backfill(workspace, 20_000 if args.quick else 200_000, rows_like, log)
         if "throughput" not in args.skip:
             results["throughput"] = throughput(workspace, 200_000 if args.quick else 2_000_000, rows_like, log)
         if "dask" not in args.skip:

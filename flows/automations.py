@@ -29,6 +29,7 @@ WEBHOOK_BLOCK = "anomaly-alert-webhook"
 SCORING_DEPLOYMENT = "nightly-scoring"
 RETRAINING_DEPLOYMENT = "weekly-retraining"
 EVALUATION_DEPLOYMENT = "nightly-evaluation"
+BACKFILL_DEPLOYMENT = "backfill"
 # The nightly schedule plus two hours of slack for a slow or queued run.
 MISSING_RUN_WINDOW = dt.timedelta(hours=26)
 TAG = "anomaly"
@@ -102,14 +103,16 @@ def automation_definitions(block_id: UUID | None) -> list[AutomationCore]:
         AutomationCore(
             name=FAILURE_NAME,
             description=(
-                f"A {SCORING_DEPLOYMENT}, {RETRAINING_DEPLOYMENT} or {EVALUATION_DEPLOYMENT} "
+                f"A {SCORING_DEPLOYMENT}, {RETRAINING_DEPLOYMENT}, {EVALUATION_DEPLOYMENT} or {BACKFILL_DEPLOYMENT} "
                 "run ended Failed or Crashed."
             )
             + where,
             tags=[TAG],
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-                **_deployment_runs(SCORING_DEPLOYMENT, RETRAINING_DEPLOYMENT, EVALUATION_DEPLOYMENT),
+                **_deployment_runs(
+                    SCORING_DEPLOYMENT, RETRAINING_DEPLOYMENT, EVALUATION_DEPLOYMENT, BACKFILL_DEPLOYMENT
+                ),
                 posture=Posture.Reactive,
                 threshold=1,
                 within=dt.timedelta(0),

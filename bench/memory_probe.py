@@ -1,4 +1,4 @@
-"""Run the scoring flow on one night (or the evaluation flow on a window) and print its peak resident memory as JSON.
+"""Run the scoring flow on a night (or evaluation, or retraining) and print its peak resident memory as JSON.
 
 It runs in a fresh process of its own (used by bench.run).
 """
@@ -23,7 +23,31 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="evaluate this many scored dates ending at --run-date instead of scoring it",
     )
+    parser.add_argument(
+        "--retrain-max-rows",
+        type=int,
+        default=0,
+        help="retrain (one epoch, not promoted) with this max_training_rows instead of scoring",
+    )
     args = parser.parse_args(argv)
+    if args.retrain_max_rows:
+        from flows.retrain import retrain_flow
+
+        started = time.perf_counter()
+        outcome = retrain_flow(
+            workspace=args.workspace, max_training_rows=args.retrain_max_rows, epochs=1, promote=False
+        )
+        print(
+            json.dumps(
+                {
+                    "rows_read": outcome["training_rows_read"],
+                    "rows_sampled": outcome["training_rows_sampled"],
+                    "seconds": time.perf_counter() - started,
+                    "peak_rss_mb": peak_rss_mb(),
+                }
+            )
+        )
+        return
     if args.evaluate_days:
         from flows.evaluate import evaluate_flow
 

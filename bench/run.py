@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -503,6 +504,38 @@ def memory(
     return out
 
 
+def retraining_memory(
+    work: Path, sizes: tuple[int, int], max_rows: int, rows_like: tuple[np.ndarray, np.ndarray], log
+) -> dict[str, Any]:
+    """Peak resident memory of retraining (one epoch) on training sets of each size with one ``max_training_rows``.
+
+    Each set is one workspace of several files, each run a fresh process: the sample keeps memory flat.
+    """
+    out: dict[str, Any] = {"max_training_rows": max_rows}
+    for i, n_rows in enumerate(sizes):
+        root = work / f"retrain-memory-{n_rows}"
+        files = 4
+        for k in range(files):
+            write_large_batch(
+                Workspace.at(root).training_dir / f"part-{k}.parquet",
+                n_rows // files,
+                len(rows_like[0]),
+                seed=300 + 10 * i + k,
+                anomaly_share=0.01,
+                distribution=rows_like,
+            )
+        command = [sys.executable, "-m", "bench.memory_probe", str(root), "--run-date", "2000-01-01"]
+        done = subprocess.run(
+            [*command, "--retrain-max-rows", str(max_rows)], capture_output=True, text=True, check=True
+        )
+        out[str(n_rows)] = json.loads(done.stdout.strip().splitlines()[-1])
+        log(f"retraining on {n_rows:,} rows (max {max_rows:,}): peak {out[str(n_rows)]['peak_rss_mb']:.0f} MB")
+        shutil.rmtree(root)
+    small, large = (out[str(n)]["peak_rss_mb"] for n in sizes)
+    out["peak_difference_mb"] = large - small
+    return out
+
+
 def object_storage(
     workspace: Workspace, n_rows: int, sizes: tuple[int, int], rows_like: tuple[np.ndarray, np.ndarray], log
 ) -> dict[str, Any]:
@@ -756,6 +789,13 @@ def render_table(results: dict[str, Any]) -> str:
             f"| {row['dataset']} ({row['training_rows']} training / {row['holdout_rows']} held-out rows): "
             f"default ROC-AUC - IsolationForest ROC-AUC | {row['default_roc_auc_minus_isolation_forest']:.3f} | >= 0 |"
         )
+    if "retraining_memory" in results:
+        m = results["retraining_memory"]
+        small, large = (k for k in m if k.isdigit())
+        lines.append(
+            f"| retraining peak memory, {int(large):,} training rows - {int(small):,} "
+            f"(max_training_rows {m['max_training_rows']:,}) | {m['peak_difference_mb']:+.0f} MB | <= +150 MB |"
+        )
     if "backfill" in results:
         b = results["backfill"]
         lines.append(
@@ -888,6 +928,7 @@ def main(argv: list[str] | None = None) -> int:
             "dask",
             "prefect",
             "memory",
+            "retrain_memory",
             "evaluation",
             "s3",
             "adbench",
@@ -956,6 +997,9 @@ def main(argv: list[str] | None = None) -> int:
             results["memory"] = memory(
                 workspace, (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000), rows_like, log
             )
+        if "retrain_memory" not in args.skip:
+            sizes = (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000)
+            results["retraining_memory"] = retraining_memory(work, sizes, 100_000, rows_like, log)
         if "evaluation" not in args.skip:
             results["evaluation_memory"] = evaluation_memory(
                 workspace, 5 if args.quick else 30, 100_000 if args.quick else 1_000_000, log

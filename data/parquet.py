@@ -23,6 +23,8 @@ DEFAULT_CHUNK_ROWS = 131_072
 # scored, or (the older rule) refused in training and quarantined at night. Infinite values are bad input either way.
 MissingValues = Literal["fill", "quarantine"]
 FILL_MISSING: MissingValues = "fill"
+# Training reads at most this many rows (a seeded sample above it): 2 M rows of 64 features are 1 GB as float64.
+DEFAULT_MAX_TRAINING_ROWS = 2_000_000
 
 # Above this share of rows with missing or infinite features a batch fails instead of being scored.
 DEFAULT_MAX_BAD_ROW_SHARE = 0.1
@@ -236,6 +238,14 @@ def label_classes(labels: pa.Array | pa.ChunkedArray, normal_label: str) -> np.n
     return np.where(missing, UNLABELLED, np.where(text == str(normal_label), NORMAL, ANOMALY)).astype(np.int8)
 
 
+@dataclass(frozen=True)
+class TrainingInput:
+    """How training rows are read: what a missing value does, and how many rows are kept at most (a sample)."""
+
+    missing_values: MissingValues = FILL_MISSING
+    max_rows: int | None = None
+
+
 @dataclass
 class TrainingRows:
     """Training rows read into memory: features, each row's label class, and where they came from."""
@@ -247,8 +257,10 @@ class TrainingRows:
     fingerprint: str
     # Every other column of the first file, with why it is not a feature.
     ignored_columns: dict[str, str]
-    # How many values of each feature are missing (null or NaN), for the features that have any.
+    # How many values of each feature are missing (null or NaN), for the features that have any, among all rows read.
     missing_values: dict[str, int]
+    # How many rows the files hold: more than ``features`` when a sample was taken.
+    rows_read: int
 
 
 def ignored_columns(
@@ -307,14 +319,17 @@ def read_training_rows(
     feature_columns: Sequence[str] | None = None,
     exclude_columns: Sequence[str] = ("row_id",),
     missing_values: MissingValues = FILL_MISSING,
+    max_rows: int | None = None,
+    seed: int = 0,
 ) -> TrainingRows:
     """Read labelled training Parquet from a file, folder or glob; features default to all numeric non-label columns.
 
     Missing values stay NaN for the model to fill, unless ``missing_values`` is ``quarantine``, which refuses them.
+    With ``max_rows``, a seeded uniform sample of that many rows is kept from all files (every row if fewer).
     """
     files, names = training_files_and_features(source, label_column, feature_columns, exclude_columns)
-    blocks: list[np.ndarray] = []
-    class_blocks: list[np.ndarray] = []
+    sample = RowSample(max_rows, seed)
+    missing = np.zeros(len(names), dtype=np.int64)
     for path in files:
         schema = check_batch_schema(path, names, reserved=frozenset())
         has_label = label_column in schema.columns
@@ -324,35 +339,68 @@ def read_training_rows(
                 "or set all_rows_normal if every row is normal"
             )
         columns = names + ([label_column] if has_label else [])
-        table = read_table(path, columns=columns)
-        matrix = feature_matrix(table, names, dtype=np.float64)
-        bad = np.isinf(matrix) if missing_values == FILL_MISSING else ~np.isfinite(matrix)
-        if bad.any():
-            column = names[int(np.argmax(bad.any(axis=0)))]
-            what = "infinite values" if missing_values == FILL_MISSING else "NaN, null or infinite values"
-            hint = "" if missing_values == FILL_MISSING else " (missing_values='fill' trains on rows with gaps)"
-            raise TrainingDataError(f"{path}, column '{column}': {int(bad.any(axis=1).sum())} rows hold {what}{hint}")
-        blocks.append(matrix)
-        if has_label:
-            class_blocks.append(label_classes(table.column(label_column), normal_label))
-        else:
-            class_blocks.append(np.full(len(matrix), NORMAL, dtype=np.int8))
-    features = np.concatenate(blocks)
+        # A chunk at a time, so that a sample of a set larger than memory holds only the sample and one chunk.
+        for table in open_parquet(path, streaming=True).iter_batches(batch_size=DEFAULT_CHUNK_ROWS, columns=columns):
+            matrix = feature_matrix(table, names, dtype=np.float64)
+            bad = np.isinf(matrix) if missing_values == FILL_MISSING else ~np.isfinite(matrix)
+            if bad.any():
+                column = names[int(np.argmax(bad.any(axis=0)))]
+                what = "infinite values" if missing_values == FILL_MISSING else "NaN, null or infinite values"
+                hint = "" if missing_values == FILL_MISSING else " (missing_values='fill' trains on rows with gaps)"
+                whole = table.num_rows == schema.num_rows
+                rows = f"{int(bad.any(axis=1).sum())} rows" + ("" if whole else f" of {table.num_rows:,} read")
+                raise TrainingDataError(f"{path}, column '{column}': {rows} hold {what}{hint}")
+            missing += np.isnan(matrix).sum(axis=0)
+            classes = (
+                label_classes(table.column(label_column), normal_label)
+                if has_label
+                else np.full(len(matrix), NORMAL, dtype=np.int8)
+            )
+            sample.add(matrix, classes)
+    features, classes = sample.rows()
     return TrainingRows(
         features=features,
-        classes=np.concatenate(class_blocks),
+        classes=classes,
         feature_names=names,
         files=files,
         fingerprint=storage.files_digest(files),
         ignored_columns=ignored_columns(open_parquet(files[0]).schema_arrow, names, label_column, exclude_columns),
-        missing_values=missing_counts(features, names),
+        missing_values={name: int(n) for name, n in zip(names, missing, strict=True) if n},
+        rows_read=sample.seen,
     )
 
 
-def missing_counts(features: np.ndarray, names: Sequence[str]) -> dict[str, int]:
-    """Return how many values of each feature are missing (NaN), for the features that have any."""
-    counts = np.isnan(features).sum(axis=0)
-    return {name: int(count) for name, count in zip(names, counts, strict=True) if count}
+class RowSample:
+    """A seeded uniform sample of at most ``limit`` rows of a stream of blocks, in stream order; every row if None.
+
+    Each row draws a random key and the rows with the smallest keys are kept (a bottom-k sample), so memory
+    holds the sample and one block, whatever the stream's length.
+    """
+
+    def __init__(self, limit: int | None, seed: int):
+        self.limit, self.rng, self.seen = limit, np.random.default_rng(seed), 0
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, features: np.ndarray, classes: np.ndarray) -> None:
+        """Offer one block of rows to the sample."""
+        order = np.arange(self.seen, self.seen + len(features))
+        self.seen += len(features)
+        keys = self.rng.random(len(features))
+        self.blocks.append((features, classes, keys, order))
+        if self.limit is not None and sum(len(b[0]) for b in self.blocks) > 2 * self.limit:
+            self.blocks = [self._kept()]
+
+    def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        features, classes, keys, order = (np.concatenate(part) for part in zip(*self.blocks, strict=True))
+        if self.limit is not None and len(keys) > self.limit:
+            keep = np.sort(np.argpartition(keys, self.limit)[: self.limit])
+            features, classes, keys, order = features[keep], classes[keep], keys[keep], order[keep]
+        return features, classes, keys, order
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the sampled features and label classes, in the order they were read."""
+        features, classes, _, _ = self._kept()
+        return features, classes
 
 
 def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:

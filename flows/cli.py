@@ -157,7 +157,8 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "retrain": (
         "model_version", "promoted", "promotion_refused", "promotion_warnings", "promote_command", "current_model",
         "preset", "threshold", "percentile", "threshold_warning", "threshold_scheme", "validation_rows",
-        "training_rows", "holdout_anomalies", "ignored_columns", "missing_values_filled",
+        "training_rows", "holdout_anomalies", "training_rows_read",
+        "training_rows_sampled", "ignored_columns", "missing_values_filled",
         "label_history", "epochs_run", "fit_seconds",
         "holdout_recall", "holdout_roc_auc", "model_dir", "report",
     ),

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from data import storage
 from data.locks import retraining_lock
-from data.parquet import FILL_MISSING, LabelRule, MissingValues
+from data.parquet import DEFAULT_MAX_TRAINING_ROWS, FILL_MISSING, LabelRule, MissingValues, TrainingInput
 from data.workspace import Workspace, default_workspace
 from models.bundle import current_version, discarded_on_failure, new_version, promote_command, staging_dir
 from models.config import PresetName, resolve_preset
@@ -43,6 +43,9 @@ def retrain_flow(
     normal_label: Annotated[str, Field(json_schema_extra={"title": "Normal label value"})] = "0",
     all_rows_normal: Annotated[bool, Field(json_schema_extra={"title": "All rows are normal"})] = False,
     missing_values: Annotated[MissingValues, Field(json_schema_extra={"title": "Missing values"})] = FILL_MISSING,
+    max_training_rows: Annotated[
+        int, Field(ge=1000, json_schema_extra={"title": "Most training rows read"})
+    ] = DEFAULT_MAX_TRAINING_ROWS,
     holdout_fraction: Annotated[float, Field(gt=0, lt=1, json_schema_extra={"title": "Hold-out fraction"})] = 0.2,
     epochs: Annotated[
         Annotated[int, Field(ge=1, le=10_000)] | None, Field(json_schema_extra={"title": "Epochs"})
@@ -81,6 +84,8 @@ def retrain_flow(
         missing_values: 'fill': a missing (null or NaN) feature value is filled in inside the model, which also
             sees that it is missing, so the row is trained on and, at night, scored; 'quarantine': training
             refuses such rows and scoring quarantines them.
+        max_training_rows: Training files holding more rows than this are read as a seeded uniform sample of
+            this many rows (labelled anomalies and hold-out included), streamed, so memory holds only the sample.
         holdout_fraction: Share of normal rows held out from training to fix the threshold.
         epochs: Override the preset's maximum number of epochs.
         batch_size: Override the preset's training batch size.
@@ -126,7 +131,7 @@ def retrain_flow(
                 holdout_fraction=holdout_fraction,
                 percentile=percentile,
                 seed=config.seed,
-                missing_values=missing_values,
+                reading=TrainingInput(missing_values=missing_values, max_rows=max_training_rows),
                 label_history=confirmed.path if confirmed else None,
             )
             # With labelled anomalies held out, the candidate recipe that ranks them best; then train it.

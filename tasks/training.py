@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import storage
-from data.parquet import FILL_MISSING, LabelRule, MissingValues
+from data.parquet import LabelRule, TrainingInput
 from models import bundle
 from models.config import AutoencoderConfig
 from models.training import label_history, promotion, retraining
@@ -61,14 +61,16 @@ def split_training_data(
     holdout_fraction: float,
     percentile: float,
     seed: int,
-    missing_values: MissingValues = FILL_MISSING,
+    reading: TrainingInput,
     label_history: str | None = None,
 ) -> TrainingSplit:
     """Keep normal rows and hold out a seeded share of them for the threshold."""
     split = retraining.split_training_data(
-        source, Path(staging), labels, holdout_fraction, percentile, seed, missing_values, label_history
+        source, Path(staging), labels, holdout_fraction, percentile, seed, reading, label_history
     )
     logger = get_run_logger()
+    if split.rows_read > split.rows_total:
+        logger.info("Training rows: a seeded sample of %d of the %d rows read", split.rows_total, split.rows_read)
     unsupported = {name: why for name, why in split.ignored_columns.items() if why.startswith("unsupported")}
     if unsupported:
         logger.warning("Columns left out of the features: %s", unsupported)

@@ -59,7 +59,7 @@ def write_rows(table: pa.Table, path: Path, row_group_size: int | None = None) -
 @pytest.fixture(scope="session")
 def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace holding a small promoted model trained with the plain functions (no Prefect)."""
-    from data.parquet import LabelRule
+    from data.parquet import LabelRule, TrainingInput
     from models import bundle
     from models.config import resolve_preset
     from models.training import retraining
@@ -75,7 +75,13 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Trained to quarantine missing values, so that the bad-input tests scoring with it hold rows with gaps
     # to that rule; models that fill them in are tested on their own.
     split = retraining.split_training_data(
-        str(root / "training"), staging, LabelRule("label", "0", False), 0.2, 98.0, config.seed, "quarantine"
+        str(root / "training"),
+        staging,
+        LabelRule("label", "0", False),
+        0.2,
+        98.0,
+        config.seed,
+        TrainingInput("quarantine"),
     )
     history = retraining.train_model(split.train_path, split.feature_names, config, staging)
     errors = retraining.compute_holdout_errors(staging, split, history.config)

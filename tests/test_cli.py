@@ -52,14 +52,25 @@ def _plain_type(annotation):
     return (list, value_type(typing.get_args(kind)[0])) if typing.get_origin(kind) is list else kind
 
 
+# Flow parameters without a default are options the command requires.
+REQUIRED_OPTIONS = {"backfill": {"--start-date": "2026-11-01", "--end-date": "2026-11-03"}}
+
+
 @pytest.mark.parametrize("command", sorted(FLOW_COMMANDS))
 def test_every_flow_parameter_is_an_option_defaulting_to_the_flow_default(command):
     spec = FLOW_COMMANDS[command]
     function = getattr(importlib.import_module(spec.module), spec.function).fn
     signature = inspect.signature(function)
     hints = typing.get_type_hints(function, include_extras=True)
-    parsed = build_parser().parse_args([command])
-    assert spec.arguments(parsed) == {name: p.default for name, p in signature.parameters.items()}
+    required = REQUIRED_OPTIONS.get(command, {})
+    parsed = build_parser().parse_args([command, *(word for option in required.items() for word in option)])
+    arguments = spec.arguments(parsed)
+    assert arguments.keys() == signature.parameters.keys()
+    for name, parameter in signature.parameters.items():
+        if parameter.default is inspect.Parameter.empty:
+            assert str(arguments[name]) == required[f"--{name.replace('_', '-')}"], name
+        else:
+            assert arguments[name] == parameter.default, name
     documented = docstring_args(function.__doc__)
     for read in spec.parameters():
         assert _plain_type(read.annotation) == _plain_type(hints[read.name]), read.name

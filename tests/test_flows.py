@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -200,6 +201,7 @@ def test_retraining_on_a_few_hundred_rows_trains_on_all_of_them_and_says_how_uns
     outcome = retrain_flow(workspace=str(root), training_data=str(small), promote=False)
     assert outcome["ignored_columns"] == {"row_id": "identifier", "label": "label"}
     assert outcome["missing_values_filled"] == {}
+    assert (outcome["training_rows_read"], outcome["training_rows_sampled"]) == (300, None)
     # A 20% hold-out would fix the threshold on 60 rows and train on 240: cross-fitting uses all 300 for both.
     assert (outcome["training_rows"], outcome["validation_rows"], outcome["threshold_scheme"]) == (
         300,
@@ -223,6 +225,21 @@ def test_retraining_on_a_few_hundred_rows_trains_on_all_of_them_and_says_how_uns
         == outcome["threshold_warning"]
     )
     assert outcome["threshold_warning"] in (version_dir / "report" / "training-report.md").read_text()
+
+
+def test_retraining_with_max_training_rows_trains_on_a_seeded_sample_and_says_of_how_many(retrained, tmp_path):
+    from flows.retrain import retrain_flow
+
+    base, _, _ = retrained
+    root = tmp_path / "ws"
+    shutil.copytree(base, root)
+    outcome = retrain_flow(workspace=str(root), max_training_rows=2000, promote=False, epochs=2, seed=7)
+    assert (outcome["training_rows_read"], outcome["training_rows_sampled"]) == (10_000, 2000)
+    # 2,000 rows cross-fit: every sampled normal row trains and fixes the threshold, beside the sampled anomalies.
+    assert outcome["threshold_scheme"] == "cross_fit"
+    assert outcome["training_rows"] == outcome["validation_rows"] == 2000 - outcome["holdout_anomalies"]
+    report = json.loads(Path(outcome["report_json"]).read_text())
+    assert (report["training"]["rows_read"], report["training"]["rows_total"]) == (10_000, 2000)
 
 
 def test_retraining_with_label_history_trains_on_rows_labels_confirm_normal(retrained, tmp_path):

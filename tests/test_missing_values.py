@@ -12,7 +12,7 @@ import pytest
 
 from data.errors import TrainingDataError
 from data.outputs import batch_outputs
-from data.parquet import LabelRule
+from data.parquet import LabelRule, TrainingInput
 from data.workspace import Workspace
 from models import bundle
 from models.config import resolve_preset
@@ -125,7 +125,7 @@ def test_quarantine_mode_refuses_training_rows_with_gaps_and_names_file_and_colu
         TrainingDataError, match=r"t.parquet, column 'f4': \d+ rows hold NaN, null or infinite values"
     ):
         retraining.split_training_data(
-            str(source), tmp_path / "staging", LabelRule("label", "0"), 0.2, 98.0, 0, "quarantine"
+            str(source), tmp_path / "staging", LabelRule("label", "0"), 0.2, 98.0, 0, TrainingInput("quarantine")
         )
 
 

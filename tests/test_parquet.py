@@ -106,6 +106,25 @@ def test_read_training_rows_splits_normal_and_requires_label(tmp_path):
     )
 
 
+def test_max_rows_keeps_a_seeded_uniform_sample_across_files_with_labels_aligned(tmp_path):
+    for k in range(5):
+        # f0 holds the file and its label: 10 * file + label, so alignment and spread can be read back.
+        table = make_rows(2000, seed=k, anomaly_share=0.1)
+        labels = table.column("label").to_numpy()
+        write_rows(table.set_column(1, "f0", pa.array(10.0 * k + labels)), tmp_path / f"part-{k}.parquet")
+    every = read_training_rows(tmp_path, "label", "0")
+    assert every.features.shape == (10_000, len(FEATURES)) and every.rows_read == 10_000
+    sample = read_training_rows(tmp_path, "label", "0", max_rows=1000, seed=3)
+    assert sample.features.shape == (1000, len(FEATURES)) and sample.rows_read == 10_000
+    assert ((sample.features[:, 0] % 10 == 1) == (sample.classes != NORMAL)).all()
+    per_file = np.bincount((sample.features[:, 0] // 10).astype(int), minlength=5)
+    assert (abs(per_file - 200) < 60).all(), per_file
+    again = read_training_rows(tmp_path, "label", "0", max_rows=1000, seed=3)
+    other = read_training_rows(tmp_path, "label", "0", max_rows=1000, seed=4)
+    assert (again.features == sample.features).all() and not (other.features == sample.features).all()
+    assert read_training_rows(tmp_path, "label", "0", max_rows=20_000).features.shape[0] == 10_000
+
+
 def test_columns_that_are_not_features_are_named_with_why(tmp_path):
     table = make_rows(50, 0).append_column("session", pa.array([f"s-{i}" for i in range(50)]))
     table = table.append_column("currency", pa.array(["EUR", "USD"] * 25))
@@ -147,7 +166,9 @@ def test_read_training_rows_refuses_missing_values_and_empty_source(tmp_path):
     values = table.column("f2").to_numpy().copy()
     values[3] = np.nan
     path = write_rows(table.set_column(3, "f2", pa.array(values)), tmp_path / "nan.parquet")
+    # Refused where missing values are to be quarantined; by default they are kept for the model to fill in.
     with pytest.raises(TrainingDataError, match=r"nan.parquet, column 'f2': 1 rows hold NaN"):
-        read_training_rows(path, "label", "0")
+        read_training_rows(path, "label", "0", missing_values="quarantine")
+    assert read_training_rows(path, "label", "0").missing_values == {"f2": 1}
     with pytest.raises(TrainingDataError, match="no .parquet files"):
         read_training_rows(tmp_path / "missing", "label", "0")

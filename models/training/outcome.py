@@ -57,6 +57,9 @@ class RetrainingRun:
             "percentile": trained.threshold.percentile,
             "threshold_warning": trained.threshold.warning,
             "training_rows": split.rows_train,
+            # Above max_training_rows, rows_total is a sample of the rows_read the files hold.
+            "training_rows_read": split.rows_read,
+            "training_rows_sampled": split.rows_total if split.rows_read > split.rows_total else None,
             "validation_rows": split.rows_threshold,
             "threshold_scheme": split.scheme,
             "holdout_anomalies": split.rows_holdout_anomalies,

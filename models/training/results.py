@@ -13,7 +13,7 @@ from models.config import AutoencoderConfig
 SPLIT_FIGURES = (
     "scheme", "folds", "rows_total", "rows_train", "rows_holdout_normal", "rows_threshold", "rows_holdout_anomalies",
     "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies", "fingerprint", "ignored_columns",
-    "missing_values", "missing_counts",
+    "missing_values", "missing_counts", "rows_read",
 )  # fmt: skip
 
 
@@ -66,6 +66,8 @@ class TrainingSplit:
     # of each feature's training values were missing.
     missing_values: str = "fill"
     missing_counts: dict[str, int] = field(default_factory=dict)
+    # How many rows the training files hold; above max_training_rows, rows_total of them were sampled.
+    rows_read: int = 0
 
     def figures(self) -> dict[str, Any]:
         """Return the scheme and row counts the training report records."""

@@ -17,14 +17,12 @@ from data import storage
 from data.errors import TrainingDataError
 from data.parquet import (
     ANOMALY,
-    FILL_MISSING,
     NORMAL,
     UNLABELLED,
     LabelRule,
-    MissingValues,
+    TrainingInput,
     TrainingRows,
     feature_matrix,
-    missing_counts,
     read_holdout_errors,
     read_training_rows,
 )
@@ -108,7 +106,7 @@ def split_training_data(
     holdout_fraction: float,
     percentile: float,
     seed: int,
-    missing_values: MissingValues = FILL_MISSING,
+    reading: TrainingInput | None = None,
     label_history: str | None = None,
 ) -> TrainingSplit:
     """Keep normal rows, decide how the threshold is fixed, and write the splits as Parquet in ``staging``.
@@ -122,25 +120,35 @@ def split_training_data(
     label): its normal rows join the training data, its anomalies the held-out anomalies.
     """
     check_percentile(percentile)
+    reading = reading or TrainingInput()
     label_column, normal_label = labels.column, labels.normal
     rows = read_training_rows(
-        source, label_column, normal_label, labels.all_rows_normal, missing_values=missing_values
+        source,
+        label_column,
+        normal_label,
+        labels.all_rows_normal,
+        missing_values=reading.missing_values,
+        max_rows=reading.max_rows,
+        seed=seed,
     )
     history_normal = history_anomalies = 0
     if label_history:
         history = read_training_rows(label_history, label_column, normal_label, False, rows.feature_names)
-        features = np.concatenate([rows.features, history.features])
         history_normal = int(np.count_nonzero(history.classes == NORMAL))
         history_anomalies = int(np.count_nonzero(history.classes == ANOMALY))
         files = rows.files + history.files
         rows = TrainingRows(
-            features,
+            np.concatenate([rows.features, history.features]),
             np.concatenate([rows.classes, history.classes]),
             rows.feature_names,
             files,
             storage.files_digest(files),
             rows.ignored_columns,
-            missing_counts(features, rows.feature_names),
+            {
+                name: rows.missing_values.get(name, 0) + history.missing_values.get(name, 0)
+                for name in {**rows.missing_values, **history.missing_values}
+            },
+            rows.rows_read + history.rows_read,
         )
     # Rows whose label is null or NaN are neither normal nor anomalous: they are counted and left out.
     normal = rows.features[rows.classes == NORMAL]
@@ -192,8 +200,9 @@ def split_training_data(
         source_files=[str(f) for f in rows.files],
         fingerprint=rows.fingerprint,
         ignored_columns=rows.ignored_columns,
-        missing_values=missing_values,
+        missing_values=reading.missing_values,
         missing_counts=rows.missing_values,
+        rows_read=rows.rows_read,
     )
 
 
@@ -547,8 +556,8 @@ def write_bundle(staging: Path, trained: TrainedModel) -> Path:
 
 
 BUNDLE_ROW_COUNTS = (
-    "rows_total", "rows_train", "rows_holdout_normal", "rows_threshold", "rows_holdout_anomalies", "rows_unlabelled",
-    "rows_label_history_normal", "rows_label_history_anomalies",
+    "rows_read", "rows_total", "rows_train", "rows_holdout_normal", "rows_threshold", "rows_holdout_anomalies",
+    "rows_unlabelled", "rows_label_history_normal", "rows_label_history_anomalies",
 )  # fmt: skip
 
 
@@ -600,6 +609,7 @@ def write_training_report(staging: Path, trained: TrainedModel) -> TrainingRepor
             "threshold fixed on": _threshold_rows_text(split),
             "held-out labelled anomalies": split.rows_holdout_anomalies,
             "rows without a label (left out)": split.rows_unlabelled,
+            "rows read (a seeded sample of max_training_rows is kept when more)": split.rows_read,
             "columns that are not features": _by_column_text(split.ignored_columns),
             "missing values filled in (by feature)": _by_column_text(split.missing_counts),
             "normal rows of past nights confirmed by labels (in the splits above)": split.rows_label_history_normal,

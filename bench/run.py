@@ -525,9 +525,8 @@ def retraining_memory(
                 distribution=rows_like,
             )
         command = [sys.executable, "-m", "bench.memory_probe", str(root), "--run-date", "2000-01-01"]
-        done = subprocess.run(
-            [*command, "--retrain-max-rows", str(max_rows)], capture_output=True, text=True, check=True
-        )
+        command += ["--retrain-max-rows", str(max_rows)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
         out[str(n_rows)] = json.loads(done.stdout.strip().splitlines()[-1])
         log(f"retraining on {n_rows:,} rows (max {max_rows:,}): peak {out[str(n_rows)]['peak_rss_mb']:.0f} MB")
         shutil.rmtree(root)

@@ -379,27 +379,26 @@ class RowSample:
 
     def __init__(self, limit: int | None, seed: int):
         self.limit, self.rng, self.seen = limit, np.random.default_rng(seed), 0
-        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def add(self, features: np.ndarray, classes: np.ndarray) -> None:
         """Offer one block of rows to the sample."""
-        order = np.arange(self.seen, self.seen + len(features))
         self.seen += len(features)
-        keys = self.rng.random(len(features))
-        self.blocks.append((features, classes, keys, order))
+        self.blocks.append((features, classes, self.rng.random(len(features))))
         if self.limit is not None and sum(len(b[0]) for b in self.blocks) > 2 * self.limit:
             self.blocks = [self._kept()]
 
-    def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        features, classes, keys, order = (np.concatenate(part) for part in zip(*self.blocks, strict=True))
+    def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        features, classes, keys = (np.concatenate(part) for part in zip(*self.blocks, strict=True))
         if self.limit is not None and len(keys) > self.limit:
+            # Sorted positions keep the rows in the order they were read.
             keep = np.sort(np.argpartition(keys, self.limit)[: self.limit])
-            features, classes, keys, order = features[keep], classes[keep], keys[keep], order[keep]
-        return features, classes, keys, order
+            features, classes, keys = features[keep], classes[keep], keys[keep]
+        return features, classes, keys
 
     def rows(self) -> tuple[np.ndarray, np.ndarray]:
         """Return the sampled features and label classes, in the order they were read."""
-        features, classes, _, _ = self._kept()
+        features, classes, _ = self._kept()
         return features, classes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -144,10 +145,7 @@ def split_training_data(
             files,
             storage.files_digest(files),
             rows.ignored_columns,
-            {
-                name: rows.missing_values.get(name, 0) + history.missing_values.get(name, 0)
-                for name in {**rows.missing_values, **history.missing_values}
-            },
+            dict(Counter(rows.missing_values) + Counter(history.missing_values)),
             rows.rows_read + history.rows_read,
         )
     # Rows whose label is null or NaN are neither normal nor anomalous: they are counted and left out.

@@ -7,38 +7,18 @@ own embedded Prefect server, as a user runs them by hand; wall times side by sid
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
+from bench.commands import run_anomaly
 from bench.datasets import write_large_batch
 from data.workspace import Workspace
 
 FIRST_DATE = dt.date(2001, 1, 1)
 DATES = 5
-
-
-def _anomaly(*args: str) -> dict[str, Any]:
-    """Run one ``anomaly`` command in a new process with a Prefect home of its own; return its JSON line."""
-    env = {
-        **os.environ,
-        "PREFECT_HOME": tempfile.mkdtemp(prefix="bench-backfill-"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        raise RuntimeError(f"anomaly {' '.join(args)} failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def backfill(workspace: Workspace, rows_per_date: int, rows_like: tuple[np.ndarray, np.ndarray], log) -> dict[str, Any]:
@@ -54,7 +34,7 @@ def backfill(workspace: Workspace, rows_per_date: int, rows_like: tuple[np.ndarr
             write_large_batch(night, rows_per_date, len(rows_like[0]), seed=100 + k, distribution=rows_like)
         copies[way] = root
     started = time.perf_counter()
-    line = _anomaly(
+    line = run_anomaly(
         "backfill",
         "--start-date",
         dates[0].isoformat(),
@@ -67,7 +47,8 @@ def backfill(workspace: Workspace, rows_per_date: int, rows_like: tuple[np.ndarr
     started = time.perf_counter()
     where = str(copies["single_dates"])
     singles = [
-        _anomaly("score", "--run-date", day.isoformat(), "--catch-up-days", "0", "--workspace", where) for day in dates
+        run_anomaly("score", "--run-date", day.isoformat(), "--catch-up-days", "0", "--workspace", where)
+        for day in dates
     ]
     single_seconds = time.perf_counter() - started
     rows = sum(s["rows_scored"] for s in singles)

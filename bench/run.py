@@ -801,6 +801,14 @@ def render_table(results: dict[str, Any]) -> str:
             f"| backfill of {b['dates']} dates of {b['rows_per_date']:,} rows / {b['dates']} `anomaly score` commands "
             f"({b['backfill_seconds']:.1f} s / {b['single_date_runs_seconds']:.1f} s) | {b['ratio']:.2f} | <= 0.6 |"
         )
+    if "small_files" in results:
+        for pair, bar in (("small_night", "<= 2"), ("large_night", "<= 1.5")):
+            many, few = results["small_files"][pair]["many"], results["small_files"][pair]["few"]
+            lines.append(
+                f"| {many['files']:,} files x {many['rows_per_file']:,} rows / {few['files']:,} file(s) x "
+                f"{few['rows_per_file']:,} rows, scored ({many['seconds']:.1f} s / {few['seconds']:.1f} s) "
+                f"| {results['small_files'][pair]['ratio']:.2f} | {bar} |"
+            )
     if "throughput" in results:
         t = results["throughput"]
         lines.append(
@@ -923,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
             "small",
             "missing",
             "backfill",
+            "small_files",
             "throughput",
             "dask",
             "prefect",
@@ -984,6 +993,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.backfill import backfill
 
             results["backfill"] = backfill(workspace, 20_000 if args.quick else 200_000, rows_like, log)
+        if "small_files" not in args.skip:
+            from bench.small_files import small_files
+
+            small, large = (20_000, 200_000) if args.quick else (200_000, 2_000_000)
+            results["small_files"] = small_files(workspace, rows_like, log, small_rows=small, large_rows=large)
         if "throughput" not in args.skip:
             results["throughput"] = throughput(workspace, 200_000 if args.quick else 2_000_000, rows_like, log)
         if "dask" not in args.skip:

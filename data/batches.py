@@ -110,6 +110,11 @@ def already_scored(workspace: Workspace, run_date: dt.date, batch: Batch, model_
     return record.get("content_sha256") == storage.content_hash(batch.path)
 
 
+def scored_already(workspace: Workspace, run_date: dt.date, found: Sequence[Batch], model_version: str) -> list[Batch]:
+    """Return the batches of ``found`` that ``model_version`` scored as they are now."""
+    return [batch for batch in found if already_scored(workspace, run_date, batch, model_version)]
+
+
 def write_record(
     workspace: Workspace,
     run_date: dt.date,

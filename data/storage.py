@@ -322,6 +322,16 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno is not None and error.errno not in PERMANENT_ERRNOS
 
 
+# How often, and how far apart, a read or write that failed with a transient error is tried again.
+TRANSIENT_RETRIES = 2
+TRANSIENT_RETRY_DELAY_S = 2
+
+
+def worth_retrying(error: BaseException) -> bool:
+    """Return True for an error a retry may cure: one marked transient, or a transient OS error."""
+    return bool(getattr(error, "transient", False)) or is_transient(error)
+
+
 # Writing: a temporary beside the target (renamed into place) or in the spool (uploaded once) when complete
 
 

@@ -6,9 +6,9 @@ On Dask they go out in units of row groups, with the retries Dask's lost workers
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from distributed import KilledWorker
 from prefect import get_run_logger
@@ -21,8 +21,18 @@ from prefect_dask import DaskTaskRunner
 from prefect_dask.task_runners import PrefectDaskFuture
 
 from data.batches import Batch
+from models.scoring.batch import BatchResult, describe_failure
+from models.scoring.groups import Work, WorkGroup
 from models.scoring.streaming import ScoringOptions
-from tasks.scoring import discard_units, merge_units, plan_units, remove_stale_temporaries, score_batch, score_unit
+from tasks.scoring import (
+    discard_units,
+    merge_units,
+    plan_groups,
+    plan_units,
+    remove_stale_temporaries,
+    score_group,
+    score_unit,
+)
 
 DASK_ADDRESS_ENV = "ANOMALY_DASK_ADDRESS"
 
@@ -45,30 +55,40 @@ def task_runner(dask_address: str | None, dask_workers: int, threads_per_worker:
     return ThreadPoolTaskRunner(max_workers=1)
 
 
-Work = list[tuple[dt.date, Batch]]
+Outcome = BatchResult | dict[str, Any] | State
+"""How a file ended in the task runner: its result, why it failed, or the final state of the task that failed."""
 
 
-def score_whole_files(runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions) -> list[State]:
-    """Score each batch as one task, in this process."""
+def score_groups(
+    runner: TaskRunner, root: str, work: Work, planned: list[WorkGroup], version: str, options: ScoringOptions
+) -> dict[int, Outcome]:
+    """Score each group of files as one task; return each file's outcome by its position in ``work``."""
     futures = [
-        runner.submit(
-            score_batch,
-            parameters={
-                "workspace_root": root,
-                "run_date": date,
-                "batch": batch,
-                "model_version": version,
-                "options": options,
-            },
+        (
+            group,
+            runner.submit(
+                score_group,
+                parameters={
+                    "workspace_root": root,
+                    "items": [work[i] for i in group.positions],
+                    "model_version": version,
+                    "options": options,
+                },
+            ),
         )
-        for date, batch in work
+        for group in planned
     ]
-    return [_settled(f) for f in futures]
+    outcomes: dict[int, Outcome] = {}
+    for group, future in futures:
+        state = _settled(future)
+        ends = state.result() if state.is_completed() else [state] * len(group.positions)
+        outcomes.update(zip(group.positions, ends, strict=True))
+    return outcomes
 
 
 def score_in_units(
     runner: TaskRunner, root: str, work: Work, version: str, options: ScoringOptions, rows_per_unit: int
-) -> list[State]:
+) -> list[Outcome]:
     """Score each batch as units of row groups on Dask, then merge each batch's units in order."""
     logger = get_run_logger()
     # Planning reads only file metadata: it runs here, and the workers hash the files as they finish them.
@@ -84,14 +104,12 @@ def score_in_units(
             # A file small enough for one unit is scored straight into its outputs, with nothing to join.
             pending.append(
                 runner.submit(
-                    score_batch,
+                    score_group,
                     parameters={
                         "workspace_root": root,
-                        "run_date": date,
-                        "batch": batch,
+                        "items": [(date, batch)],
                         "model_version": version,
                         "options": options,
-                        "before": plan.result().before,
                     },
                 )
             )
@@ -137,13 +155,19 @@ def score_in_units(
                 },
             )
         )
-    states = []
+    outcomes: list[Outcome] = []
     for (date, batch), futures, merge in zip(work, pending, merges, strict=True):
-        states.append(merge if isinstance(merge, State) else _settled(merge))
+        state = merge if isinstance(merge, State) else _settled(merge)
         if isinstance(futures, list):
             # Only once the merge's final state is here: until then Dask may run it again, from the parts.
             discard_units(root, date, batch)
-    return states
+        if not state.is_completed():
+            outcomes.append(state)
+        elif isinstance(futures, list):
+            outcomes.append(state.result())
+        else:
+            outcomes.append(state.result()[0])  # a file of one unit, scored as a group of one
+    return outcomes
 
 
 def retry_alone_after_killed_workers(
@@ -153,22 +177,24 @@ def retry_alone_after_killed_workers(
     version: str,
     options: ScoringOptions,
     rows_per_unit: int,
-    states: list[State],
-) -> list[State]:
+    outcomes: list[Outcome],
+) -> list[Outcome]:
     """Score once more, each on its own, the files whose tasks Dask gave up on after losing workers.
 
-    Dask blames every task a dying worker held, so a file that merely shared workers with one that
-    kills them fails with KilledWorker too. Alone, only a file that kills workers itself fails again.
+    Dask blames every task a dying worker held, so a file that merely shared workers (or a group) with
+    one that kills them fails with KilledWorker too. Alone, only a file that kills workers itself fails again.
     """
     suspects = [
-        i for i, state in enumerate(states) if not state.is_completed() and isinstance(failure(state), KilledWorker)
+        i
+        for i, outcome in enumerate(outcomes)
+        if isinstance(outcome, State) and not outcome.is_completed() and isinstance(failure(outcome), KilledWorker)
     ]
     if len(work) == 1 or not suspects:
-        return states
+        return outcomes
     get_run_logger().warning(
         "Dask lost workers while scoring %s; scoring each of them again on its own", [work[i][1].name for i in suspects]
     )
-    retried = list(states)
+    retried = list(outcomes)
     for i in suspects:
         retried[i] = score_in_units(runner, root, [work[i]], version, options, rows_per_unit)[0]
     return retried
@@ -236,21 +262,33 @@ def score_work(
     dask_workers: int,
     threads_per_worker: int,
     rows_per_unit: int,
-) -> list[State]:
-    """Score every (date, batch) of ``work`` and return each one's final task state, in order.
+) -> list[BatchResult | dict[str, Any]]:
+    """Score every (date, batch) of ``work``; return, in order, each one's result or why it failed.
 
-    A failed batch does not stop the others.
+    Small files are scored in groups of about ``rows_per_unit`` rows, one task each; on Dask a larger
+    file is split into units of row groups. A failed batch does not stop the others.
     """
     # Read when the run starts, not when the flow is deployed, so that the worker's environment decides.
     dask_address = dask_address or os.environ.get(DASK_ADDRESS_ENV) or None
     distributed = bool(dask_address or dask_workers)
     with api_shared_with_workers(distributed), task_runner(dask_address, dask_workers, threads_per_worker) as runner:
-        if not distributed:
-            return score_whole_files(runner, root, work, version, options)
-        states = score_in_units(runner, root, work, version, options, rows_per_unit)
-        states = retry_alone_after_killed_workers(runner, root, work, version, options, rows_per_unit, states)
-    # The cluster's client is closed, so no unit runs again for this run: sweep what a unit
-    # recomputed after a worker died may have rewritten once its batch was merged.
-    for day in sorted({d for d, _ in work}):
-        remove_stale_temporaries(root, day)
-    return states
+        planned = plan_groups(work=work, rows_per_unit=rows_per_unit)
+        large = [g.positions[0] for g in planned if distributed and g.is_large_file(rows_per_unit)]
+        small = [g for g in planned if not (distributed and g.is_large_file(rows_per_unit))]
+        outcomes = score_groups(runner, root, work, small, version, options)
+        large_outcomes = score_in_units(runner, root, [work[i] for i in large], version, options, rows_per_unit)
+        outcomes.update(zip(large, large_outcomes, strict=True))
+        ordered = [outcomes[i] for i in range(len(work))]
+        if distributed:
+            ordered = retry_alone_after_killed_workers(runner, root, work, version, options, rows_per_unit, ordered)
+    if distributed:
+        # The cluster's client is closed, so no unit runs again for this run: sweep what a unit
+        # recomputed after a worker died may have rewritten once its batch was merged.
+        for day in sorted({d for d, _ in work}):
+            remove_stale_temporaries(root, day)
+    return [_ended(outcome, batch) for outcome, (_, batch) in zip(ordered, work, strict=True)]
+
+
+def _ended(outcome: Outcome, batch: Batch) -> BatchResult | dict[str, Any]:
+    """Return a file's result, or why it failed; a failed task's exception becomes the failure's description."""
+    return describe_failure(failure(outcome), str(batch.path)) if isinstance(outcome, State) else outcome

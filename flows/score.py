@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import State
+from prefect.utilities.annotations import quote
 from pydantic import BeforeValidator, Field
 
 from data import storage
@@ -18,25 +18,24 @@ from data.locks import LockBusyError, scoring_lock
 from data.output_schema import MAX_REASONS
 from data.parquet import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_BAD_ROW_SHARE
 from data.workspace import Workspace, default_workspace, resolve_run_date
-from flows.fanout import Work, failure, score_work
+from flows.fanout import Work, score_work
 from flows.parameters import DEFAULT_TIMEZONE, RUN_DATE_SCHEMA, empty_means_today
 from models.monitoring.drift import with_alarm
-from models.scoring.batch import BatchResult, ModelFacts, describe_failure
+from models.scoring.batch import BatchResult, ModelFacts
 from models.scoring.run_summary import ScoringRun
 from models.scoring.streaming import ScoringOptions
 from tasks.events import emit_night_events
 from tasks.reporting import publish_report_artifacts, write_evaluation_report
 from tasks.scoring import (
-    already_scored,
+    find_already_scored,
     find_batches,
     find_late_batches,
-    record_scored_batch,
+    publish_scored_batches,
     reject_batch,
     remove_stale_temporaries,
     resolve_model_version,
     summarize_date,
     withdraw_records,
-    write_batch_report,
 )
 
 
@@ -86,7 +85,7 @@ def score_flow(
     dask_threads_per_worker: Annotated[
         int, Field(ge=1, le=256, json_schema_extra={"title": "Threads per Dask worker"})
     ] = 1,
-    rows_per_unit: Annotated[int, Field(ge=10_000, json_schema_extra={"title": "Rows per Dask work unit"})] = 1_000_000,
+    rows_per_unit: Annotated[int, Field(ge=10_000, json_schema_extra={"title": "Rows per work unit"})] = 1_000_000,
 ) -> dict[str, Any]:
     """Score the Parquet batches of one date with the current model; write flagged rows, scores and reports.
 
@@ -115,8 +114,9 @@ def score_flow(
             0 scores in this process.
         dask_threads_per_worker: Threads of each local Dask worker
             (TensorFlow in each worker is limited to them).
-        rows_per_unit: On Dask, files are split into units of whole row groups of about this many rows,
-            so no worker holds a whole large file.
+        rows_per_unit: Rows of a work unit: small files are scored together in groups of about this many
+            rows, one task each; on Dask a larger file is split into units of whole row groups of about this
+            many rows, so no worker holds a whole large file.
     """
     logger = get_run_logger()
     date = resolve_run_date(run_date, timezone)
@@ -148,7 +148,7 @@ def score_flow(
             reason_count=reason_count,
             max_bad_row_share=max_bad_row_share,
         )
-        states = score_work(
+        outcomes = score_work(
             root=root,
             work=work,
             version=model.version,
@@ -158,7 +158,9 @@ def score_flow(
             threads_per_worker=dask_threads_per_worker,
             rows_per_unit=rows_per_unit,
         )
-        run = _publish_batches(root=root, date=date, model=model, work=work, states=states, skipped=skipped, late=late)
+        run = _publish_batches(
+            root=root, date=date, model=model, work=work, outcomes=outcomes, skipped=skipped, late=late
+        )
         summary, report_paths = _write_run_reports(ws=ws, run=run)
 
     publish_report_artifacts(
@@ -185,14 +187,15 @@ def _choose_work(
     The late files are among the pairs to score.
     """
     logger = get_run_logger()
-    work: Work = []
-    skipped = []
-    for batch in found:
-        if not force and already_scored(root, date, batch, version):
-            logger.info("%s already scored by model %s; skipped (force=True to redo)", batch.name, version)
-            skipped.append(batch.name)
-        else:
-            work.append((date, batch))
+    done = [] if force else find_already_scored(workspace_root=root, run_date=date, found=found, model_version=version)
+    if done:
+        logger.info(
+            "%d batch(es) already scored by model %s; skipped (force=True to redo): %s",
+            len(done), version, [b.name for b in done[:20]] + (["..."] if len(done) > 20 else []),
+        )
+    skipped = [batch.name for batch in done]
+    skip = set(skipped)
+    work: Work = [(date, batch) for batch in found if batch.name not in skip]
     late = [(day, batch) for day in late_dates for batch in find_late_batches(root, day)]
     if late:
         logger.info("Catching up %d late file(s) of earlier dates: %s", len(late), [f"{d}/{b.name}" for d, b in late])
@@ -200,23 +203,25 @@ def _choose_work(
 
 
 def _publish_batches(
-    root: str, date: dt.date, model: ModelFacts, work: Work, states: list[State], skipped: list[str], late: Work
+    root: str,
+    date: dt.date,
+    model: ModelFacts,
+    work: Work,
+    outcomes: list[BatchResult | dict[str, Any]],
+    skipped: list[str],
+    late: Work,
 ) -> ScoringRun:
-    """Publish each scored batch (its report, then its manifest record, last); withdraw and record each failure."""
+    """Publish the scored batches (each one's report, then its manifest record, last); withdraw and record failures."""
     logger = get_run_logger()
-    scored: list[BatchResult] = []
+    scored = [outcome for outcome in outcomes if isinstance(outcome, BatchResult)]
     failed: list[dict[str, Any]] = []
-    for (day, batch), state in zip(work, states, strict=True):
-        if not state.is_completed():
-            rejection = describe_failure(failure(state), str(batch.path))
-            logger.error("Batch %s of %s failed and is not published: %s", batch.name, day, rejection["error"])
-            reject_batch(root, day, batch, rejection)
-            failed.append({"date": day.isoformat(), "batch": batch.name, **rejection})
-            continue
-        result = state.result()
-        write_batch_report(root, result, model.version)
-        record_scored_batch(root, result, model.version)
-        scored.append(result)
+    for (day, batch), outcome in zip(work, outcomes, strict=True):
+        if not isinstance(outcome, BatchResult):
+            logger.error("Batch %s of %s failed and is not published: %s", batch.name, day, outcome["error"])
+            reject_batch(root, day, batch, outcome)
+            failed.append({"date": day.isoformat(), "batch": batch.name, **outcome})
+    # Quoted: Prefect would otherwise walk every number of every batch's summary looking for futures.
+    publish_scored_batches(workspace_root=root, results=quote(scored), model_version=model.version)
     caught_up = [{"date": d.isoformat(), "batch": b.name} for d, b in late]
     return ScoringRun(date, model.version, model.threshold, scored, skipped, failed, caught_up)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -149,6 +150,7 @@ def threshold_warning(
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def flag_rate_band(rows: int, beta_a: float, beta_b: float, level: float = BAND_LEVEL) -> tuple[float, float]:
     """Return the ``level`` band of the flag rate an all-normal batch of ``rows`` rows shows.
 
@@ -176,6 +178,16 @@ def flag_rate_band(rows: int, beta_a: float, beta_b: float, level: float = BAND_
 
     tail = (1.0 - level) / 2.0
     return (quantile(tail) / rows, quantile(1.0 - tail) / rows)
+
+
+@functools.lru_cache(maxsize=16)
+def _mixture_rates(beta_a: float, beta_b: float) -> np.ndarray:
+    """Return the Beta law's equal-probability nodes, the flag rates the band's mixture averages over."""
+    from scipy.special import betaincinv
+
+    rates = betaincinv(beta_a, beta_b, (np.arange(MIXTURE_NODES) + 0.5) / MIXTURE_NODES)
+    rates.flags.writeable = False
+    return rates
 
 
 def flag_rate_verdict(rows_flagged: int, rows: int, band: tuple[float, float]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data.storage import is_transient
+from data.storage import TRANSIENT_RETRIES, TRANSIENT_RETRY_DELAY_S, worth_retrying
 
 
 def retry_on_transient_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -12,9 +12,13 @@ def retry_on_transient_error(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except Exception as exc:
-        return bool(getattr(exc, "transient", False)) or is_transient(exc)
+        return worth_retrying(exc)
     return False
 
 
 # Task options of every task that touches files: two retries, two seconds apart, of transient errors only.
-RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_on_transient_error}
+RETRIES: dict[str, Any] = {
+    "retries": TRANSIENT_RETRIES,
+    "retry_delay_seconds": TRANSIENT_RETRY_DELAY_S,
+    "retry_condition_fn": retry_on_transient_error,
+}

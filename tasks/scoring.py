@@ -12,12 +12,11 @@ from data import batches, storage
 from data.batches import Batch
 from data.output_schema import OUTPUT_KINDS
 from data.outputs import batch_report_dir
-from data.storage import FileState
 from data.workspace import Workspace
-from models.evaluation import reports
 from models.scoring import batch as batch_scoring
-from models.scoring import run_summary, units
+from models.scoring import groups, run_summary, units
 from models.scoring.batch import BatchResult, ModelFacts
+from models.scoring.groups import WorkGroup
 from models.scoring.streaming import ScoringOptions
 from models.scoring.units import UnitPlan, UnitResult
 from tasks.common import RETRIES
@@ -50,10 +49,10 @@ def count_unscored_batches(workspace_root: str, run_date: dt.date, model_version
     return batches.unscored_batches(Workspace.at(workspace_root), run_date, model_version)
 
 
-@task(name="check-already-scored", cache_policy=NO_CACHE)
-def already_scored(workspace_root: str, run_date: dt.date, batch: Batch, model_version: str) -> bool:
-    """Return True if the batch was scored by this model and has not changed since."""
-    return batches.already_scored(Workspace.at(workspace_root), run_date, batch, model_version)
+@task(name="find-already-scored", cache_policy=NO_CACHE, **RETRIES)
+def find_already_scored(workspace_root: str, run_date: dt.date, found: list[Batch], model_version: str) -> list[Batch]:
+    """Return the batches the model already scored and that have not changed since."""
+    return batches.scored_already(Workspace.at(workspace_root), run_date, found, model_version)
 
 
 @task(name="withdraw-records", cache_policy=NO_CACHE, **RETRIES)
@@ -63,43 +62,37 @@ def withdraw_records(workspace_root: str, work: list[tuple[dt.date, Batch]]) -> 
     return sum(batches.withdraw_record(workspace, date, batch.name) for date, batch in work)
 
 
-@task(name="score-batch", cache_policy=NO_CACHE, **RETRIES)
-def score_batch(
-    workspace_root: str,
-    run_date: dt.date,
-    batch: Batch,
-    model_version: str,
-    options: ScoringOptions,
-    before: FileState | None = None,
-) -> BatchResult:
-    """Score one batch file; publish its flagged rows (with their reasons), scores and quarantined rows."""
-    result = batch_scoring.score_batch(workspace_root, run_date, batch, model_version, options, before=before)
+@task(name="plan-groups", cache_policy=NO_CACHE, **RETRIES)
+def plan_groups(work: list[tuple[dt.date, Batch]], rows_per_unit: int) -> list[WorkGroup]:
+    """Group the run's files into work units of about ``rows_per_unit`` rows, so small files share a task."""
+    planned = groups.group_work(work, rows_per_unit)
+    get_run_logger().info("%d file(s) in %d work unit(s) of at most %d rows", len(work), len(planned), rows_per_unit)
+    return planned
+
+
+@task(name="score-group", cache_policy=NO_CACHE, **RETRIES)
+def score_group(
+    workspace_root: str, items: list[tuple[dt.date, Batch]], model_version: str, options: ScoringOptions
+) -> list[BatchResult | dict[str, Any]]:
+    """Score a work unit's files one by one; publish each one's flagged rows (with reasons), scores and quarantine."""
+    outcomes = groups.score_group(workspace_root, items, model_version, options)
+    scored = [o for o in outcomes if isinstance(o, BatchResult)]
     get_run_logger().info(
-        "Batch %s: %d rows scored, %d flagged (%.2f%%), %d quarantined",
-        batch.name, result.rows_scored, result.rows_flagged, 100 * result.summary["flag_rate"], result.rows_quarantined,
+        "%d file(s): %d scored (%d rows, %d flagged, %d quarantined), %d failed",
+        len(items),
+        len(scored),
+        sum(r.rows_scored for r in scored),
+        sum(r.rows_flagged for r in scored),
+        sum(r.rows_quarantined for r in scored),
+        len(outcomes) - len(scored),
     )
-    return result
+    return outcomes
 
 
-@task(name="write-batch-report", cache_policy=NO_CACHE, **RETRIES)
-def write_batch_report(workspace_root: str, result: BatchResult, model_version: str) -> dict[str, str]:
-    """Write a scored batch's evaluation report (JSON, Markdown, PNG)."""
-    folder = batch_report_dir(Workspace.at(workspace_root), result.run_date)
-    context = {
-        "batch": result.batch,
-        "source": result.source,
-        "model_version": model_version,
-        "date": result.run_date.isoformat(),
-    }
-    return reports.write_evaluation_report(
-        result.summary, folder, result.batch, f"Batch {result.batch} ({result.run_date})", context
-    )
-
-
-@task(name="record-scored-batch", cache_policy=NO_CACHE, **RETRIES)
-def record_scored_batch(workspace_root: str, result: BatchResult, model_version: str) -> str:
-    """Publish the batch by adding it to the manifest; only after its outputs and report are in place."""
-    return str(batch_scoring.record_scored_batch(workspace_root, result, model_version))
+@task(name="publish-scored-batches", cache_policy=NO_CACHE, **RETRIES)
+def publish_scored_batches(workspace_root: str, results: list[BatchResult], model_version: str) -> int:
+    """Publish the scored batches: each one's report, then its manifest record, once its outputs are in place."""
+    return len(batch_scoring.publish_scored_batches(workspace_root, results, model_version))
 
 
 @task(name="reject-batch", cache_policy=NO_CACHE, **RETRIES)

@@ -159,14 +159,14 @@ def test_a_task_that_crashes_fails_its_batch_and_the_run_still_reports(harness, 
     ws = Workspace.at(workspace_copy)
     for i in range(3):
         write_rows(make_rows(1000, 46 + i, start_id=i * 1000), ws.incoming_for(RUN_DATE) / f"p{i}.parquet")
-    real = flows.fanout.score_whole_files
+    real = flows.fanout.score_groups
 
     def second_crashes(*args, **kwargs):
-        states = real(*args, **kwargs)
-        states[1] = Crashed(message="the worker process was killed")
-        return states
+        outcomes = real(*args, **kwargs)
+        outcomes[1] = Crashed(message="the worker process was killed")
+        return outcomes
 
-    monkeypatch.setattr(flows.fanout, "score_whole_files", second_crashes)
+    monkeypatch.setattr(flows.fanout, "score_groups", second_crashes)
     with pytest.raises(BatchesFailedError, match="the worker process was killed") as caught:
         score_flow(workspace=str(workspace_copy), run_date=RUN_DATE)
     outcome = caught.value.outcome
@@ -203,7 +203,8 @@ def test_a_transient_read_error_is_retried_and_a_corrupt_file_is_not(harness, wo
     attempts = {"flaky": 0, "corrupt": 0}
 
     def open_failing_once(path, *args, **kwargs):
-        if Path(path) == flaky and failures["flaky"]:
+        # The streaming open, when the file is scored; the planning before it reads the footer only.
+        if Path(path) == flaky and kwargs.get("pre_buffer") is False and failures["flaky"]:
             failures["flaky"] -= 1
             raise OSError(errno.EIO, "Input/output error", str(path))
         return real_open(path, *args, **kwargs)

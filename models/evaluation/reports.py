@@ -281,21 +281,12 @@ def _band_text(summary: dict[str, Any]) -> str | None:
 
 
 def write_evaluation_report(
-    summary: dict[str, Any], directory: Path, stem: str, title: str, context: dict[str, Any]
+    summary: dict[str, Any], directory: Path, stem: str, title: str, context: dict[str, Any], plots: bool = True
 ) -> dict[str, str]:
-    """Write one evaluation report as JSON, Markdown and an error-histogram PNG; return their paths."""
-    png = plot_error_histogram(summary, directory / f"{stem}-error-histogram.png", title)
-    images = {"error_histogram": png.name}
+    """Write one evaluation report as JSON and Markdown, with its PNG plots unless ``plots`` is False; return paths."""
+    images = _plot_report(summary, directory, stem, title) if plots else {}
     reasons = summary.get("reasons") or {}
-    if reasons.get("rows_flagged"):
-        images["reasons"] = plot_reasons(
-            reasons, directory / f"{stem}-reasons.png", f"Why rows were flagged: {title}"
-        ).name
     drift = summary.get("drift")
-    if drift:
-        images["drift"] = plot_drift(
-            drift, directory / f"{stem}-drift.png", f"Drift against the training rows: {title}"
-        ).name
     anomaly = anomaly_class_metrics(summary)
     report = {"kind": "evaluation", **context, **summary, "anomaly_class": anomaly, "images": images}
     sections: dict[str, Any] = {
@@ -339,4 +330,21 @@ def write_evaluation_report(
             f"(PSI, {drift['rows_sampled_for_features']:,} rows sampled for the features)"
         ] = drift_table(drift)
     markdown = render_markdown(title, sections, [str(directory / name) for name in images.values()])
-    return {**write_report_files(report, markdown, directory, stem), "error_histogram": str(png)}
+    written = write_report_files(report, markdown, directory, stem)
+    return {**written, **{kind: str(directory / name) for kind, name in images.items()}}
+
+
+def _plot_report(summary: dict[str, Any], directory: Path, stem: str, title: str) -> dict[str, str]:
+    """Draw a report's error histogram, and its reasons and drift where it has them; return the images' names."""
+    images = {"error_histogram": plot_error_histogram(summary, directory / f"{stem}-error-histogram.png", title).name}
+    reasons = summary.get("reasons") or {}
+    if reasons.get("rows_flagged"):
+        images["reasons"] = plot_reasons(
+            reasons, directory / f"{stem}-reasons.png", f"Why rows were flagged: {title}"
+        ).name
+    drift = summary.get("drift")
+    if drift:
+        images["drift"] = plot_drift(
+            drift, directory / f"{stem}-drift.png", f"Drift against the training rows: {title}"
+        ).name
+    return images

@@ -16,11 +16,12 @@ from typing import Any
 from data import batches, storage
 from data.batches import Batch
 from data.errors import BatchFileError
-from data.outputs import BatchOutputs, StagedOutputs, batch_outputs, withdraw_outputs
+from data.outputs import BatchOutputs, StagedOutputs, batch_outputs, batch_report_dir, withdraw_outputs
 from data.parquet import open_parquet, read_error
 from data.storage import FileState, Fingerprint
 from data.workspace import Workspace
 from models.bundle import LoadedBundle, current_version, exceedance_beta, load_bundle
+from models.evaluation.reports import write_evaluation_report
 from models.monitoring.drift import FeatureBins
 from models.monitoring.error_summary import ErrorDistribution, summarize
 from models.monitoring.reasons import ReasonTally
@@ -227,9 +228,25 @@ def reject_batch(workspace_root: str, run_date: dt.date, batch: Batch, rejection
     return {"rejection": str(path), "withdrawn": withdrawn}
 
 
-def record_scored_batch(workspace_root: str, result: BatchResult, model_version: str) -> Path:
-    """Publish a scored batch by writing its manifest record, last."""
-    batch = Batch(result.batch, storage.as_path(result.source))
-    return batches.write_record(
-        Workspace.at(workspace_root), result.run_date, batch, model_version, result.fingerprint, result.counts()
-    )
+def publish_scored_batches(workspace_root: str, results: list[BatchResult], model_version: str) -> list[Path]:
+    """Publish each scored batch: its report (JSON and Markdown), then its manifest record, last; return the records.
+
+    The run report draws the night's plots once, so a night of many small files pays for no plot per file.
+    """
+    workspace = Workspace.at(workspace_root)
+    records = []
+    for result in results:
+        context = {
+            "batch": result.batch,
+            "source": result.source,
+            "model_version": model_version,
+            "date": result.run_date.isoformat(),
+        }
+        folder = batch_report_dir(workspace, result.run_date)
+        title = f"Batch {result.batch} ({result.run_date})"
+        write_evaluation_report(result.summary, folder, result.batch, title, context, plots=False)
+        batch = Batch(result.batch, storage.as_path(result.source))
+        records.append(
+            batches.write_record(workspace, result.run_date, batch, model_version, result.fingerprint, result.counts())
+        )
+    return records

@@ -166,7 +166,7 @@ def unscored_batches(workspace: Workspace, run_date: dt.date, model_version: str
     A batch scored and changed since counts as not scored.
     """
     found = incoming_batches(workspace, run_date)
-    return len(found), sum(not already_scored(workspace, run_date, batch, model_version) for batch in found)
+    return len(found), len(found) - len(scored_already(workspace, run_date, found, model_version))
 
 
 def awaits_scoring(workspace: Workspace, run_date: dt.date, batch: Batch) -> bool:

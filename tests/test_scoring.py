@@ -208,7 +208,7 @@ def test_a_file_that_changes_while_it_is_scored_publishes_nothing(workspace_copy
 
     monkeypatch.setattr(models.scoring.batch, "stream_batch_file", rewritten_meanwhile)
     with pytest.raises(BatchFileError, match="moving.parquet: file changed while it was scored") as caught:
-        score_batch(str(workspace_copy), RUN_DATE, Batch("moving", source), loaded.version)
+        score_batch(str(workspace_copy), RUN_DATE, Batch("moving", source), loaded)
     assert caught.value.code == "changed_during_scoring"
     assert not any(p.exists() for p in outputs.paths())
     assert not list(outputs.flagged.parent.glob(".*")), "no temporary is left behind"

@@ -161,18 +161,16 @@ def score_batch(
     workspace_root: str,
     run_date: dt.date,
     batch: Batch,
-    model_version: str,
+    bundle: LoadedBundle,
     options: ScoringOptions | None = None,
-    before: FileState | None = None,
 ) -> BatchResult:
-    """Score one whole file with a model version of the workspace and publish its outputs (not its record).
+    """Score one whole file with a loaded model of the workspace and publish its outputs (not its record).
 
-    ``before`` is the file's state when it was planned; it is taken here otherwise. The SHA-256 the
-    record keeps is taken after scoring, and holds for the bytes scored because the state is unchanged.
+    The SHA-256 the record keeps is taken after scoring, and holds for the bytes scored because the
+    file's state is unchanged since before.
     """
     workspace = Workspace.at(workspace_root)
-    bundle = load_bundle(workspace.version_dir(model_version))
-    before = before or read_state(batch.path)
+    before = read_state(batch.path)
     scored_bytes: list[Fingerprint] = []
 
     def unchanged_and_withdrawn() -> None:

@@ -16,6 +16,8 @@ from data import storage
 from data.batches import Batch
 from data.errors import BatchFileError
 from data.parquet import open_parquet
+from data.workspace import Workspace
+from models.bundle import LoadedBundle, load_bundle
 from models.scoring.batch import BatchResult, describe_failure, score_batch
 from models.scoring.streaming import ScoringOptions
 
@@ -74,19 +76,20 @@ def score_group(
 ) -> list[BatchResult | dict[str, Any]]:
     """Score and publish each file of a group in turn; return its result, or why it failed (see ``describe_failure``).
 
-    Each file fails on its own, as if scored alone: bad input at once, a transient I/O error after
-    the retries a task of its own would have had.
+    The model is loaded once for the group. Each file fails on its own, as if scored alone: bad input
+    at once, a transient I/O error after the retries a task of its own would have had.
     """
-    return [_score_with_retries(workspace_root, run_date, batch, model_version, options) for run_date, batch in items]
+    bundle = load_bundle(Workspace.at(workspace_root).version_dir(model_version))
+    return [_score_with_retries(workspace_root, run_date, batch, bundle, options) for run_date, batch in items]
 
 
 def _score_with_retries(
-    workspace_root: str, run_date: dt.date, batch: Batch, model_version: str, options: ScoringOptions
+    workspace_root: str, run_date: dt.date, batch: Batch, bundle: LoadedBundle, options: ScoringOptions
 ) -> BatchResult | dict[str, Any]:
     attempt = 0
     while True:
         try:
-            return score_batch(workspace_root, run_date, batch, model_version, options)
+            return score_batch(workspace_root, run_date, batch, bundle, options)
         except Exception as exc:  # every failure of one file is that file's rejection, as for a file scored alone
             if attempt == storage.TRANSIENT_RETRIES or not storage.worth_retrying(exc):
                 return describe_failure(exc, str(batch.path))

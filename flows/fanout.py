@@ -13,6 +13,7 @@ from typing import Any
 from distributed import KilledWorker
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.exceptions import MissingResult
 from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Failed, State
@@ -182,12 +183,15 @@ def retry_alone_after_killed_workers(
     """Score once more, each on its own, the files whose tasks Dask gave up on after losing workers.
 
     Dask blames every task a dying worker held, so a file that merely shared workers (or a group) with
-    one that kills them fails with KilledWorker too. Alone, only a file that kills workers itself fails again.
+    one that kills them fails with KilledWorker too, or loses a finished task's result with it. Alone,
+    only a file that kills workers itself fails again.
     """
     suspects = [
         i
         for i, outcome in enumerate(outcomes)
-        if isinstance(outcome, State) and not outcome.is_completed() and isinstance(failure(outcome), KilledWorker)
+        if isinstance(outcome, State)
+        and not outcome.is_completed()
+        and isinstance(failure(outcome), KilledWorker | LostResultError)
     ]
     if len(work) == 1 or not suspects:
         return outcomes
@@ -222,9 +226,20 @@ def _settled(future: PrefectFuture) -> State:
             future.wrapped_future.release()
 
 
+class LostResultError(RuntimeError):
+    """A task completed, but the Dask worker holding its result died before the flow had it."""
+
+
 def _final_state(future: PrefectFuture) -> State:
     future.wait()
     state = future.state
+    if state.is_completed():
+        try:
+            state.result()
+        except MissingResult:
+            # The state came from the API, without its data: scored again, as after a lost worker.
+            error = LostResultError(f"task run {future.task_run_id} completed, but its worker died with its result")
+            return Failed(message=str(error), data=error)
     if state.is_final():
         return state
     # The task never reported a final state: the Dask worker raised before Prefect could run it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,27 +115,34 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
         indicator = MissingIndicator(missing, name=MISSING_LAYER)(inputs)
         hidden = keras.layers.Concatenate(name="features_and_missing")([hidden, indicator])
     members = int(config.ensemble_size)
-    reconstructions = [_member(hidden, config, n_features, k, members) for k in range(members)]
+    # Each layer's initial weights get their seed from a generator of this config's own, drawn in the order Keras
+    # draws its defaults from Python's global one: other threads (Prefect's) may draw from that one between
+    # seeding and building, and the same seed must give the same weights.
+    seeds = random.Random(config.seed)
+    reconstructions = [_member(hidden, config, n_features, k, members, seeds) for k in range(members)]
     outputs = reconstructions[0] if members == 1 else keras.layers.Concatenate(name=OUTPUT_LAYER)(reconstructions)
     return keras.Model(inputs, outputs, name="autoencoder")
 
 
-def _member(scaled: object, config: AutoencoderConfig, n_features: int, k: int, members: int) -> object:
+def _member(
+    scaled: object, config: AutoencoderConfig, n_features: int, k: int, members: int, seeds: random.Random
+) -> object:
     # Members differ by their initial weights and their dropout masks; they train side by side,
     # each on its own loss term.
     suffix = f"_{k}" if members > 1 else ""
+
+    def dense(units: int, activation: str, name: str) -> keras.layers.Dense:
+        initializer = keras.initializers.GlorotUniform(seed=seeds.randint(1, int(1e9)))
+        return keras.layers.Dense(units, activation=activation, kernel_initializer=initializer, name=name)
+
     hidden = scaled
     if config.input_dropout:
         hidden = keras.layers.Dropout(config.input_dropout, seed=config.seed + k, name=f"input_dropout{suffix}")(hidden)
     for i, units in enumerate(config.encoder_units):
-        hidden = keras.layers.Dense(
-            units, activation=config.activation, name=f"encoder{suffix}_{i}" if suffix else f"encoder_{i}"
-        )(hidden)
+        hidden = dense(units, config.activation, f"encoder{suffix}_{i}" if suffix else f"encoder_{i}")(hidden)
     for i, units in enumerate(config.decoder_units):
-        hidden = keras.layers.Dense(
-            units, activation=config.activation, name=f"decoder{suffix}_{i}" if suffix else f"decoder_{i}"
-        )(hidden)
-    return keras.layers.Dense(n_features, activation=config.output_activation, name=f"{OUTPUT_LAYER}{suffix}")(hidden)
+        hidden = dense(units, config.activation, f"decoder{suffix}_{i}" if suffix else f"decoder_{i}")(hidden)
+    return dense(n_features, config.output_activation, f"{OUTPUT_LAYER}{suffix}")(hidden)
 
 
 def ensemble_members(model: keras.Model) -> int:

@@ -211,6 +211,27 @@ def test_the_same_data_and_seed_give_the_same_threshold_in_two_processes(tmp_pat
     assert values[0] == values[1]
 
 
+def test_another_thread_drawing_from_pythons_random_does_not_change_the_initial_weights(monkeypatch):
+    import random
+
+    from models import autoencoder
+    from models.runtime import keras
+
+    features = _awkward_rows(2000, seed=12)
+    config = retraining.sized_for_data(resolve_preset("default", epochs=1), features)
+    undisturbed = autoencoder.build_autoencoder(config, features).get_weights()
+    seed = keras.utils.set_random_seed
+
+    def seed_then_another_thread_draws(value):
+        seed(value)
+        random.random()  # what a thread of Prefect's (retry jitter, ids) may do at any moment
+
+    monkeypatch.setattr(keras.utils, "set_random_seed", seed_then_another_thread_draws)
+    disturbed = autoencoder.build_autoencoder(config, features).get_weights()
+    assert len(disturbed) == len(undisturbed)
+    assert all(np.array_equal(a, b) for a, b in zip(disturbed, undisturbed, strict=True))
+
+
 def test_a_small_set_trains_every_epoch_on_all_its_rows_in_few_keras_epochs():
     from models.autoencoder import build_autoencoder, passes_per_epoch, train_autoencoder
 

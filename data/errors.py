@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class AnomalyJobError(Exception):
     """Base class for every error this product raises on bad input or state."""
@@ -41,3 +43,20 @@ class BundleError(AnomalyJobError):
 
 class NoBatchesError(AnomalyJobError):
     """There is nothing to score for the requested date or paths."""
+
+
+class WorkspaceWriteError(AnomalyJobError, OSError):
+    """A file of the workspace could not be written (a full disk, a quota, an I/O error); the message names it.
+
+    It keeps the cause's errno, so the retry rule for transient errors applies to it as to the cause.
+    """
+
+    code = "write_failed"
+
+    def __init__(self, path: object, cause: OSError):
+        self.path = str(path)
+        reason = os.strerror(cause.errno) if cause.errno else str(cause) or type(cause).__name__
+        super().__init__(cause.errno, f"{self.path}: could not be written: {reason}")
+
+    def __str__(self) -> str:
+        return self.strerror

@@ -408,8 +408,25 @@ def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     return pq.read_table(source, columns=columns, filesystem=filesystem)
 
 
-def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    """Open a Parquet writer that dictionary-encodes only text columns."""
+class _NamedParquetWriter(pq.ParquetWriter):
+    """A ParquetWriter whose OS errors (a full disk) name the file being written, as pyarrow's do not."""
+
+    def __init__(self, path: Path, schema: pa.Schema, target: Path, **options: object):
+        self._target, self._path = target, path
+        with storage.naming_write_errors(target, path):
+            super().__init__(path, schema, **options)
+
+    def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        with storage.naming_write_errors(self._target, self._path):
+            super().write_table(table, row_group_size)
+
+    def close(self) -> None:
+        with storage.naming_write_errors(self._target, self._path):
+            super().close()
+
+
+def parquet_writer(path: Path, schema: pa.Schema, target: Path | None = None) -> pq.ParquetWriter:
+    """Open a Parquet writer on ``path`` (the temporary of ``target``) that dictionary-encodes only text columns."""
     # On unique floats and ids pyarrow builds a dictionary and then gives it up, which makes writing
     # scores 4x slower and the file larger.
     text = [
@@ -417,7 +434,7 @@ def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
         for f in schema
         if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)
     ]
-    return pq.ParquetWriter(path, schema, use_dictionary=text)
+    return _NamedParquetWriter(path, schema, target or path, use_dictionary=text)
 
 
 def concatenate_parquet(parts: Sequence[Path], target: Path) -> None:

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 from upath import UPath
 
-from data.errors import AnomalyJobError
+from data.errors import AnomalyJobError, WorkspaceWriteError
 
 TEMP_MARKER = ".tmp"
 SPOOL_STALE_S = 24 * 3600.0
@@ -309,8 +309,22 @@ def files_digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+# A full disk, a quota or a read-only mount does not clear up in a few seconds: the run fails, and is run
+# again once there is room.
 PERMANENT_ERRNOS = frozenset(
-    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP}
+    {
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EFBIG,
+    }
 )
 
 
@@ -335,6 +349,22 @@ def worth_retrying(error: BaseException) -> bool:
 # Writing: a temporary beside the target (renamed into place) or in the spool (uploaded once) when complete
 
 
+@contextlib.contextmanager
+def naming_write_errors(target: Location, temporary: Path | None = None) -> Iterator[None]:
+    """Turn an OS error of writing ``target`` (or its ``temporary``) into a WorkspaceWriteError that names ``target``.
+
+    Writers such as pyarrow's report a full disk without the file's name. An error that names another
+    file (a source being copied) or is already one of this product's is let through as it is.
+    """
+    try:
+        yield
+    except OSError as exc:
+        own = {str(target), str(temporary)}
+        if isinstance(exc, AnomalyJobError) or (exc.filename is not None and str(exc.filename) not in own):
+            raise
+        raise WorkspaceWriteError(target, exc) from exc
+
+
 class StagedFile:
     """A file being written under a temporary name; ``publish`` puts it in place, ``discard`` removes it.
 
@@ -353,17 +383,20 @@ class StagedFile:
                 break
             except FileExistsError:
                 continue
+            except OSError as exc:
+                raise WorkspaceWriteError(self.target, exc) from exc
 
     def publish(self) -> Path:
         """Flush the temporary to disk and rename it over the target, or upload it to the target's key."""
-        if is_remote(self.target):
-            self.target.fs.put_file(str(self.tmp), self.target.path)
-            self.tmp.unlink(missing_ok=True)
+        with naming_write_errors(self.target, self.tmp):
+            if is_remote(self.target):
+                self.target.fs.put_file(str(self.tmp), self.target.path)
+                self.tmp.unlink(missing_ok=True)
+                return self.target
+            _fsync_file(self.tmp)
+            os.replace(self.tmp, self.target)
+            _fsync_dir(self.target.parent)
             return self.target
-        _fsync_file(self.tmp)
-        os.replace(self.tmp, self.target)
-        _fsync_dir(self.target.parent)
-        return self.target
 
     def discard(self) -> None:
         """Remove the temporary; the target is left as it was."""
@@ -375,7 +408,8 @@ def staged_path(target: Location, suffix: str = "") -> Iterator[Path]:
     """Yield a local temporary path for ``target``; on success it replaces ``target``, on error it is removed."""
     staged = StagedFile(target, suffix)
     try:
-        yield staged.tmp
+        with naming_write_errors(staged.target, staged.tmp):
+            yield staged.tmp
         staged.publish()
     finally:
         staged.discard()
@@ -397,7 +431,8 @@ def make_dir(path: Location) -> Path:
     """Create a folder and its parents (permissions from the umask) and return it; object storage needs none."""
     folder = as_path(path)
     if not is_remote(folder):
-        folder.mkdir(parents=True, exist_ok=True)
+        with naming_write_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -425,6 +460,11 @@ def publish_dir(staging: Location, target: Location, last: str | None = None) ->
     named ``last`` (the folder's record) after all the others, and the staging folder is removed.
     """
     staging, target = as_path(staging), as_path(target)
+    with naming_write_errors(target, staging):
+        return _publish_dir(staging, target, last)
+
+
+def _publish_dir(staging: Path, target: Path, last: str | None) -> Path:
     if is_remote(target):
         remove_tree(target)
         files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))

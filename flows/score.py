@@ -221,7 +221,10 @@ def _publish_batches(
             reject_batch(root, day, batch, outcome)
             failed.append({"date": day.isoformat(), "batch": batch.name, **outcome})
     # Quoted: Prefect would otherwise walk every number of every batch's summary looking for futures.
-    publish_scored_batches(workspace_root=root, results=quote(scored), model_version=model.version)
+    unpublished = publish_scored_batches(workspace_root=root, results=quote(scored), model_version=model.version)
+    failed += unpublished
+    left_out = {(f["date"], f["batch"]) for f in unpublished}
+    scored = [r for r in scored if (r.run_date.isoformat(), r.batch) not in left_out]
     caught_up = [{"date": d.isoformat(), "batch": b.name} for d, b in late]
     return ScoringRun(date, model.version, model.threshold, scored, skipped, failed, caught_up)
 

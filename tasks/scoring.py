@@ -90,9 +90,13 @@ def score_group(
 
 
 @task(name="publish-scored-batches", cache_policy=NO_CACHE, **RETRIES)
-def publish_scored_batches(workspace_root: str, results: list[BatchResult], model_version: str) -> int:
-    """Publish the scored batches: each one's report, then its manifest record, once its outputs are in place."""
-    return len(batch_scoring.publish_scored_batches(workspace_root, results, model_version))
+def publish_scored_batches(workspace_root: str, results: list[BatchResult], model_version: str) -> list[dict[str, Any]]:
+    """Publish the scored batches (each one's report, then its manifest record); return those that could not be."""
+    unpublished = batch_scoring.publish_scored_batches(workspace_root, results, model_version)
+    logger = get_run_logger()
+    for failure in unpublished:
+        logger.error("Batch %s of %s is not published: %s", failure["batch"], failure["date"], failure["error"])
+    return unpublished
 
 
 @task(name="reject-batch", cache_policy=NO_CACHE, **RETRIES)

@@ -268,10 +268,16 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def report_files(directory: Path, stem: str) -> dict[str, Path]:
+    """Return the paths of a report's JSON and Markdown files."""
+    return {"json": directory / f"{stem}.json", "markdown": directory / f"{stem}.md"}
+
+
 def write_report_files(report: dict[str, Any], markdown: str, directory: Path, stem: str) -> dict[str, str]:
     """Write ``<stem>.json`` and ``<stem>.md`` atomically into ``directory``; return their paths."""
-    json_path = storage.write_json(directory / f"{stem}.json", report)
-    md_path = storage.write_text(directory / f"{stem}.md", markdown)
+    paths = report_files(directory, stem)
+    json_path = storage.write_json(paths["json"], report)
+    md_path = storage.write_text(paths["markdown"], markdown)
     return {"json": str(json_path), "markdown": str(md_path)}
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 from data import batches, storage
 from data.batches import Batch
-from data.errors import BatchFileError
+from data.errors import BatchFileError, WorkspaceWriteError
 from data.outputs import BatchOutputs, StagedOutputs, batch_outputs, batch_report_dir, withdraw_outputs
 from data.parquet import open_parquet, read_error
 from data.storage import FileState, Fingerprint
 from data.workspace import Workspace
 from models.bundle import LoadedBundle, current_version, exceedance_beta, load_bundle
-from models.evaluation.reports import write_evaluation_report
+from models.evaluation.reports import report_files, write_evaluation_report
 from models.monitoring.drift import FeatureBins
 from models.monitoring.error_summary import ErrorDistribution, summarize
 from models.monitoring.reasons import ReasonTally
@@ -222,17 +222,22 @@ def reject_batch(workspace_root: str, run_date: dt.date, batch: Batch, rejection
     workspace = Workspace.at(workspace_root)
     batches.withdraw_record(workspace, run_date, batch.name)
     withdrawn = withdraw_outputs(batch_outputs(workspace, run_date, batch.name))
+    if rejection.get("code") == WorkspaceWriteError.code:
+        # The file is not at fault, so nothing is held against it: the next run, or catch-up, scores it again.
+        return {"rejection": None, "withdrawn": withdrawn}
     path = batches.write_rejection(workspace, run_date, batch, rejection)
     return {"rejection": str(path), "withdrawn": withdrawn}
 
 
-def publish_scored_batches(workspace_root: str, results: list[BatchResult], model_version: str) -> list[Path]:
-    """Publish each scored batch: its report (JSON and Markdown), then its manifest record, last; return the records.
+def publish_scored_batches(workspace_root: str, results: list[BatchResult], model_version: str) -> list[dict[str, Any]]:
+    """Publish each scored batch: its report (JSON and Markdown), then its manifest record, last.
 
-    The run report draws the night's plots once, so a night of many small files pays for no plot per file.
+    A batch whose report or record cannot be written (a full disk) has its outputs withdrawn, so it is
+    left unpublished as a whole; return those batches (date, name) with why. The run report draws the night's
+    plots once, so a night of many small files pays for no plot per file.
     """
     workspace = Workspace.at(workspace_root)
-    records = []
+    unpublished = []
     for result in results:
         context = {
             "batch": result.batch,
@@ -242,9 +247,15 @@ def publish_scored_batches(workspace_root: str, results: list[BatchResult], mode
         }
         folder = batch_report_dir(workspace, result.run_date)
         title = f"Batch {result.batch} ({result.run_date})"
-        write_evaluation_report(result.summary, folder, result.batch, title, context, plots=False)
         batch = Batch(result.batch, storage.as_path(result.source))
-        records.append(
+        try:
+            write_evaluation_report(result.summary, folder, result.batch, title, context, plots=False)
             batches.write_record(workspace, result.run_date, batch, model_version, result.fingerprint, result.counts())
-        )
-    return records
+        except OSError as exc:
+            withdraw_outputs(batch_outputs(workspace, result.run_date, result.batch))
+            for path in report_files(folder, result.batch).values():
+                storage.remove(path)
+            unpublished.append(
+                {"date": result.run_date.isoformat(), "batch": result.batch, **describe_failure(exc, result.source)}
+            )
+    return unpublished

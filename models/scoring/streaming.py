@@ -108,9 +108,11 @@ def stream_batch_file(
     fills_missing = bundle.fills_missing
 
     with contextlib.ExitStack() as writers:
-        flagged_writer = writers.enter_context(parquet_writer(staged.flagged.tmp, flagged_out))
+        flagged_writer = writers.enter_context(parquet_writer(staged.flagged.tmp, flagged_out, staged.flagged.target))
         scores_writer = (
-            writers.enter_context(parquet_writer(staged.scores.tmp, scores_out)) if staged.scores is not None else None
+            writers.enter_context(parquet_writer(staged.scores.tmp, scores_out, staged.scores.target))
+            if staged.scores is not None
+            else None
         )
         quarantine_writer = None
 
@@ -122,7 +124,9 @@ def stream_batch_file(
             if not scorable.all():
                 good = scorable.all(axis=1)
                 if quarantine_writer is None:
-                    quarantine_writer = writers.enter_context(parquet_writer(staged.stage_quarantine(), quarantine_out))
+                    quarantine_writer = writers.enter_context(
+                        parquet_writer(staged.stage_quarantine(), quarantine_out, staged.targets.quarantine)
+                    )
                 bad_rows = record_batch.filter(pa.array(~good))
                 quarantine_writer.write_batch(
                     _quarantine_rows(

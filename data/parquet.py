@@ -147,7 +147,14 @@ def iter_record_batches(
     is read whole or one slice of row groups at a time. The next batch is read in a background
     thread while the caller works on the current one.
     """
-    return _read_ahead(_record_batches(path, chunk_rows, row_groups))
+    parquet = open_parquet(path, streaming=True)
+    groups = list(range(parquet.metadata.num_row_groups)) if row_groups is None else list(row_groups)
+    rows = sum(parquet.metadata.row_group(group).num_rows for group in groups)
+    if len(groups) <= 1 and rows <= chunk_rows:
+        # Read in one batch, a small file has nothing to overlap, and too few rows to decode in parallel:
+        # threads would only add their start-up to each of many small files.
+        return _record_batches(path, parquet, chunk_rows, groups, use_threads=False)
+    return _read_ahead(_record_batches(path, parquet, chunk_rows, groups, use_threads=True))
 
 
 _END = object()
@@ -163,12 +170,12 @@ def _read_ahead(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             yield batch
 
 
-def _record_batches(path: Path, chunk_rows: int, row_groups: Sequence[int] | None) -> Iterator[pa.RecordBatch]:
-    parquet = open_parquet(path, streaming=True)
-    groups = range(parquet.metadata.num_row_groups) if row_groups is None else row_groups
+def _record_batches(
+    path: Path, parquet: pq.ParquetFile, chunk_rows: int, groups: Sequence[int], use_threads: bool
+) -> Iterator[pa.RecordBatch]:
     try:
         for group in groups:
-            yield from parquet.iter_batches(batch_size=chunk_rows, row_groups=[group], use_threads=True)
+            yield from parquet.iter_batches(batch_size=chunk_rows, row_groups=[group], use_threads=use_threads)
     except (pa.ArrowException, OSError) as exc:
         raise read_error(path, exc, "file is corrupt or truncated", "corrupt") from exc
 

@@ -60,11 +60,14 @@ Outcome = BatchResult | dict[str, Any] | State
 """How a file ended in the task runner: its result, why it failed, or the final state of the task that failed."""
 
 
-def score_groups(
+GroupFutures = list[tuple[WorkGroup, PrefectFuture]]
+
+
+def submit_groups(
     runner: TaskRunner, root: str, work: Work, planned: list[WorkGroup], version: str, options: ScoringOptions
-) -> dict[int, Outcome]:
-    """Score each group of files as one task; return each file's outcome by its position in ``work``."""
-    futures = [
+) -> GroupFutures:
+    """Submit each group of files as one task, without waiting for any."""
+    return [
         (
             group,
             runner.submit(
@@ -79,6 +82,10 @@ def score_groups(
         )
         for group in planned
     ]
+
+
+def settle_groups(futures: GroupFutures) -> dict[int, Outcome]:
+    """Wait for each group's task; return each file's outcome by its position in the run's work."""
     outcomes: dict[int, Outcome] = {}
     for group, future in futures:
         state = _settled(future)
@@ -290,8 +297,10 @@ def score_work(
         planned = plan_groups(work=work, rows_per_unit=rows_per_unit)
         large = [g.positions[0] for g in planned if distributed and g.is_large_file(rows_per_unit)]
         small = [g for g in planned if not (distributed and g.is_large_file(rows_per_unit))]
-        outcomes = score_groups(runner, root, work, small, version, options)
+        # Submitted first and waited for last, so that on Dask the groups run while large files are split and merged.
+        groups = submit_groups(runner, root, work, small, version, options)
         large_outcomes = score_in_units(runner, root, [work[i] for i in large], version, options, rows_per_unit)
+        outcomes = settle_groups(groups)
         outcomes.update(zip(large, large_outcomes, strict=True))
         ordered = [outcomes[i] for i in range(len(work))]
         if distributed:

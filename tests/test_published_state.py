@@ -159,14 +159,14 @@ def test_a_task_that_crashes_fails_its_batch_and_the_run_still_reports(harness, 
     ws = Workspace.at(workspace_copy)
     for i in range(3):
         write_rows(make_rows(1000, 46 + i, start_id=i * 1000), ws.incoming_for(RUN_DATE) / f"p{i}.parquet")
-    real = flows.fanout.score_groups
+    real = flows.fanout.settle_groups
 
     def second_crashes(*args, **kwargs):
         outcomes = real(*args, **kwargs)
         outcomes[1] = Crashed(message="the worker process was killed")
         return outcomes
 
-    monkeypatch.setattr(flows.fanout, "score_groups", second_crashes)
+    monkeypatch.setattr(flows.fanout, "settle_groups", second_crashes)
     with pytest.raises(BatchesFailedError, match="the worker process was killed") as caught:
         score_flow(workspace=str(workspace_copy), run_date=RUN_DATE)
     outcome = caught.value.outcome

@@ -930,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
             "others",
             "small",
             "missing",
+            "categorical",
             "backfill",
             "small_files",
             "throughput",
@@ -989,6 +990,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench.missing_values import missing_values
 
             results["missing_values"] = missing_values(work, scale, log)
+        if "categorical" not in args.skip:
+            from bench.categorical import categorical
+
+            results["categorical"] = categorical(work, scale, log)
         if "backfill" not in args.skip:
             from bench.backfill import backfill
 
@@ -1036,15 +1041,17 @@ def main(argv: list[str] | None = None) -> int:
     stem = "quick" if args.quick else "latest"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     from bench.adbench import render as render_adbench
+    from bench.categorical import render as render_categorical
     from bench.missing_values import render as render_missing
 
     adbench_table = render_adbench(results.get("adbench", {}))
     missing_table = render_missing(results.get("missing_values", {}))
+    categorical_table = render_categorical(results.get("categorical", {}))
     header = (
         f"Benchmark ({results['mode']}, {results['started_at'][:19]}Z, {results['machine']['cpus']} CPUs, "
         f"{results['seconds']:.0f} s)"
     )
-    sections = [table] + [section for section in (missing_table, adbench_table) if section]
+    sections = [table] + [section for section in (missing_table, categorical_table, adbench_table) if section]
     (RESULTS / f"{stem}.md").write_text(f"{header}\n\n" + "\n".join(sections))
     print(table)
     return 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data import storage
@@ -25,6 +26,8 @@ MissingValues = Literal["fill", "quarantine"]
 FILL_MISSING: MissingValues = "fill"
 # Training reads at most this many rows (a seeded sample above it): 2 M rows of 64 features are 1 GB as float64.
 DEFAULT_MAX_TRAINING_ROWS = 2_000_000
+# A text column becomes a categorical feature when its training rows hold at most this many distinct values.
+DEFAULT_MAX_CATEGORIES = 50
 
 # Above this share of rows with missing or infinite features a batch fails instead of being scored.
 DEFAULT_MAX_BAD_ROW_SHARE = 0.1
@@ -89,6 +92,18 @@ def is_numeric_type(dtype: pa.DataType) -> bool:
     return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
 
 
+def is_text_type(dtype: pa.DataType) -> bool:
+    """Return True for string columns, plain or dictionary-encoded (pandas' category): candidates for categories."""
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
+def feature_kind(dtype: pa.DataType, categorical: bool) -> str:
+    """Return how a feature column is encoded: ``categorical``, ``boolean`` or ``numeric``."""
+    return "categorical" if categorical else "boolean" if pa.types.is_boolean(dtype) else "numeric"
+
+
 @dataclass(frozen=True)
 class BatchSchema:
     """What a batch file holds, once checked against the model's features."""
@@ -102,9 +117,15 @@ class BatchSchema:
 
 
 def check_batch_schema(
-    path: Path, feature_names: Sequence[str], reserved: frozenset[str] = RESERVED_COLUMNS
+    path: Path,
+    feature_names: Sequence[str],
+    reserved: frozenset[str] = RESERVED_COLUMNS,
+    categorical: Collection[str] = (),
 ) -> BatchSchema:
-    """Check that ``path`` is readable Parquet holding every feature as a numeric column and no ``reserved`` column."""
+    """Check that ``path`` is readable Parquet holding every feature with its kind's type and no ``reserved`` column.
+
+    ``categorical`` features must be text columns; the others numeric (integers and booleans included).
+    """
     parquet = open_parquet(path)
     schema = parquet.schema_arrow
     names = list(schema.names)
@@ -120,7 +141,15 @@ def check_batch_schema(
         if feature not in names:
             raise SchemaError(path, "feature column is missing", column=feature, code="missing_column")
         dtype = schema.field(feature).type
-        if not is_numeric_type(dtype):
+        if feature in categorical:
+            if not is_text_type(dtype):
+                raise SchemaError(
+                    path,
+                    f"categorical feature column has type {dtype}, expected text (string or dictionary)",
+                    column=feature,
+                    code="non_text_column",
+                )
+        elif not is_numeric_type(dtype):
             raise SchemaError(
                 path, f"feature column has type {dtype}, expected a number", column=feature, code="non_numeric_column"
             )
@@ -183,14 +212,36 @@ def _record_batches(
 _FILL_BLOCK_ROWS = 4096
 
 
+def category_codes(column: pa.Array | pa.ChunkedArray, vocabulary: Sequence[str]) -> pa.Array:
+    """Return each value's position in ``vocabulary`` as float64; ``len(vocabulary)`` if unseen, NaN if null."""
+    if isinstance(column, pa.ChunkedArray):
+        return pa.chunked_array([category_codes(chunk, vocabulary) for chunk in column.chunks], type=pa.float64())
+    if pa.types.is_dictionary(column.type):
+        # Each distinct value is looked up once, in the dictionary, and its code taken for every row.
+        return pc.take(category_codes(column.dictionary, vocabulary), column.indices).fill_null(np.nan)
+    codes = pc.index_in(column, value_set=pa.array(list(vocabulary), type=column.type))
+    unseen = pc.and_(pc.is_null(codes), pc.is_valid(column))
+    codes = pc.if_else(unseen, pa.scalar(len(vocabulary), codes.type), codes)
+    return codes.cast(pa.float64()).fill_null(np.nan)
+
+
 def feature_matrix(
-    batch: pa.RecordBatch | pa.Table, feature_names: Sequence[str], dtype: type = np.float32
+    batch: pa.RecordBatch | pa.Table,
+    feature_names: Sequence[str],
+    dtype: type = np.float32,
+    vocabularies: Mapping[str, Sequence[str]] | None = None,
 ) -> np.ndarray:
-    """Return the features of ``batch`` as one C-ordered 2-D array; nulls become NaN."""
+    """Return the features of ``batch`` as one C-ordered 2-D array; nulls become NaN.
+
+    A categorical feature (one of ``vocabularies``) becomes its values' codes (see ``category_codes``).
+    """
+    vocabularies = vocabularies or {}
     columns = []
     for name in feature_names:
         column = batch.column(name)
-        if column.null_count:
+        if name in vocabularies:
+            column = category_codes(column, vocabularies[name])
+        elif column.null_count:
             column = column.cast(pa.float64()).fill_null(np.nan)
         columns.append(column.to_numpy(zero_copy_only=False))
     matrix = np.empty((batch.num_rows, len(feature_names)), dtype=dtype)
@@ -251,6 +302,7 @@ class TrainingInput:
 
     missing_values: MissingValues = FILL_MISSING
     max_rows: int | None = None
+    max_categories: int = DEFAULT_MAX_CATEGORIES
 
 
 @dataclass
@@ -268,13 +320,25 @@ class TrainingRows:
     missing_values: dict[str, int]
     # How many rows the files hold: more than ``features`` when a sample was taken.
     rows_read: int
+    # Each categorical feature's values in code order (its code is the position; unseen values get the next).
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    # Each feature's kind: numeric, boolean or categorical.
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 def ignored_columns(
-    schema: pa.Schema, feature_names: Sequence[str], label_column: str, id_columns: Sequence[str]
+    schema: pa.Schema,
+    feature_names: Sequence[str],
+    label_column: str,
+    id_columns: Sequence[str],
+    text_columns: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Return each column of ``schema`` that is not a feature, with why: label, identifier, type or not chosen."""
+    """Return each column of ``schema`` that is not a feature, with why: label, identifier, values, type or not chosen.
+
+    ``text_columns`` gives why each text column that could have been categorical is not.
+    """
     features = set(feature_names)
+    text_columns = text_columns or {}
     why = {}
     for column in schema:
         if column.name in features:
@@ -283,11 +347,103 @@ def ignored_columns(
             why[column.name] = "label"
         elif column.name in id_columns:
             why[column.name] = "identifier"
-        elif not is_numeric_type(column.type):
-            why[column.name] = f"unsupported type {column.type}: only numeric and boolean columns are features"
+        elif column.name in text_columns:
+            why[column.name] = text_columns[column.name]
+        elif not (is_numeric_type(column.type) or is_text_type(column.type)):
+            why[column.name] = f"unsupported type {column.type}: only numeric, boolean and text columns are features"
         else:
             why[column.name] = "not among feature_columns"
     return why
+
+
+@dataclass(frozen=True)
+class TrainingFeatures:
+    """The training files, their features in column order, each categorical feature's vocabulary, and why not others."""
+
+    files: list[Path]
+    names: list[str]
+    vocabularies: dict[str, list[str]]
+    # Text columns that are not categorical features, with why (identifier, too many distinct values).
+    text_columns: dict[str, str]
+
+
+def text_vocabularies(
+    files: Sequence[Path], columns: Sequence[str], max_categories: int
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Return the sorted distinct values of each text column holding at most ``max_categories``, and why not the others.
+
+    Only those columns are read, a chunk at a time; a column is given up as soon as it has too many values.
+    """
+    distinct: dict[str, set[str]] = {c: set() for c in columns}
+    values = dict.fromkeys(columns, 0)
+    refused: dict[str, str] = {}
+    for path in files:
+        parquet = open_parquet(path, streaming=True)
+        for batch in parquet.iter_batches(batch_size=DEFAULT_CHUNK_ROWS, columns=list(columns)):
+            for name in columns:
+                if name in refused:
+                    continue
+                column = batch.column(name)
+                if pa.types.is_dictionary(column.type):
+                    column = column.cast(column.type.value_type)
+                distinct[name].update(pc.unique(column.drop_null()).to_pylist())
+                values[name] += len(column) - column.null_count
+                if len(distinct[name]) > max_categories:
+                    # A value on every row so far is an identifier (an id, a timestamp as text), never a category.
+                    refused[name] = (
+                        "identifier: a distinct value on every row"
+                        if len(distinct[name]) == values[name]
+                        else f"too many distinct values: more than max_categories={max_categories}"
+                    )
+    vocabularies = {}
+    for name in columns:
+        if name in refused:
+            continue
+        if not distinct[name]:
+            refused[name] = "no values: null on every row"
+        elif len(distinct[name]) == values[name] and values[name] > 1:
+            refused[name] = "identifier: a distinct value on every row"
+        else:
+            vocabularies[name] = sorted(distinct[name])
+    return vocabularies, refused
+
+
+def training_features(
+    source: str | os.PathLike[str],
+    label_column: str,
+    feature_columns: Sequence[str] | None = None,
+    exclude_columns: Sequence[str] = ("row_id",),
+    max_categories: int = DEFAULT_MAX_CATEGORIES,
+) -> TrainingFeatures:
+    """Return the training Parquet files of a file, folder or glob, and their features.
+
+    The features are those given, or else every numeric non-label column of the first file and every
+    text column with at most ``max_categories`` distinct values in the training rows.
+    """
+    files = resolve_parquet_files(source)
+    if not files:
+        raise TrainingDataError(f"training_data={str(source)!r}: no .parquet files found there")
+    schema = open_parquet(files[0]).schema_arrow
+    skip = {label_column, *exclude_columns}
+    candidates = [f.name for f in schema if (is_numeric_type(f.type) or is_text_type(f.type)) and f.name not in skip]
+    names = list(feature_columns) if feature_columns else candidates
+    text = [n for n in names if n in schema.names and is_text_type(schema.field(n).type)]
+    vocabularies, refused = text_vocabularies(files, text, max_categories) if text else ({}, {})
+    if feature_columns and refused:
+        column, why = next(iter(refused.items()))
+        raise TrainingDataError(
+            f"{files[0]}, column '{column}': cannot be a categorical feature ({why}); "
+            "leave it out of feature_columns or raise max_categories"
+        )
+    names = [n for n in names if n not in refused]
+    if not names:
+        raise TrainingDataError(f"{files[0]}: no numeric or categorical feature columns found")
+    reserved = sorted(set(names) & RESERVED_COLUMNS)
+    if reserved:
+        raise TrainingDataError(
+            f"{files[0]}, column '{reserved[0]}': a feature may not be named like a column the outputs add; rename it"
+        )
+    return TrainingFeatures(files, names, vocabularies, refused)
 
 
 def training_files_and_features(
@@ -296,26 +452,9 @@ def training_files_and_features(
     feature_columns: Sequence[str] | None = None,
     exclude_columns: Sequence[str] = ("row_id",),
 ) -> tuple[list[Path], list[str]]:
-    """Return the training Parquet files of a file, folder or glob, and the feature columns.
-
-    The features are those given, or else every numeric non-label column of the first file.
-    """
-    files = resolve_parquet_files(source)
-    if not files:
-        raise TrainingDataError(f"training_data={str(source)!r}: no .parquet files found there")
-    if feature_columns:
-        names = list(feature_columns)
-    else:
-        skip = {label_column, *exclude_columns}
-        names = [f.name for f in open_parquet(files[0]).schema_arrow if f.name not in skip and is_numeric_type(f.type)]
-    if not names:
-        raise TrainingDataError(f"{files[0]}: no numeric feature columns found")
-    reserved = sorted(set(names) & RESERVED_COLUMNS)
-    if reserved:
-        raise TrainingDataError(
-            f"{files[0]}, column '{reserved[0]}': a feature may not be named like a column the outputs add; rename it"
-        )
-    return files, names
+    """Return the training Parquet files of a file, folder or glob, and the features (see ``training_features``)."""
+    found = training_features(source, label_column, feature_columns, exclude_columns)
+    return found.files, found.names
 
 
 def read_training_rows(
@@ -328,17 +467,28 @@ def read_training_rows(
     missing_values: MissingValues = FILL_MISSING,
     max_rows: int | None = None,
     seed: int = 0,
+    max_categories: int = DEFAULT_MAX_CATEGORIES,
+    vocabularies: Mapping[str, Sequence[str]] | None = None,
 ) -> TrainingRows:
     """Read labelled training Parquet from a file, folder or glob; features default to all numeric non-label columns.
 
-    Missing values stay NaN for the model to fill, unless ``missing_values`` is ``quarantine``, which refuses them.
+    Text columns with at most ``max_categories`` distinct values are categorical features, read as codes
+    of their vocabulary (``vocabularies``, when given, fixes it: rows read to join earlier ones). Missing
+    values stay NaN for the model to fill, unless ``missing_values`` is ``quarantine``, which refuses them.
     With ``max_rows``, a seeded uniform sample of that many rows is kept from all files (every row if fewer).
     """
-    files, names = training_files_and_features(source, label_column, feature_columns, exclude_columns)
+    if vocabularies is not None:
+        fixed = {name: list(values) for name, values in vocabularies.items()}
+        found = TrainingFeatures(resolve_parquet_files(source), list(feature_columns or []), fixed, {})
+    else:
+        found = training_features(source, label_column, feature_columns, exclude_columns, max_categories)
+    files, names, vocabulary = found.files, found.names, found.vocabularies
+    if not files:
+        raise TrainingDataError(f"training_data={str(source)!r}: no .parquet files found there")
     sample = RowSample(max_rows, seed)
     missing = np.zeros(len(names), dtype=np.int64)
     for path in files:
-        schema = check_batch_schema(path, names, reserved=frozenset())
+        schema = check_batch_schema(path, names, reserved=frozenset(), categorical=vocabulary)
         has_label = label_column in schema.columns
         if not has_label and not all_rows_normal:
             raise TrainingDataError(
@@ -348,7 +498,7 @@ def read_training_rows(
         columns = names + ([label_column] if has_label else [])
         # A chunk at a time, so that a sample of a set larger than memory holds only the sample and one chunk.
         for table in open_parquet(path, streaming=True).iter_batches(batch_size=DEFAULT_CHUNK_ROWS, columns=columns):
-            matrix = feature_matrix(table, names, dtype=np.float64)
+            matrix = feature_matrix(table, names, dtype=np.float64, vocabularies=vocabulary)
             bad = np.isinf(matrix) if missing_values == FILL_MISSING else ~np.isfinite(matrix)
             if bad.any():
                 column = names[int(np.argmax(bad.any(axis=0)))]
@@ -365,15 +515,18 @@ def read_training_rows(
             )
             sample.add(matrix, classes)
     features, classes = sample.rows()
+    first_schema = open_parquet(files[0]).schema_arrow
     return TrainingRows(
         features=features,
         classes=classes,
         feature_names=names,
         files=files,
         fingerprint=storage.files_digest(files),
-        ignored_columns=ignored_columns(open_parquet(files[0]).schema_arrow, names, label_column, exclude_columns),
+        ignored_columns=ignored_columns(first_schema, names, label_column, exclude_columns, found.text_columns),
         missing_values={name: int(n) for name, n in zip(names, missing, strict=True) if n},
         rows_read=sample.seen,
+        vocabularies=vocabulary,
+        kinds={n: feature_kind(first_schema.field(n).type, n in vocabulary) for n in names if n in first_schema.names},
     )
 
 

@@ -9,7 +9,14 @@ from pydantic import Field
 
 from data import storage
 from data.locks import retraining_lock
-from data.parquet import DEFAULT_MAX_TRAINING_ROWS, FILL_MISSING, LabelRule, MissingValues, TrainingInput
+from data.parquet import (
+    DEFAULT_MAX_CATEGORIES,
+    DEFAULT_MAX_TRAINING_ROWS,
+    FILL_MISSING,
+    LabelRule,
+    MissingValues,
+    TrainingInput,
+)
 from data.workspace import Workspace, default_workspace
 from models.bundle import current_version, discarded_on_failure, new_version, promote_command, staging_dir
 from models.config import PresetName, resolve_preset
@@ -46,6 +53,9 @@ def retrain_flow(
     max_training_rows: Annotated[
         int, Field(ge=1000, json_schema_extra={"title": "Most training rows read"})
     ] = DEFAULT_MAX_TRAINING_ROWS,
+    max_categories: Annotated[
+        int, Field(ge=1, le=10_000, json_schema_extra={"title": "Most values of a categorical feature"})
+    ] = DEFAULT_MAX_CATEGORIES,
     holdout_fraction: Annotated[float, Field(gt=0, lt=1, json_schema_extra={"title": "Hold-out fraction"})] = 0.2,
     epochs: Annotated[
         Annotated[int, Field(ge=1, le=10_000)] | None, Field(json_schema_extra={"title": "Epochs"})
@@ -86,6 +96,9 @@ def retrain_flow(
             refuses such rows and scoring quarantines them.
         max_training_rows: Training files holding more rows than this are read as a seeded uniform sample of
             this many rows (labelled anomalies and hold-out included), streamed, so memory holds only the sample.
+        max_categories: A text (string or category) column whose training rows hold at most this many distinct
+            values becomes a categorical feature, one-hot encoded inside the model; one with more is left out
+            (see ignored_columns).
         holdout_fraction: Share of normal rows held out from training to fix the threshold.
         epochs: Override the preset's maximum number of epochs.
         batch_size: Override the preset's training batch size.
@@ -131,7 +144,9 @@ def retrain_flow(
                 holdout_fraction=holdout_fraction,
                 percentile=percentile,
                 seed=config.seed,
-                reading=TrainingInput(missing_values=missing_values, max_rows=max_training_rows),
+                reading=TrainingInput(
+                    missing_values=missing_values, max_rows=max_training_rows, max_categories=max_categories
+                ),
                 label_history=confirmed.path if confirmed else None,
             )
             # With labelled anomalies held out, the candidate recipe that ranks them best; then train it.

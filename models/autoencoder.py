@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +13,7 @@ from models.config import AutoencoderConfig
 from models.runtime import keras, tf
 
 SCALING_LAYER = "scaling"
+ENCODING_LAYER = "categories"
 MISSING_LAYER = "missing_indicator"
 OUTPUT_LAYER = "reconstruction"
 DEFAULT_INFERENCE_ROWS = 65_536
@@ -78,6 +79,74 @@ class MissingIndicator(keras.layers.Layer):
         return {**super().get_config(), "columns": self.columns}
 
 
+@keras.saving.register_keras_serializable(package="anomaly")
+class OneHotCategories(keras.layers.Layer):
+    """The numeric features as they are, then each categorical feature's code one-hot encoded into its slots.
+
+    A code is a position in the feature's training vocabulary (kept in bundle.json); unseen values have
+    the last slot, and a missing value (NaN) sets none, which the missing indicator tells the network.
+    The order of the values is ``encoded_features``'.
+    """
+
+    def __init__(self, features: int, columns: list[list[int]], **kwargs: object):
+        kwargs["trainable"] = False
+        super().__init__(**kwargs)
+        self.features = int(features)
+        self.columns = [[int(j), int(slots)] for j, slots in columns]
+        categorical = {j for j, _ in self.columns}
+        self._numeric = [j for j in range(self.features) if j not in categorical]
+        self._categorical = [j for j, _ in self.columns]
+        # Each feature's first slot among all the categorical slots, so that one one-hot encodes them all.
+        self._offsets = np.cumsum([0] + [slots for _, slots in self.columns[:-1]]).astype(np.int32)
+        self._slots = int(sum(slots for _, slots in self.columns))
+
+    def call(self, inputs: object) -> object:
+        codes = keras.ops.take(inputs, self._categorical, axis=1)
+        present = keras.ops.logical_not(keras.ops.isnan(codes))
+        known = keras.ops.cast(keras.ops.where(present, codes, 0.0), "int32") + self._offsets
+        one_hot = keras.ops.one_hot(keras.ops.where(present, known, -1), self._slots, dtype=inputs.dtype)
+        return keras.ops.concatenate(
+            [keras.ops.take(inputs, self._numeric, axis=1), keras.ops.sum(one_hot, axis=1)], axis=1
+        )
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return (input_shape[0], encoded_width(self.features, self.columns))
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "features": self.features, "columns": self.columns}
+
+
+def encoded_features(features: int, columns: Sequence[Sequence[int]]) -> np.ndarray:
+    """Return, for each value the model reproduces, the feature it belongs to.
+
+    The numeric features come first, in order, then each categorical feature's slots.
+    """
+    slots = {int(j): int(k) for j, k in columns}
+    numeric = [j for j in range(features) if j not in slots]
+    return np.array(numeric + [j for j, k in slots.items() for _ in range(k)], dtype=np.int64)
+
+
+def encoded_width(features: int, columns: Sequence[Sequence[int]]) -> int:
+    """Return how many values a row has once each categorical feature is one-hot encoded."""
+    return features + sum(int(slots) - 1 for _, slots in columns)
+
+
+def one_hot_codes(features: np.ndarray, columns: Sequence[Sequence[int]]) -> np.ndarray:
+    """Return ``features`` encoded as ``OneHotCategories`` encodes them (float64)."""
+    features = np.asarray(features, dtype=np.float64)
+    if not columns:
+        return features
+    slots = {int(j): int(k) for j, k in columns}
+    parts = [features[:, [j for j in range(features.shape[1]) if j not in slots]]]
+    for j, k in slots.items():
+        codes = features[:, j]
+        encoded = np.zeros((len(features), k))
+        present = ~np.isnan(codes)
+        encoded[np.flatnonzero(present), codes[present].astype(np.int64)] = 1.0
+        parts.append(encoded)
+    return np.concatenate(parts, axis=1)
+
+
 def missing_columns(training_features: np.ndarray) -> list[int]:
     """Return the features that are missing (NaN) in at least one training row."""
     return np.flatnonzero(np.isnan(np.asarray(training_features, dtype=np.float64)).any(axis=0)).tolist()
@@ -96,16 +165,22 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
         )
     keras.utils.set_random_seed(config.seed)
     n_features = training_features.shape[1]
+    categorical = [list(c) for c in config.categorical_columns]
     inputs = keras.Input(shape=(n_features,), name="features")
     hidden = inputs
+    # What the network reproduces: the features, with categorical codes one-hot encoded.
+    encoded = one_hot_codes(training_features, categorical)
+    width = encoded.shape[1]
+    if categorical:
+        hidden = OneHotCategories(n_features, categorical, name=ENCODING_LAYER)(hidden)
     if config.scale_inputs:
         # The model reproduces, and the error is measured on, standardised (and maybe decorrelated) features.
-        mean, std = standardisation(training_features)
-        scaling = Standardize(n_features, whiten=config.decorrelate_inputs, name=SCALING_LAYER)
+        mean, std = standardisation(encoded)
+        scaling = Standardize(width, whiten=config.decorrelate_inputs, name=SCALING_LAYER)
         hidden = scaling(hidden)
         weights = [mean.astype(np.float32), std.astype(np.float32)]
         if config.decorrelate_inputs:
-            weights.append(whitening_matrix(training_features, config.whitening_floor).astype(np.float32))
+            weights.append(whitening_matrix(encoded, config.whitening_floor).astype(np.float32))
         scaling.set_weights(weights)
     missing = missing_columns(training_features)
     if missing:
@@ -119,7 +194,7 @@ def build_autoencoder(config: AutoencoderConfig, training_features: np.ndarray) 
     # draws its defaults from Python's global one: other threads (Prefect's) may draw from that one between
     # seeding and building, and the same seed must give the same weights.
     seeds = random.Random(config.seed)
-    reconstructions = [_member(hidden, config, n_features, k, members, seeds) for k in range(members)]
+    reconstructions = [_member(hidden, config, width, k, members, seeds) for k in range(members)]
     outputs = reconstructions[0] if members == 1 else keras.layers.Concatenate(name=OUTPUT_LAYER)(reconstructions)
     return keras.Model(inputs, outputs, name="autoencoder")
 
@@ -147,7 +222,27 @@ def _member(
 
 def ensemble_members(model: keras.Model) -> int:
     """Return how many autoencoders the model holds: its output is their reconstructions side by side."""
-    return int(model.outputs[0].shape[-1]) // int(model.inputs[0].shape[-1])
+    return int(model.outputs[0].shape[-1]) // target_width(model)
+
+
+def _layer(model: keras.Model, name: str) -> keras.layers.Layer | None:
+    return model.get_layer(name) if name in {layer.name for layer in model.layers} else None
+
+
+def categorical_columns(model: keras.Model) -> list[list[int]]:
+    """Return the (column, slots) of each categorical feature the model one-hot encodes."""
+    encoding = _layer(model, ENCODING_LAYER)
+    return encoding.columns if encoding is not None else []
+
+
+def target_width(model: keras.Model) -> int:
+    """Return how many values of each row the model reproduces (a categorical feature's slots each count)."""
+    return encoded_width(int(model.inputs[0].shape[-1]), categorical_columns(model))
+
+
+def target_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Return the layers that turn the raw features into what the model reproduces, in order."""
+    return [layer for layer in (_layer(model, ENCODING_LAYER), _layer(model, SCALING_LAYER)) if layer is not None]
 
 
 def standardisation(training_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,8 +341,8 @@ def scaled_targets(model: keras.Model, features: np.ndarray) -> np.ndarray:
     That is the features after its scaling layer (or as they are), once per member.
     """
     features = np.asarray(features, dtype=np.float32)
-    if SCALING_LAYER in {layer.name for layer in model.layers}:
-        features = np.asarray(model.get_layer(SCALING_LAYER)(features), dtype=np.float32)
+    for layer in target_layers(model):
+        features = np.asarray(layer(features), dtype=np.float32)
     return np.tile(features, (1, ensemble_members(model)))
 
 
@@ -364,19 +459,34 @@ class ErrorScorer:
 
     def __init__(self, model: keras.Model, loss: str, chunk_rows: int = DEFAULT_INFERENCE_ROWS, compiled: bool = True):
         self.chunk_rows = chunk_rows
-        n_features = model.inputs[0].shape[-1]
+        n_features = int(model.inputs[0].shape[-1])
+        width = target_width(model)
         members = ensemble_members(model)
+        categorical = categorical_columns(model)
+        # A categorical feature's terms are the sum of its slots' terms, so that reasons name the user's column.
+        groups = None
+        if categorical:
+            groups = tf.constant(
+                np.eye(n_features, dtype=np.float32)[encoded_features(n_features, categorical)], dtype=tf.float32
+            )
+            is_categorical = tf.constant(np.isin(np.arange(n_features), [j for j, _ in categorical]), dtype=tf.bool)
 
         def function(input_signature: list[tf.TensorSpec]) -> Callable[[Callable[..., object]], Callable[..., object]]:
             # A model scored once (a fold's, a candidate's) is not worth tracing: TensorFlow warns when many are.
             return tf.function(input_signature=input_signature, reduce_retracing=True) if compiled else (lambda fn: fn)
 
-        scaling = model.get_layer(SCALING_LAYER) if SCALING_LAYER in {layer.name for layer in model.layers} else None
+        to_target = target_layers(model)
         reduce = tf.square if loss == "mse" else tf.abs
+        # One pass gives the reconstruction and, from inside the same graph, the target: the encoding and
+        # scaling of the inputs are computed once, not again beside the model.
+        with_target = keras.Model(model.inputs[0], [model.outputs[0], to_target[-1].output]) if to_target else None
 
         def member_residuals(x: tf.Tensor) -> tf.Tensor:
-            target = scaling(x) if scaling is not None else x
-            return tf.reshape(model(x, training=False), [-1, members, n_features]) - target[:, None, :]
+            if with_target is None:
+                reconstruction, target = model(x, training=False), x
+            else:
+                reconstruction, target = with_target(x, training=False)
+            return tf.reshape(reconstruction, [-1, members, width]) - target[:, None, :]
 
         @function([tf.TensorSpec([None, n_features], tf.float32)])
         def errors(x: tf.Tensor) -> tf.Tensor:
@@ -388,8 +498,13 @@ class ErrorScorer:
             residuals = -member_residuals(x)
             terms = tf.reduce_mean(reduce(residuals), axis=1)
             row_errors = tf.reduce_mean(terms, axis=1)
+            direction = tf.reduce_sum(residuals, axis=1) > 0
+            if groups is not None:
+                terms = tf.matmul(terms, groups)
+                # A category is unusual, neither high nor low: its share is reported as positive.
+                direction = tf.logical_or(tf.matmul(tf.cast(direction, tf.float32), groups) > 0, is_categorical)
             magnitude = tf.sqrt(terms) if loss == "mse" else terms
-            folded = tf.where(tf.reduce_sum(residuals, axis=1) > 0, magnitude, -magnitude)
+            folded = tf.where(direction, magnitude, -magnitude)
             # Compared in float64, as the caller compares the returned errors, so both pick the same rows.
             return row_errors, tf.boolean_mask(folded, tf.cast(row_errors, tf.float64) > threshold)
 

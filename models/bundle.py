@@ -178,6 +178,11 @@ class LoadedBundle:
         return [f["name"] for f in self.metadata["features"]]
 
     @property
+    def vocabularies(self) -> dict[str, list[str]]:
+        """Each categorical feature's training values, in the order of their codes."""
+        return {f["name"]: list(f["vocabulary"]) for f in self.metadata["features"] if f.get("kind") == "categorical"}
+
+    @property
     def threshold(self) -> float:
         return float(self.metadata["threshold"]["value"])
 

@@ -118,6 +118,13 @@ class AutoencoderConfig(BaseModel):
         ),
     )
     seed: int = Field(42, description="Seed for weights, shuffling and splits.")
+    categorical_columns: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=2)]]] = Field(
+        default_factory=list,
+        description=(
+            "(column, slots) of each categorical feature, set from the training data: the model one-hot encodes "
+            "its codes into its vocabulary's slots and one for values unseen in training."
+        ),
+    )
 
     def sized_for(
         self, rows: int, features: int, linear_dependencies: int = 0, gaussian_like: bool = False

@@ -71,10 +71,21 @@ def split_training_data(
     logger = get_run_logger()
     if split.rows_read > split.rows_total:
         logger.info("Training rows: a seeded sample of %d of the %d rows read", split.rows_total, split.rows_read)
-    unsupported = {name: why for name, why in split.ignored_columns.items() if why.startswith("unsupported")}
-    if unsupported:
-        logger.warning("Columns left out of the features: %s", unsupported)
-    logger.info("Features: %s; other columns: %s", split.feature_names, split.ignored_columns)
+    # A column of data the model might have used, not one the user named as a label or an id, is worth a warning.
+    left_out = {
+        name: why
+        for name, why in split.ignored_columns.items()
+        if why not in ("label", "identifier", "not among feature_columns")
+    }
+    if left_out:
+        logger.warning("Columns left out of the features: %s", left_out)
+    kinds = {name: split.kinds.get(name, "numeric") for name in split.feature_names}
+    logger.info("Features (with their kind): %s; other columns: %s", kinds, split.ignored_columns)
+    if split.vocabularies:
+        logger.info(
+            "Categorical features, one-hot encoded in the model (values): %s",
+            {name: len(values) for name, values in split.vocabularies.items()},
+        )
     if split.missing_counts:
         logger.info("Missing values, filled in by the model (by feature): %s", split.missing_counts)
     if split.scheme == retraining.CROSS_FIT:

@@ -128,13 +128,14 @@ def test_max_rows_keeps_a_seeded_uniform_sample_across_files_with_labels_aligned
 def test_columns_that_are_not_features_are_named_with_why(tmp_path):
     table = make_rows(50, 0).append_column("session", pa.array([f"s-{i}" for i in range(50)]))
     table = table.append_column("currency", pa.array(["EUR", "USD"] * 25))
+    table = table.append_column("payload", pa.array([b"\x00"] * 50))
     rows = read_training_rows(write_rows(table, tmp_path / "t.parquet"), "label", "0")
-    assert rows.feature_names == FEATURES
+    assert rows.feature_names == [*FEATURES, "currency"]
     assert rows.ignored_columns == {
         "row_id": "identifier",
         "label": "label",
-        "session": "unsupported type string: only numeric and boolean columns are features",
-        "currency": "unsupported type string: only numeric and boolean columns are features",
+        "session": "identifier: a distinct value on every row",
+        "payload": "unsupported type binary: only numeric, boolean and text columns are features",
     }
     chosen = read_training_rows(tmp_path / "t.parquet", "label", "0", feature_columns=FEATURES[:2])
     assert chosen.ignored_columns[FEATURES[2]] == "not among feature_columns"

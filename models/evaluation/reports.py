@@ -330,6 +330,10 @@ def write_evaluation_report(
             }
             for row in reasons["table"][:15]
         ]
+    if summary.get("unseen_categories"):
+        sections["Categorical values unseen in training (scored in the unseen slot)"] = [
+            {"feature": name, "values": count} for name, count in summary["unseen_categories"].items()
+        ]
     if drift:
         sections[
             "Drift against the training rows "

@@ -7,13 +7,13 @@ term over the sum of all terms, so the shares of a row sum to 1 and decompose it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-HIGH, LOW = "high", "low"
+HIGH, LOW, UNUSUAL = "high", "low", "unusual"
 # Shares are summed as integers in units of 2**-32, so that a file's tally is the same to the last
 # digit however its rows are grouped (in chunks, or in units on Dask workers).
 SHARE_UNITS = 2**32
@@ -30,8 +30,17 @@ class RowReasons:
     all_shares: np.ndarray  # (rows, features) every feature's share
 
 
-def explain_rows(residuals: np.ndarray, loss: str, feature_names: Sequence[str], reason_count: int) -> RowReasons:
-    """Return the ``reason_count`` largest shares of each row's error, from its residuals (input - reconstruction)."""
+def explain_rows(
+    residuals: np.ndarray,
+    loss: str,
+    feature_names: Sequence[str],
+    reason_count: int,
+    categorical: Collection[str] = (),
+) -> RowReasons:
+    """Return the ``reason_count`` largest shares of each row's error, from its residuals (input - reconstruction).
+
+    A ``categorical`` feature's direction is ``unusual``: its value is not the one its row's others predict.
+    """
     residuals = np.asarray(residuals, dtype=np.float64)
     terms = np.square(residuals) if loss == "mse" else np.abs(residuals)
     totals = terms.sum(axis=1, keepdims=True)
@@ -44,7 +53,11 @@ def explain_rows(residuals: np.ndarray, loss: str, feature_names: Sequence[str],
         features=names[top],
         indices=top,
         shares=np.take_along_axis(shares, top, axis=1),
-        directions=np.where(np.take_along_axis(residuals, top, axis=1) > 0, HIGH, LOW),
+        directions=np.where(
+            np.isin(top, [j for j, name in enumerate(feature_names) if name in categorical]),
+            UNUSUAL,
+            np.where(np.take_along_axis(residuals, top, axis=1) > 0, HIGH, LOW),
+        ),
         all_shares=shares,
     )
 

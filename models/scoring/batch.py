@@ -94,6 +94,7 @@ def batch_summary(
     bundle: LoadedBundle,
     rows_read: int,
     rows_quarantined: int,
+    unseen_categories: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Return a batch's summary from its error distribution, reasons, feature bin counts and row counts.
 
@@ -105,6 +106,8 @@ def batch_summary(
         "feature_bins": feature_bins.to_json() if feature_bins is not None else None,
         "rows_read": rows_read,
         "rows_quarantined": rows_quarantined,
+        # Values of each categorical feature its training rows never showed, scored in the unseen slot.
+        "unseen_categories": unseen_categories or {},
     }
     return with_flag_rate_verdict(summary, bundle.metadata)
 
@@ -150,7 +153,13 @@ def score_file(
             before_publish()
         published = staged.publish()
     summary = batch_summary(
-        counts.distribution, counts.reasons, counts.feature_bins, bundle, counts.rows_read, counts.rows_quarantined
+        counts.distribution,
+        counts.reasons,
+        counts.feature_bins,
+        bundle,
+        counts.rows_read,
+        counts.rows_quarantined,
+        counts.unseen_categories,
     )
     return FileScore(
         counts.rows_read, counts.rows_scored, counts.rows_flagged, counts.rows_quarantined, published, summary

@@ -6,6 +6,7 @@ A date's summary covers every batch of it published by one model, added up from 
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,10 @@ def summarize_date(workspace_root: str, run_date: dt.date, model_version: str) -
     summary["rows_read"] = sum(int(r.get("rows_read", r.get("rows_scored", 0))) for r in records)
     summary["rows_quarantined"] = sum(int(r.get("rows_quarantined", 0)) for r in records)
     summary["batches"] = [r["batch"] for r in records]
+    unseen = Counter()
+    for batch_summary in summaries:
+        unseen.update(batch_summary.get("unseen_categories") or {})
+    summary["unseen_categories"] = dict(unseen)
     return with_drift(with_flag_rate_verdict(summary, meta), meta)
 
 

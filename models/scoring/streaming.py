@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,8 @@ class StreamCounts(RowCounts):
     distribution: ErrorDistribution
     reasons: ReasonTally
     feature_bins: FeatureBins | None
+    # Per categorical feature, how many values were not in its training vocabulary (scored in its unseen slot).
+    unseen_categories: dict[str, int] = field(default_factory=dict)
 
 
 def stream_batch_file(
@@ -89,7 +91,8 @@ def stream_batch_file(
     """
     scored_at, chunk_rows = options.scored_at, options.chunk_rows
     features = bundle.feature_names
-    schema = check_batch_schema(source, features)
+    vocabularies = bundle.vocabularies
+    schema = check_batch_schema(source, features, categorical=vocabularies)
     keep = schema.passthrough_columns
     label = bundle.label_column if bundle.label_column in schema.columns else None
 
@@ -106,6 +109,7 @@ def stream_batch_file(
     feature_bins = FeatureBins.for_reference(bundle.drift_reference) if bundle.drift_reference else None
     rows_read = rows_scored = rows_flagged = rows_quarantined = 0
     fills_missing = bundle.fills_missing
+    unseen = dict.fromkeys(vocabularies, 0)
 
     with contextlib.ExitStack() as writers:
         flagged_writer = writers.enter_context(parquet_writer(staged.flagged.tmp, flagged_out, staged.flagged.target))
@@ -118,7 +122,10 @@ def stream_batch_file(
 
         for record_batch in iter_record_batches(source, chunk_rows, row_groups):
             rows_read += record_batch.num_rows
-            matrix = feature_matrix(record_batch, features)
+            matrix = feature_matrix(record_batch, features, vocabularies=vocabularies)
+            for name, vocabulary in vocabularies.items():
+                # The code past the vocabulary's last is the unseen slot's.
+                unseen[name] += int(np.count_nonzero(matrix[:, features.index(name)] == len(vocabulary)))
             # A missing value (NaN) is scored where the model fills it in; an infinite one never is.
             scorable = ~np.isinf(matrix) if fills_missing else np.isfinite(matrix)
             if not scorable.all():
@@ -130,7 +137,14 @@ def stream_batch_file(
                 bad_rows = record_batch.filter(pa.array(~good))
                 quarantine_writer.write_batch(
                     _quarantine_rows(
-                        bad_rows, features, batch, bundle.version, scored_at, quarantine_out, fills_missing
+                        bad_rows,
+                        features,
+                        batch,
+                        bundle.version,
+                        scored_at,
+                        quarantine_out,
+                        fills_missing,
+                        vocabularies,
                     )
                 )
                 rows_quarantined += bad_rows.num_rows
@@ -156,7 +170,7 @@ def stream_batch_file(
                 picked = pa.array(np.flatnonzero(is_anomaly))
                 reason_arrays: list[pa.Array] = []
                 if reason_count:
-                    reasons = explain_rows(flagged_residuals, bundle.loss, features, reason_count)
+                    reasons = explain_rows(flagged_residuals, bundle.loss, features, reason_count, vocabularies)
                     tally.add(reasons)
                     for k in range(reason_count):
                         reason_arrays += [
@@ -188,7 +202,9 @@ def stream_batch_file(
                 )
             rows_scored += n
             rows_flagged += n_flagged
-    return StreamCounts(rows_read, rows_scored, rows_flagged, rows_quarantined, distribution, tally, feature_bins)
+    return StreamCounts(
+        rows_read, rows_scored, rows_flagged, rows_quarantined, distribution, tally, feature_bins, unseen
+    )
 
 
 def check_bad_row_share(source: Path, rows_read: int, rows_quarantined: int, max_bad_row_share: float) -> None:
@@ -207,14 +223,17 @@ def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
 
 
 def bad_value_reasons(
-    rows: pa.RecordBatch, features: Sequence[str], fills_missing: bool = False
+    rows: pa.RecordBatch,
+    features: Sequence[str],
+    fills_missing: bool = False,
+    vocabularies: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Return, for each row holding a bad feature, why and the first such feature.
 
     The reason is ``missing_value`` (unless the model fills missing values in), ``infinite_value`` or
     ``out_of_range``.
     """
-    values = feature_matrix(rows, features, dtype=np.float64)
+    values = feature_matrix(rows, features, dtype=np.float64, vocabularies=vocabularies)
     # Scoring is float32: a finite float64 beyond its range cannot be scored either.
     bad = np.isinf(values) | (np.abs(values) > FLOAT32_MAX)
     if not fills_missing:
@@ -235,8 +254,9 @@ def _quarantine_rows(
     when: dt.datetime,
     schema: pa.Schema,
     fills_missing: bool,
+    vocabularies: Mapping[str, Sequence[str]],
 ) -> pa.RecordBatch:
-    codes, columns = bad_value_reasons(rows, features, fills_missing)
+    codes, columns = bad_value_reasons(rows, features, fills_missing, vocabularies)
     n = rows.num_rows
     return pa.RecordBatch.from_arrays(
         list(rows.columns)

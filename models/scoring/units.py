@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class UnitResult(RowCounts):
     distribution: dict[str, Any] = field(repr=False, default_factory=dict)
     reasons: dict[str, Any] = field(repr=False, default_factory=dict)
     feature_bins: list[list[int]] | None = field(repr=False, default=None)
+    unseen_categories: dict[str, int] = field(repr=False, default_factory=dict)
 
 
 def plan_units(batch: Batch, rows_per_unit: int) -> UnitPlan:
@@ -82,6 +84,7 @@ def score_unit(
         distribution=counts.distribution.to_json(),
         reasons=counts.reasons.to_json(),
         feature_bins=feature_bins,
+        unseen_categories=counts.unseen_categories,
     )
 
 
@@ -133,7 +136,15 @@ def merge_units(
         rows_quarantined=rows_quarantined,
         outputs=published,
         fingerprint=fingerprint,
-        summary=batch_summary(distribution, reasons, feature_bins, bundle, rows_read, rows_quarantined),
+        summary=batch_summary(
+            distribution,
+            reasons,
+            feature_bins,
+            bundle,
+            rows_read,
+            rows_quarantined,
+            dict(sum((Counter(r.unseen_categories) for r in units), Counter())),
+        ),
     )
 
 

@@ -68,6 +68,13 @@ class TrainingSplit:
     missing_counts: dict[str, int] = field(default_factory=dict)
     # How many rows the training files hold; above max_training_rows, rows_total of them were sampled.
     rows_read: int = 0
+    # Each categorical feature's vocabulary (its codes' order), and each feature's kind.
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+
+    def categorical_columns(self) -> list[tuple[int, int]]:
+        """Return (column, slots) of each categorical feature: its vocabulary's values and one for unseen ones."""
+        return [(self.feature_names.index(name), len(values) + 1) for name, values in self.vocabularies.items()]
 
     def figures(self) -> dict[str, Any]:
         """Return the scheme and row counts the training report records."""

@@ -31,6 +31,7 @@ from models.autoencoder import (
     TrainingHistory,
     build_autoencoder,
     divergence,
+    encoded_width,
     gaussian_like,
     linear_dependencies,
     reconstruction_errors,
@@ -131,10 +132,13 @@ def split_training_data(
         missing_values=reading.missing_values,
         max_rows=reading.max_rows,
         seed=seed,
+        max_categories=reading.max_categories,
     )
     history_normal = history_anomalies = 0
     if label_history:
-        history = read_training_rows(label_history, label_column, normal_label, False, rows.feature_names)
+        history = read_training_rows(
+            label_history, label_column, normal_label, False, rows.feature_names, vocabularies=rows.vocabularies
+        )
         history_normal = int(np.count_nonzero(history.classes == NORMAL))
         history_anomalies = int(np.count_nonzero(history.classes == ANOMALY))
         files = rows.files + history.files
@@ -147,6 +151,8 @@ def split_training_data(
             rows.ignored_columns,
             dict(Counter(rows.missing_values) + Counter(history.missing_values)),
             rows.rows_read + history.rows_read,
+            rows.vocabularies,
+            rows.kinds,
         )
     # Rows whose label is null or NaN are neither normal nor anomalous: they are counted and left out.
     normal = rows.features[rows.classes == NORMAL]
@@ -201,6 +207,8 @@ def split_training_data(
         missing_values=reading.missing_values,
         missing_counts=rows.missing_values,
         rows_read=rows.rows_read,
+        vocabularies=rows.vocabularies,
+        kinds=rows.kinds,
     )
 
 
@@ -304,12 +312,16 @@ def train_model(
 
 
 def sized_for_data(config: AutoencoderConfig, features: np.ndarray) -> AutoencoderConfig:
-    """Return ``config`` with every 'auto' setting decided for these training rows."""
+    """Return ``config`` with every 'auto' setting decided for these training rows.
+
+    Widths count a categorical feature's slots; the shape of the data is judged on the numeric features.
+    """
+    numeric = np.delete(features, [j for j, _ in config.categorical_columns], axis=1)
     return config.sized_for(
         rows=len(features),
-        features=features.shape[1],
-        linear_dependencies=linear_dependencies(features),
-        gaussian_like=gaussian_like(features),
+        features=encoded_width(features.shape[1], config.categorical_columns),
+        linear_dependencies=linear_dependencies(numeric) if numeric.shape[1] else 0,
+        gaussian_like=gaussian_like(numeric) if numeric.shape[1] else False,
     )
 
 
@@ -378,6 +390,8 @@ def choose_recipe(
     kept. When cross-fitting, the winner's out-of-fold errors are kept for the threshold, which is then
     fixed on exactly the errors the choice was made on.
     """
+    # Every candidate one-hot encodes the categorical features.
+    config = config.model_copy(update={"categorical_columns": split.categorical_columns()})
     candidates = RECIPE_CANDIDATES.get(preset, {})
     anomalies = split.rows_holdout_anomalies
     if not candidates or anomalies < MIN_ANOMALIES_FOR_SELECTION:
@@ -514,7 +528,7 @@ def write_bundle(staging: Path, trained: TrainedModel) -> Path:
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "model_file": MODEL_FILE,
         "model_sha256": storage.content_hash(model_path),
-        "features": [{"name": n, "dtype": "float64"} for n in split.feature_names],
+        "features": [_feature_record(name, split) for name in split.feature_names],
         # Scoring fills a missing value inside the model only where the model learnt to, and quarantines it otherwise.
         "missing_values": split.missing_values,
         "label_column": trained.labels.column,
@@ -551,6 +565,13 @@ def write_bundle(staging: Path, trained: TrainedModel) -> Path:
     }
     payload["bundle_sha256"] = bundle_digest(payload)
     return storage.write_json(staging / BUNDLE_FILE, payload)
+
+
+def _feature_record(name: str, split: TrainingSplit) -> dict[str, Any]:
+    kind = split.kinds.get(name, "numeric")
+    if kind == "categorical":
+        return {"name": name, "dtype": "string", "kind": kind, "vocabulary": split.vocabularies[name]}
+    return {"name": name, "dtype": "float64", "kind": kind}
 
 
 BUNDLE_ROW_COUNTS = (

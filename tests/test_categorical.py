@@ -123,3 +123,27 @@ def test_a_categorical_features_share_is_the_sum_over_its_slots_and_shares_still
     for layer in target_layers(loaded.model)[:1]:
         target = np.asarray(layer(target))
     assert target.shape == (4, width)
+
+
+def test_a_night_whose_currencies_are_often_unseen_drifts_on_that_column(categorical_workspace):
+    import datetime as dt
+
+    from flows.score import score_flow
+
+    root, _ = categorical_workspace
+    ws = Workspace.at(root)
+    day = RUN_DATE + dt.timedelta(days=1)
+    night = transactions(4_000, seed=7, start_id=200_000)
+    currency = night.column("currency").to_pylist()
+    for i in range(0, len(currency), 3):
+        currency[i] = "SEK"  # a third of the night pays in a currency training never saw
+    night = night.set_column(night.schema.get_field_index("currency"), "currency", pa.array(currency))
+    write_rows(night, ws.incoming_for(day) / "night.parquet")
+
+    score_flow(workspace=str(root), run_date=day, catch_up_days=0)
+    report = json.loads((ws.output_partition("reports", day) / "run-report.json").read_text())
+    drifted = {row["feature"] for row in report["drift"]["features"] if row["drifted"]}
+    assert "currency" in drifted
+    assert "country" not in drifted
+    assert "input_drift:currency" in report["alarm_reasons"]
+    assert report["unseen_categories"]["currency"] == len(range(0, 4_000, 3))

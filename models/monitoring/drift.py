@@ -21,7 +21,7 @@ B - 1 degrees of freedom (n reference rows, m night rows, B bins), so the cut-of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +65,25 @@ def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def feature_reference(
-    train_features: np.ndarray, feature_names: Sequence[str], bins: int = REFERENCE_BINS
+    train_features: np.ndarray,
+    feature_names: Sequence[str],
+    bins: int = REFERENCE_BINS,
+    categorical: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Return each feature's training decile edges, how many rows fall in each bin, and how many are missing."""
+    """Return each feature's training decile edges, how many rows fall in each bin, and how many are missing.
+
+    A ``categorical`` feature's bins are its codes, one each, so its drift compares category frequencies:
+    with fewer values than bins, values unseen in training have a bin of their own; beyond, the last
+    bin holds the rest.
+    """
     matrix = np.asarray(train_features, dtype=np.float32)
-    edges = np.stack([quantile_edges(matrix[:, j], bins) for j in range(matrix.shape[1])])
+    per_code = np.arange(bins - 1, dtype=np.float32) + np.float32(0.5)
+    edges = np.stack(
+        [
+            per_code if name in categorical else quantile_edges(matrix[:, j], bins)
+            for j, name in enumerate(feature_names)
+        ]
+    )
     counts = np.stack([bin_counts(matrix[:, j], edges[j]) for j in range(matrix.shape[1])])
     return {
         "names": list(feature_names),

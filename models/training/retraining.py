@@ -543,7 +543,11 @@ def write_bundle(staging: Path, trained: TrainedModel) -> Path:
         "calibration": threshold.calibration,
         # What nightly drift is measured against: the training rows' feature deciles and the held-out errors'.
         "drift_reference": drift_reference(
-            feature_reference(read_matrix(split.train_path, split.feature_names), split.feature_names),
+            feature_reference(
+                read_matrix(split.train_path, split.feature_names),
+                split.feature_names,
+                categorical=split.vocabularies,
+            ),
             threshold.error_reference,
         ),
         "preset": trained.preset,

@@ -408,6 +408,12 @@ def text_vocabularies(
     return vocabularies, refused
 
 
+def feature_candidates(schema: pa.Schema, label_column: str, exclude_columns: Sequence[str] = ("row_id",)) -> list[str]:
+    """Return the columns of ``schema`` that may be features: numeric and text ones, label and ids left out."""
+    skip = {label_column, *exclude_columns}
+    return [f.name for f in schema if (is_numeric_type(f.type) or is_text_type(f.type)) and f.name not in skip]
+
+
 def training_features(
     source: str | os.PathLike[str],
     label_column: str,
@@ -424,9 +430,7 @@ def training_features(
     if not files:
         raise TrainingDataError(f"training_data={str(source)!r}: no .parquet files found there")
     schema = open_parquet(files[0]).schema_arrow
-    skip = {label_column, *exclude_columns}
-    candidates = [f.name for f in schema if (is_numeric_type(f.type) or is_text_type(f.type)) and f.name not in skip]
-    names = list(feature_columns) if feature_columns else candidates
+    names = list(feature_columns) if feature_columns else feature_candidates(schema, label_column, exclude_columns)
     text = [n for n in names if n in schema.names and is_text_type(schema.field(n).type)]
     vocabularies, refused = text_vocabularies(files, text, max_categories) if text else ({}, {})
     if feature_columns and refused:
@@ -444,17 +448,6 @@ def training_features(
             f"{files[0]}, column '{reserved[0]}': a feature may not be named like a column the outputs add; rename it"
         )
     return TrainingFeatures(files, names, vocabularies, refused)
-
-
-def training_files_and_features(
-    source: str | os.PathLike[str],
-    label_column: str,
-    feature_columns: Sequence[str] | None = None,
-    exclude_columns: Sequence[str] = ("row_id",),
-) -> tuple[list[Path], list[str]]:
-    """Return the training Parquet files of a file, folder or glob, and the features (see ``training_features``)."""
-    found = training_features(source, label_column, feature_columns, exclude_columns)
-    return found.files, found.names
 
 
 def read_training_rows(

@@ -7,12 +7,13 @@ missing or infinite feature (quarantined when they were scored) are left out, as
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from data import storage
+from data.errors import TrainingDataError
 from data.labels import STAGED_LABELS, connect_with_latest_labels, dates_ending, join_on_ids, quoted, stage_labels
-from data.parquet import LabelRule, training_files_and_features
+from data.parquet import LabelRule, feature_candidates, is_text_type, open_parquet, resolve_parquet_files
 from data.workspace import Workspace
 from models.training.results import ConfirmedRows
 
@@ -28,18 +29,23 @@ def gather_label_history(
     labels: LabelRule,
     staged_labels: str,
     target: Path,
+    text_columns: Collection[str] = (),
 ) -> ConfirmedRows:
     """Write the labelled rows of the ``days`` nights up to ``end_date`` to ``target``; return counts by date.
 
-    Each row is written with its features and label.
+    Each row is written with its features (``text_columns`` among them as text) and label.
     """
     label_column, normal_label = labels.column, labels.normal
     workspace = Workspace.at(workspace_root)
     dates = dates_ending(end_date, days)
     files = {date: storage.list_files(workspace.incoming_for(date), "*.parquet", recursive=True) for date in dates}
     files = {date: found for date, found in files.items() if found}
-    features = ", ".join(f"CAST(i.{quoted(name)} AS DOUBLE) AS {quoted(name)}" for name in feature_names)
-    finite = " AND ".join(f"isfinite(CAST(i.{quoted(name)} AS DOUBLE))" for name in feature_names)
+    # Text columns (categorical features) are kept as text; the numeric ones must be finite numbers.
+    numeric = [name for name in feature_names if name not in text_columns]
+    features = ", ".join(
+        f"CAST(i.{quoted(name)} AS {_sql_type(name, text_columns)}) AS {quoted(name)}" for name in feature_names
+    )
+    finite = " AND ".join([f"isfinite(CAST(i.{quoted(name)} AS DOUBLE))" for name in numeric] or ["true"])
     con = connect_with_latest_labels(workspace, staged_labels, id_columns)
     try:
         paths = storage.register_with_duckdb(con, [p for found in files.values() for p in found])
@@ -56,7 +62,7 @@ def gather_label_history(
         else:
             con.execute(
                 "CREATE TEMP TABLE history AS SELECT "
-                f"{', '.join(f'0.0::DOUBLE AS {quoted(n)}' for n in feature_names)}, "
+                f"{', '.join(f'NULL::{_sql_type(n, text_columns)} AS {quoted(n)}' for n in feature_names)}, "
                 f"''::VARCHAR AS {quoted(label_column)}, ''::VARCHAR AS night WHERE false"
             )
         by_night = con.execute(
@@ -81,6 +87,10 @@ def gather_label_history(
     )
 
 
+def _sql_type(name: str, text_columns: Collection[str]) -> str:
+    return "VARCHAR" if name in text_columns else "DOUBLE"
+
+
 def label_history_for_training(
     workspace_root: str,
     training_source: str,
@@ -95,7 +105,13 @@ def label_history_for_training(
     The rows keep the training data's features.
     """
     workspace = Workspace.at(workspace_root)
-    _, feature_names = training_files_and_features(training_source, labels.column)
+    files = resolve_parquet_files(training_source)
+    if not files:
+        raise TrainingDataError(f"training_data={training_source!r}: no .parquet files found there")
+    # Every column that may be a feature: retraining then picks the ones it keeps, categorical ones included.
+    schema = open_parquet(files[0]).schema_arrow
+    feature_names = feature_candidates(schema, labels.column)
+    text_columns = {name for name in feature_names if is_text_type(schema.field(name).type)}
     staged = work_dir / STAGED_LABELS
     stage_labels(workspace, id_columns, labels.column, labels.normal, staged)
     return gather_label_history(
@@ -107,4 +123,5 @@ def label_history_for_training(
         labels,
         str(staged),
         work_dir / "label-history.parquet",
+        text_columns,
     )

@@ -28,6 +28,8 @@ FILL_MISSING: MissingValues = "fill"
 DEFAULT_MAX_TRAINING_ROWS = 2_000_000
 # A text column becomes a categorical feature when its training rows hold at most this many distinct values.
 DEFAULT_MAX_CATEGORIES = 50
+# Why a text column with a distinct value on every row (an id, a timestamp as text) is never a category.
+IDENTIFIER_COLUMN = "identifier: a distinct value on every row"
 
 # Above this share of rows with missing or infinite features a batch fails instead of being scored.
 DEFAULT_MAX_BAD_ROW_SHARE = 0.1
@@ -389,9 +391,8 @@ def text_vocabularies(
                 distinct[name].update(pc.unique(column.drop_null()).to_pylist())
                 values[name] += len(column) - column.null_count
                 if len(distinct[name]) > max_categories:
-                    # A value on every row so far is an identifier (an id, a timestamp as text), never a category.
                     refused[name] = (
-                        "identifier: a distinct value on every row"
+                        IDENTIFIER_COLUMN
                         if len(distinct[name]) == values[name]
                         else f"too many distinct values: more than max_categories={max_categories}"
                     )
@@ -402,7 +403,7 @@ def text_vocabularies(
         if not distinct[name]:
             refused[name] = "no values: null on every row"
         elif len(distinct[name]) == values[name] and values[name] > 1:
-            refused[name] = "identifier: a distinct value on every row"
+            refused[name] = IDENTIFIER_COLUMN
         else:
             vocabularies[name] = sorted(distinct[name])
     return vocabularies, refused

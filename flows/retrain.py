@@ -135,6 +135,7 @@ def retrain_flow(
                     days=label_history_days,
                     id_columns=list(id_columns),
                     staging=staging,
+                    missing_values=missing_values,
                 )
             # Normal rows only, a seeded share held out for the threshold (or all of them cross-fitted).
             split = split_training_data(

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import storage
-from data.parquet import LabelRule, TrainingInput
+from data.parquet import FILL_MISSING, LabelRule, MissingValues, TrainingInput
 from models import bundle
 from models.config import AutoencoderConfig
 from models.training import label_history, promotion, retraining
@@ -35,11 +35,12 @@ def gather_label_history(
     days: int,
     id_columns: list[str],
     staging: str,
+    missing_values: MissingValues = FILL_MISSING,
 ) -> ConfirmedRows:
     """Gather the rows of the ``days`` nights up to today (UTC) that later labels confirmed, as extra training data."""
     today = dt.datetime.now(dt.UTC).date()
     history = label_history.label_history_for_training(
-        workspace_root, source, labels, today, days, id_columns, Path(staging) / retraining.WORK_DIR
+        workspace_root, source, labels, today, days, id_columns, Path(staging) / retraining.WORK_DIR, missing_values
     )
     get_run_logger().info(
         "Label history %s..%s: %d confirmed normal row(s) added, %d confirmed anomalies held out, from %d night(s) "

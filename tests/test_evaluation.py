@@ -197,6 +197,55 @@ def test_retraining_data_gains_the_rows_labels_confirm_normal_and_holds_out_thos
     assert not set(pq.read_table(split.train_path).column("f0").to_pylist()) & set(confirmed_anomalous)
 
 
+def test_label_history_keeps_categorical_features_as_text_and_rows_with_gaps_only_where_they_are_filled(
+    tmp_path: Path,
+) -> None:
+    from data.workspace import Workspace
+    from models.training.label_history import label_history_for_training
+    from models.training.retraining import split_training_data
+
+    def with_channel(table: pa.Table, seed: int) -> pa.Table:
+        channels = np.random.default_rng(seed).choice(["app", "shop", "web"], size=table.num_rows)
+        return table.append_column("channel", pa.array(channels.tolist()))
+
+    ws = Workspace.at(tmp_path / "ws")
+    write_rows(with_channel(make_rows(1500, seed=1), seed=1), ws.training_dir / "train.parquet")
+    today = dt.date(2026, 11, 29)
+    night = with_channel(make_rows(400, seed=61, anomaly_share=0.1, start_id=100_000), seed=2).to_pandas()
+    night.loc[0:9, "f0"] = np.nan  # ten gaps in a numeric feature
+    night.loc[10:14, "channel"] = None  # five in the categorical one
+    night.loc[15:16, "f1"] = np.inf  # bad input, left out either way
+    write_rows(
+        pa.Table.from_pandas(night.drop(columns="label"), preserve_index=False), ws.incoming_for(today) / "b.parquet"
+    )
+    _label_file(ws, "labels.parquet", night[["row_id", "label"]], mtime=1_000)
+
+    counts = {}
+    for mode in ("fill", "quarantine"):
+        history = label_history_for_training(
+            str(ws.root), str(ws.training_dir), LabelRule("label", "0"), today, 3, ["row_id"], tmp_path / mode, mode
+        )
+        counts[mode] = history.rows_confirmed_normal + history.rows_confirmed_anomalous
+        gathered = pq.read_table(history.path)
+        assert pa.types.is_string(gathered.schema.field("channel").type), "a categorical feature stays text"
+        assert not np.isinf(gathered.column("f1").to_numpy(zero_copy_only=False)).any()
+    assert counts == {"fill": 400 - 2, "quarantine": 400 - 2 - 15}
+
+    split = split_training_data(
+        str(ws.training_dir),
+        tmp_path / "staged",
+        LabelRule("label", "0", False),
+        0.2,
+        98.0,
+        1,
+        label_history=str(tmp_path / "fill" / "label-history.parquet"),
+    )
+    assert split.kinds["channel"] == "categorical" and split.vocabularies["channel"] == ["app", "shop", "web"]
+    assert split.rows_label_history_normal + split.rows_label_history_anomalies == 398
+    # The history's gaps are counted as filled values, as the training data's would be.
+    assert split.missing_counts == {"f0": 10, "channel": 5}
+
+
 def test_labels_match_rows_whose_ids_were_written_with_another_type(tmp_path: Path) -> None:
     from data.workspace import Workspace
 

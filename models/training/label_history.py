@@ -1,7 +1,8 @@
 """Past nights' rows that later labels confirm, as extra training data: normal rows to learn from, anomalies to test on.
 
-The nights' incoming files are joined to the latest labels by id in DuckDB, out of core; rows with a
-missing or infinite feature (quarantined when they were scored) are left out, as training refuses them.
+The nights' incoming files are joined to the latest labels by id in DuckDB, out of core. Rows with an
+infinite feature are left out, as training refuses them; so are rows with a missing one unless missing
+values are filled (otherwise they were quarantined when they were scored).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from pathlib import Path
 from data import storage
 from data.errors import TrainingDataError
 from data.labels import STAGED_LABELS, connect_with_latest_labels, dates_ending, join_on_ids, quoted, stage_labels
-from data.parquet import LabelRule, feature_candidates, is_text_type, open_parquet, resolve_parquet_files
+from data.parquet import (
+    FILL_MISSING,
+    LabelRule,
+    MissingValues,
+    feature_candidates,
+    is_text_type,
+    open_parquet,
+    resolve_parquet_files,
+)
 from data.workspace import Workspace
 from models.training.results import ConfirmedRows
 
@@ -30,22 +39,34 @@ def gather_label_history(
     staged_labels: str,
     target: Path,
     text_columns: Collection[str] = (),
+    missing_values: MissingValues = FILL_MISSING,
 ) -> ConfirmedRows:
     """Write the labelled rows of the ``days`` nights up to ``end_date`` to ``target``; return counts by date.
 
-    Each row is written with its features (``text_columns`` among them as text) and label.
+    Each row is written with its features (``text_columns`` among them as text) and label; a row with a
+    missing feature only where ``missing_values`` fills them.
     """
     label_column, normal_label = labels.column, labels.normal
     workspace = Workspace.at(workspace_root)
     dates = dates_ending(end_date, days)
     files = {date: storage.list_files(workspace.incoming_for(date), "*.parquet", recursive=True) for date in dates}
     files = {date: found for date, found in files.items() if found}
-    # Text columns (categorical features) are kept as text; the numeric ones must be finite numbers.
-    numeric = [name for name in feature_names if name not in text_columns]
+    # Text columns (categorical features) are kept as text.
     features = ", ".join(
         f"CAST(i.{quoted(name)} AS {_sql_type(name, text_columns)}) AS {quoted(name)}" for name in feature_names
     )
-    finite = " AND ".join([f"isfinite(CAST(i.{quoted(name)} AS DOUBLE))" for name in numeric] or ["true"])
+    filling = missing_values == FILL_MISSING
+    checks = []
+    for name in feature_names:
+        column = f"i.{quoted(name)}"
+        if name not in text_columns:
+            # Filled, a null or NaN is kept and only an infinite value refused; otherwise isfinite refuses
+            # all three (it is null for a null, which the WHERE clause leaves out).
+            number = f"CAST({column} AS DOUBLE)"
+            checks.append(f"NOT coalesce(isinf({number}), false)" if filling else f"isfinite({number})")
+        elif not filling:
+            checks.append(f"{column} IS NOT NULL")
+    usable = " AND ".join(checks or ["true"])
     con = connect_with_latest_labels(workspace, staged_labels, id_columns)
     try:
         paths = storage.register_with_duckdb(con, [p for found in files.values() for p in found])
@@ -56,7 +77,7 @@ def gather_label_history(
                 f"CASE WHEN l.label_class = 0 THEN $normal ELSE '{CONFIRMED_ANOMALY}' END AS {quoted(label_column)}, "
                 "regexp_extract(i.filename, '/(\\d{4}-\\d{2}-\\d{2})/', 1) AS night "
                 "FROM read_parquet($files, union_by_name = true, filename = true) "
-                f"i JOIN latest l ON {join_on_ids('i', id_columns)} WHERE {finite}",
+                f"i JOIN latest l ON {join_on_ids('i', id_columns)} WHERE {usable}",
                 {"files": paths, "normal": str(normal_label)},
             )
         else:
@@ -99,10 +120,11 @@ def label_history_for_training(
     days: int,
     id_columns: Sequence[str],
     work_dir: Path,
+    missing_values: MissingValues = FILL_MISSING,
 ) -> ConfirmedRows:
     """Check the labels, then gather the confirmed rows of the last ``days`` nights into ``work_dir``.
 
-    The rows keep the training data's features.
+    The rows keep the training data's features; those with missing values only where ``missing_values`` fills them.
     """
     workspace = Workspace.at(workspace_root)
     files = resolve_parquet_files(training_source)
@@ -124,4 +146,5 @@ def label_history_for_training(
         str(staged),
         work_dir / "label-history.parquet",
         text_columns,
+        missing_values,
     )

@@ -137,7 +137,13 @@ def split_training_data(
     history_normal = history_anomalies = 0
     if label_history:
         history = read_training_rows(
-            label_history, label_column, normal_label, False, rows.feature_names, vocabularies=rows.vocabularies
+            label_history,
+            label_column,
+            normal_label,
+            False,
+            rows.feature_names,
+            missing_values=reading.missing_values,
+            vocabularies=rows.vocabularies,
         )
         history_normal = int(np.count_nonzero(history.classes == NORMAL))
         history_anomalies = int(np.count_nonzero(history.classes == ANOMALY))

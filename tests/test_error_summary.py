@@ -65,6 +65,28 @@ def test_batch_summaries_add_up_to_the_summary_of_the_whole_night():
         assert combined[key] == expected[key], key
 
 
+def test_a_small_batch_writes_only_its_filled_bins_and_reports_written_as_a_span_still_load():
+    import json
+
+    errors, classes = _scored(7, 200, 1.0, 1.0)
+    distribution = ErrorDistribution(1.5)
+    distribution.add(errors, classes)
+    payload = distribution.to_json()
+    filled = sum(len(part["bins"]) for part in payload["fine"].values())
+    assert filled <= 200 and len(json.dumps(payload)) < 6_000
+    again = ErrorDistribution.from_json(json.loads(json.dumps(payload)))
+    for name, counts in distribution.fine.items():
+        assert np.array_equal(again.fine[name], counts), name
+    # The form reports took before: each class's counts from its first to its last filled bin.
+    spans = {}
+    for name, counts in distribution.fine.items():
+        bins = np.flatnonzero(counts)
+        start, stop = (int(bins[0]), int(bins[-1]) + 1) if len(bins) else (0, 0)
+        spans[name] = {"start": start, "counts": counts[start:stop].tolist()}
+    earlier = ErrorDistribution.from_json({**payload, "fine": spans})
+    assert summarize(earlier, 98.0) == summarize(distribution, 98.0)
+
+
 def test_unlabelled_rows_count_apart_and_stay_out_of_every_metric():
     errors, classes = _scored(6, 20_000, 1.0, 1.0)
     classes = classes.copy()

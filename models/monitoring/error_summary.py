@@ -98,13 +98,15 @@ class ErrorDistribution:
         return int(sum(self.fine[n].sum() for n in names))
 
     def to_json(self) -> dict[str, Any]:
-        """Return a compact JSON form: each class's fine counts trimmed to their non-zero span."""
+        """Return a compact JSON form: each class's non-zero fine bins and their counts.
+
+        A batch of a few hundred rows fills a few hundred of the tens of thousands of bins, so listing
+        only those keeps each batch report small, which a night of thousands of small files writes and reads.
+        """
         fine = {}
         for name, counts in self.fine.items():
-            nonzero = np.flatnonzero(counts)
-            start = int(nonzero[0]) if len(nonzero) else 0
-            stop = int(nonzero[-1]) + 1 if len(nonzero) else 0
-            fine[name] = {"start": start, "counts": counts[start:stop].tolist()}
+            bins = np.flatnonzero(counts)
+            fine[name] = {"bins": bins.tolist(), "counts": counts[bins].tolist()}
         return {
             "threshold": self.threshold,
             "log_step": LOG_STEP,
@@ -115,13 +117,16 @@ class ErrorDistribution:
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> ErrorDistribution:
-        """Rebuild a distribution written by :meth:`to_json`."""
+        """Rebuild a distribution written by :meth:`to_json`, or by earlier versions (a span from ``start``)."""
         if payload.get("log_step") != LOG_STEP or payload.get("log_span") != LOG_SPAN:
             raise ValueError("error distribution was written with other bins")
         fine = {}
         for name, part in payload["fine"].items():
             counts = np.zeros(FINE_BINS, dtype=np.int64)
-            counts[part["start"] : part["start"] + len(part["counts"])] = part["counts"]
+            if "bins" in part:
+                counts[np.asarray(part["bins"], dtype=np.intp)] = part["counts"]
+            else:
+                counts[part["start"] : part["start"] + len(part["counts"])] = part["counts"]
             fine[name] = counts
         return cls(float(payload["threshold"]), fine, {k: int(v) for k, v in payload["flagged"].items()})
 

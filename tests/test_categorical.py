@@ -47,6 +47,23 @@ def test_text_columns_become_features_with_their_vocabulary_in_the_bundle(catego
     assert "txn_id" not in features
 
 
+def test_a_categorical_feature_widens_the_network_by_the_bits_its_slots_need_not_by_its_slots(categorical_workspace):
+    from models.autoencoder import encoded_width, sizing_width
+
+    columns = [(4, 8), (5, 6), (6, 51), (7, 2)]
+    assert encoded_width(8, columns) == 4 + 8 + 6 + 51 + 2
+    assert sizing_width(8, columns) == 4 + 3 + 3 + 6 + 1
+    root, _ = categorical_workspace
+    _, loaded = current_bundle(root)
+    config = loaded.metadata["config"]
+    sized = sizing_width(len(loaded.feature_names), config["categorical_columns"])
+    assert (
+        config["encoder_units"][0]
+        == 2 * sized
+        < 2 * encoded_width(len(loaded.feature_names), config["categorical_columns"])
+    )
+
+
 def test_a_night_that_breaks_the_tie_is_flagged_with_the_tied_columns_as_reasons(categorical_workspace):
     from flows.score import score_flow
 

@@ -31,10 +31,10 @@ from models.autoencoder import (
     TrainingHistory,
     build_autoencoder,
     divergence,
-    encoded_width,
     gaussian_like,
     linear_dependencies,
     reconstruction_errors,
+    sizing_width,
     train_autoencoder,
 )
 from models.bundle import BUNDLE_FILE, BUNDLE_FORMAT, MODEL_FILE, bundle_digest, library_versions, publish_bundle
@@ -320,12 +320,13 @@ def train_model(
 def sized_for_data(config: AutoencoderConfig, features: np.ndarray) -> AutoencoderConfig:
     """Return ``config`` with every 'auto' setting decided for these training rows.
 
-    Widths count a categorical feature's slots; the shape of the data is judged on the numeric features.
+    Widths count a categorical feature as the bits its slots need (see ``sizing_width``); the shape of the data is
+    judged on the numeric features.
     """
     numeric = np.delete(features, [j for j, _ in config.categorical_columns], axis=1)
     return config.sized_for(
         rows=len(features),
-        features=encoded_width(features.shape[1], config.categorical_columns),
+        features=sizing_width(features.shape[1], config.categorical_columns),
         linear_dependencies=linear_dependencies(numeric) if numeric.shape[1] else 0,
         gaussian_like=gaussian_like(numeric) if numeric.shape[1] else False,
     )

@@ -15,7 +15,6 @@ last three on standardised features too.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import tempfile
@@ -24,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from bench.nights import ranking, retrain_and_score
 
 DATASETS_ENV = "ANOMALY_ADBENCH_DIR"
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "adbench"
 PEERS = ("isolation_forest", "knn", "lof", "ledoit_wolf", "pca")
-NIGHT = dt.date(2026, 1, 1)
 TEST_SHARE = 0.4
 
 
@@ -76,41 +74,22 @@ def peer_scores(normal: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def ranking(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """ROC-AUC and PR-AUC of the anomaly class."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    return {"roc_auc": float(roc_auc_score(labels, scores)), "pr_auc": float(average_precision_score(labels, scores))}
-
-
 def product_run(
     workspace: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], labelled: bool
 ) -> dict[str, Any]:
     """Retrain and score one split through the flows; return the product's figures, or why it failed."""
     from data.errors import AnomalyJobError
-    from flows.retrain import retrain_flow
-    from flows.score import score_flow
 
     x_train, y_train = train
     x_test, y_test = test
-    training_file = workspace / "training" / "train.parquet"
-    training_file.parent.mkdir(parents=True, exist_ok=True)
-    if labelled:
-        pq.write_table(feature_table(x_train, y_train), training_file)
-    else:
-        normal = y_train == 0
-        pq.write_table(feature_table(x_train[normal], None), training_file)
-    night = workspace / "incoming" / NIGHT.isoformat()
-    night.mkdir(parents=True, exist_ok=True)
-    pq.write_table(feature_table(x_test, y_test, first_id=len(x_train)), night / "test.parquet")
-    started = time.perf_counter()
+    normal = y_train == 0
+    training = feature_table(x_train, y_train) if labelled else feature_table(x_train[normal], None)
+    night = feature_table(x_test, y_test, first_id=len(x_train))
     try:
-        trained = retrain_flow(workspace=str(workspace), all_rows_normal=not labelled)
-        retrain_seconds = time.perf_counter() - started
-        scored = score_flow(workspace=str(workspace), run_date=NIGHT, force=True, catch_up_days=0)
+        run = retrain_and_score(workspace, training, night, all_rows_normal=not labelled)
     except AnomalyJobError as exc:
         return {"status": "failed", "error": str(exc)}
-    scores = pd.read_parquet(workspace / "outputs" / "scores" / f"date={NIGHT.isoformat()}")
+    trained, scores = run.trained, run.scores
     normal_rows = scores["label"] == 0
     return {
         "status": "scored",
@@ -120,8 +99,8 @@ def product_run(
         "promoted": trained["promoted"],
         "recipe": trained["recipe"],
         "threshold_scheme": trained["threshold_scheme"],
-        "retrain_seconds": retrain_seconds,
-        "rows_scored": scored["rows_scored"],
+        "retrain_seconds": run.retrain_seconds,
+        "rows_scored": run.scored["rows_scored"],
     }
 
 

@@ -9,17 +9,14 @@ missing values against the numeric path on the same rows.
 
 from __future__ import annotations
 
-import datetime as dt
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.adbench import NIGHT, ranking
+from bench.nights import best_rows_per_second, ranking, retrain_and_score
 
 CURRENCY_OF = {"DE": "EUR", "FR": "EUR", "IT": "EUR", "JP": "JPY", "US": "USD", "GB": "GBP", "CH": "CHF"}
 TEXT_COLUMNS = ("country", "currency")
@@ -62,27 +59,18 @@ def numeric_only(table: pa.Table) -> pa.Table:
 
 def through_the_flows(workspace: Path, train: pa.Table, night: pa.Table) -> dict[str, Any]:
     """Retrain on ``train`` (every row normal) and score ``night``; return the ranking and the reasons' figures."""
-    from flows.retrain import retrain_flow
-    from flows.score import score_flow
-
-    (workspace / "training").mkdir(parents=True, exist_ok=True)
-    pq.write_table(train, workspace / "training" / "train.parquet")
-    folder = workspace / "incoming" / NIGHT.isoformat()
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(night, folder / "night.parquet")
-    trained = retrain_flow(workspace=str(workspace), all_rows_normal=True)
-    scored = score_flow(workspace=str(workspace), run_date=NIGHT, catch_up_days=0)
-    scores = pd.read_parquet(workspace / "outputs" / "scores" / f"date={NIGHT.isoformat()}")
-    flagged = pd.read_parquet(workspace / "outputs" / "flagged" / f"date={NIGHT.isoformat()}")
+    run = retrain_and_score(workspace, train, night, all_rows_normal=True)
+    scores = run.scores
+    flagged = run.flagged(workspace)
     planted = flagged[flagged["label"] == 1]
     return {
         **ranking(scores["label"].to_numpy(), scores["reconstruction_error"].to_numpy()),
-        "rows_scored": scored["rows_scored"],
-        "rows_quarantined": scored["rows_quarantined"],
+        "rows_scored": run.scored["rows_scored"],
+        "rows_quarantined": run.scored["rows_quarantined"],
         "recall": float(len(planted) / max(1, int((scores["label"] == 1).sum()))),
         "reason_1_tie_share": float(planted["reason_1"].isin(TEXT_COLUMNS).mean()) if len(planted) else 0.0,
         "flag_rate_normal": float(scores.loc[scores["label"] == 0, "is_anomaly"].mean()),
-        "promoted": trained["promoted"],
+        "promoted": run.trained["promoted"],
     }
 
 
@@ -111,27 +99,12 @@ def scoring_throughput(work: Path, scale: float, log, repeats: int = 3) -> dict[
     The same rows for both models (the numeric model reads only its columns), timed alternately, best of
     ``repeats``, so that the machine's noise falls on both alike.
     """
-    from data.outputs import batch_outputs
-    from data.workspace import Workspace
-    from models.bundle import current_version, load_bundle
-    from models.scoring.batch import score_file
-    from models.scoring.streaming import ScoringOptions
-
     rows = transactions(max(20_000, int(400_000 * scale)), seed=3, anomaly_share=0.02, gaps=True)
     path = work / "throughput.parquet"
     pq.write_table(rows, path)
-    options = ScoringOptions(scored_at=dt.datetime.now(dt.UTC))
-    models = {}
-    for key in ("categorical", "numeric_only"):
-        ws = Workspace.at(work / key)
-        models[key] = (ws, load_bundle(ws.version_dir(current_version(ws.models_dir))))
-    seconds: dict[str, list[float]] = {key: [] for key in models}
-    for _ in range(repeats):
-        for key, (ws, loaded) in models.items():
-            started = time.perf_counter()
-            score_file(loaded, path, "throughput", batch_outputs(ws, NIGHT, "throughput"), options)
-            seconds[key].append(time.perf_counter() - started)
-    rate = {key: rows.num_rows / min(times) for key, times in seconds.items()}
+    rate = best_rows_per_second(
+        {key: (work / key, path) for key in ("categorical", "numeric_only")}, rows.num_rows, repeats
+    )
     ratio = rate["categorical"] / rate["numeric_only"]
     log(
         f"categorical features, scoring {rows.num_rows:,} rows with {MISSING_SHARE:.0%} gaps: "

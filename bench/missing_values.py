@@ -7,18 +7,15 @@ night's normal rows, and how many values the model filled in.
 
 from __future__ import annotations
 
-import datetime as dt
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.adbench import NIGHT, ranking
 from bench.datasets import TUTORIAL, make_dataset
+from bench.nights import best_rows_per_second, ranking, retrain_and_score
 
 MISSING_SHARE = 0.05
 MISSING_FEATURES = (0, 1)
@@ -43,27 +40,16 @@ def gaps(rows: int, width: int, rng: np.random.Generator) -> np.ndarray:
 
 def through_the_flows(workspace: Path, train: pa.Table, night: pa.Table) -> dict[str, Any]:
     """Retrain on ``train`` and score ``night``; return the night's ranking, quarantine and flag-rate figures."""
-    from flows.retrain import retrain_flow
-    from flows.score import score_flow
-
-    (workspace / "training").mkdir(parents=True, exist_ok=True)
-    pq.write_table(train, workspace / "training" / "train.parquet")
-    folder = workspace / "incoming" / NIGHT.isoformat()
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(night, folder / "night.parquet")
-    started = time.perf_counter()
-    trained = retrain_flow(workspace=str(workspace))
-    seconds = time.perf_counter() - started
-    scored = score_flow(workspace=str(workspace), run_date=NIGHT, catch_up_days=0)
-    scores = pd.read_parquet(workspace / "outputs" / "scores" / f"date={NIGHT.isoformat()}")
+    run = retrain_and_score(workspace, train, night)
+    scores = run.scores
     normal = scores["label"] == 0
     return {
         **ranking(scores["label"].to_numpy(), scores["reconstruction_error"].to_numpy()),
-        "rows_scored": scored["rows_scored"],
-        "rows_quarantined": scored["rows_quarantined"],
+        "rows_scored": run.scored["rows_scored"],
+        "rows_quarantined": run.scored["rows_quarantined"],
         "flag_rate_normal": float(scores.loc[normal, "is_anomaly"].mean()),
-        "retrain_seconds": seconds,
-        "promoted": trained["promoted"],
+        "retrain_seconds": run.retrain_seconds,
+        "promoted": run.trained["promoted"],
     }
 
 
@@ -100,29 +86,15 @@ def scoring_throughput(
 
     Timed alternately, best of ``repeats``, so that the machine's noise falls on both alike.
     """
-    from data.outputs import batch_outputs
-    from data.workspace import Workspace
-    from models.bundle import current_version, load_bundle
-    from models.scoring.batch import score_file
-    from models.scoring.streaming import ScoringOptions
-
-    ws = Workspace.at(workspace)
-    loaded = load_bundle(ws.version_dir(current_version(ws.models_dir)))
     copies = max(1, int(round(20 * scale)))
     x, y = np.tile(features, (copies, 1)), np.tile(labels, copies)
     files = {}
     for key, mask in (("complete", None), ("with_gaps", gaps(len(x), x.shape[1], np.random.default_rng(1)))):
-        files[key] = workspace / "bench" / f"{key}.parquet"
-        files[key].parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(rows_table(x, y, 0, mask), files[key])
-    options = ScoringOptions(scored_at=dt.datetime.now(dt.UTC))
-    seconds: dict[str, list[float]] = {key: [] for key in files}
-    for _ in range(repeats):
-        for key, path in files.items():
-            started = time.perf_counter()
-            score_file(loaded, path, key, batch_outputs(ws, NIGHT, key), options)
-            seconds[key].append(time.perf_counter() - started)
-    rate = {key: len(x) / min(times) for key, times in seconds.items()}
+        path = workspace / "bench" / f"{key}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows_table(x, y, 0, mask), path)
+        files[key] = (workspace, path)
+    rate = best_rows_per_second(files, len(x), repeats)
     ratio = rate["with_gaps"] / rate["complete"]
     log(f"missing values, scoring {len(x):,} rows: {rate['with_gaps']:,.0f} rows/s with gaps, {ratio:.2f} of complete")
     return {"rows": len(x), "rows_per_second": rate, "ratio_with_gaps_to_complete": ratio}

@@ -61,7 +61,7 @@ def through_the_flows(workspace: Path, train: pa.Table, night: pa.Table) -> dict
     """Retrain on ``train`` (every row normal) and score ``night``; return the ranking and the reasons' figures."""
     run = retrain_and_score(workspace, train, night, all_rows_normal=True)
     scores = run.scores
-    flagged = run.flagged(workspace)
+    flagged = run.flagged()
     planted = flagged[flagged["label"] == 1]
     return {
         **ranking(scores["label"].to_numpy(), scores["reconstruction_error"].to_numpy()),

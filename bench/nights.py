@@ -30,16 +30,17 @@ def ranking(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class NightRun:
-    """The retrain and score JSON lines of one night, its scores output, and how long retraining took."""
+    """The retrain and score JSON lines of one night in a workspace, its scores output, and how long retraining took."""
 
+    workspace: Path
     trained: dict[str, Any]
     scored: dict[str, Any]
     scores: pd.DataFrame
     retrain_seconds: float
 
-    def flagged(self, workspace: Path) -> pd.DataFrame:
+    def flagged(self) -> pd.DataFrame:
         """Return the night's flagged rows output."""
-        return pd.read_parquet(workspace / "outputs" / "flagged" / f"date={NIGHT.isoformat()}")
+        return pd.read_parquet(self.workspace / "outputs" / "flagged" / f"date={NIGHT.isoformat()}")
 
 
 def retrain_and_score(workspace: Path, train: pa.Table, night: pa.Table, **retrain_parameters: Any) -> NightRun:
@@ -57,7 +58,7 @@ def retrain_and_score(workspace: Path, train: pa.Table, night: pa.Table, **retra
     retrain_seconds = time.perf_counter() - started
     scored = score_flow(workspace=str(workspace), run_date=NIGHT, force=True, catch_up_days=0)
     scores = pd.read_parquet(workspace / "outputs" / "scores" / f"date={NIGHT.isoformat()}")
-    return NightRun(trained, scored, scores, retrain_seconds)
+    return NightRun(workspace, trained, scored, scores, retrain_seconds)
 
 
 def best_rows_per_second(files: Mapping[str, tuple[Path, Path]], rows: int, repeats: int) -> dict[str, float]:

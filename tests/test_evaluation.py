@@ -220,12 +220,13 @@ def test_label_history_keeps_categorical_features_as_text_and_rows_with_gaps_onl
     )
     _label_file(ws, "labels.parquet", night[["row_id", "label"]], mtime=1_000)
 
-    counts = {}
+    counts, gathered_at = {}, {}
     for mode in ("fill", "quarantine"):
         history = label_history_for_training(
             str(ws.root), str(ws.training_dir), LabelRule("label", "0"), today, 3, ["row_id"], tmp_path / mode, mode
         )
         counts[mode] = history.rows_confirmed_normal + history.rows_confirmed_anomalous
+        gathered_at[mode] = history.path
         gathered = pq.read_table(history.path)
         assert pa.types.is_string(gathered.schema.field("channel").type), "a categorical feature stays text"
         assert not np.isinf(gathered.column("f1").to_numpy(zero_copy_only=False)).any()
@@ -238,7 +239,7 @@ def test_label_history_keeps_categorical_features_as_text_and_rows_with_gaps_onl
         0.2,
         98.0,
         1,
-        label_history=str(tmp_path / "fill" / "label-history.parquet"),
+        label_history=gathered_at["fill"],
     )
     assert split.kinds["channel"] == "categorical" and split.vocabularies["channel"] == ["app", "shop", "web"]
     assert split.rows_label_history_normal + split.rows_label_history_anomalies == 398
